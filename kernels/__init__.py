@@ -1,0 +1,1 @@
+"""Triton kernels for calibration (installed as vllm_gem.kernels)."""

@@ -1,0 +1,118 @@
+"""Lower bounds on any placement's MoE layer time, per step and layer.
+
+Work is measured in *reference* microseconds (GroupModel.reference_speeds): rank r does a
+unit of reference work in at most 1/speed[r] microseconds and always pays its fixed cost.
+
+- Fluid bound: total work spread perfectly over all ranks,
+  T >= max(max_r fixed_r, (W + sum_r speed_r * fixed_r) / sum_r speed_r).
+  Splitting an expert (replicas) never lowers its work: more tiles and weight reads.
+- Preemptive uniform-machine bound (Horvath, Lam & Sethi 1977): a piece of work runs on one
+  rank, so the k largest pieces need at least the k fastest ranks,
+  T >= min_r fixed_r + max_k (sum of k largest pieces) / (sum of k fastest speeds).
+  With R redundant slots the pieces are what greedy replication gives (each extra replica
+  to the expert with the largest per-replica work), which minimises those sums; tiles are
+  relaxed to tokens / BLOCK_M there so the bound stays valid.
+- Equal-slots bound (vLLM's constraint: every rank holds S = num_physical / ranks slots):
+  rank r holds S pieces, so it does at least the S cheapest pieces' work,
+  T >= max_r fixed_r + (sum of the S cheapest pieces) / speed_r. A piece is an expert's
+  tokens split over the most replicas possible (1 + redundant slots), and one expert may
+  fill several slots, so this holds for any placement. In decode, where every active expert
+  costs about one weight read, this is what keeps a slower GPU from being relieved.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .latency import GroupModel
+
+
+def expert_work(loads: np.ndarray, group: GroupModel) -> np.ndarray:
+    """loads: [..., experts] -> reference work of each expert run unsplit: [..., experts]."""
+    ref, _ = group.reference_speeds()
+    return group.item_features(loads) @ ref
+
+
+def fluid_bound(loads: np.ndarray, group: GroupModel) -> np.ndarray:
+    """loads: [steps, layers, experts] -> [steps, layers] fluid lower bound (us)."""
+    _, speed = group.reference_speeds()
+    work = expert_work(loads, group).sum(-1)
+    fixed = group.fixed
+    if np.isinf(speed).any():
+        return np.full(work.shape, fixed.max())
+    spread = (work + (speed * fixed).sum()) / speed.sum()
+    return np.maximum(fixed.max(), spread)
+
+
+def replicated_pieces(loads: np.ndarray, num_physical: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy replication of each step's loads onto `num_physical` slots.
+
+    loads: [N, experts] -> (per-replica tokens [N, experts], replica counts [N, experts])
+    """
+    n, e = loads.shape
+    cnt = np.ones((n, e), dtype=np.int64)
+    rows = np.arange(n)
+    for _ in range(num_physical - e):
+        cnt[rows, np.argmax(loads / cnt, axis=1)] += 1
+    return loads / cnt, cnt
+
+
+def preemptive_bound(loads: np.ndarray, group: GroupModel, num_physical: int) -> np.ndarray:
+    """loads: [steps, layers, experts] -> [steps, layers] preemptive lower bound (us)."""
+    steps, layers, experts = loads.shape
+    ref, speed = group.reference_speeds()
+    if np.isinf(speed).any():
+        return np.full((steps, layers), group.fixed.min())
+    flat = loads.reshape(-1, experts).astype(np.float64)
+    share, cnt = replicated_pieces(flat, num_physical)
+    # relaxed piece work: per-expert + (per-tile / BLOCK_M + per-token) * tokens
+    piece = (share > 0) * ref[0] + share * (ref[1] / group.block_m + ref[2])
+    # expand each expert into its `cnt` equal pieces, then sort all pieces descending
+    k_max = min(group.num_ranks, num_physical)
+    order = np.argsort(-piece, axis=1)
+    p_sorted = np.take_along_axis(piece, order, axis=1)
+    c_sorted = np.take_along_axis(cnt, order, axis=1)
+    # top k_max pieces: walk experts in order, each contributing c_sorted copies
+    cum_cnt = np.cumsum(c_sorted, axis=1)
+    kk = np.arange(1, k_max + 1)
+    idx = _first_reaching(cum_cnt, kk)
+    top = np.take_along_axis(p_sorted, idx, axis=1)  # [N, k_max] k-th largest piece
+    top_sum = np.cumsum(top, axis=1)
+    fast = np.cumsum(np.sort(speed)[::-1][:k_max])
+    bound = group.fixed.min() + (top_sum / fast[None, :]).max(axis=1)
+    return bound.reshape(steps, layers)
+
+
+def _first_reaching(cum: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    """For each row of cum [N, E] (non-decreasing) the first column with cum >= k: [N, len(ks)]."""
+    n, e = cum.shape
+    out = np.empty((n, len(ks)), dtype=np.int64)
+    chunk = max(1, (1 << 24) // (e * len(ks)))  # bound the [chunk, k, E] temporary
+    for a in range(0, n, chunk):
+        out[a:a + chunk] = (cum[a:a + chunk, None, :] < ks[None, :, None]).sum(-1)
+    return np.minimum(out, e - 1)
+
+
+def slot_bound(loads: np.ndarray, group: GroupModel, num_physical: int) -> np.ndarray:
+    """loads: [steps, layers, experts] -> [steps, layers] equal-slots lower bound (us)."""
+    experts = loads.shape[2]
+    slots = num_physical // group.num_ranks
+    mult = 1 + num_physical - experts  # copies of one expert's smallest piece a rank may hold
+    ref, speed = group.reference_speeds()
+    piece = group.item_features(loads / mult) @ ref  # [S, L, E]
+    n_full, rest = divmod(slots, mult)
+    take = min(experts, n_full + (rest > 0))
+    small = np.sort(np.partition(piece, take - 1, axis=-1)[..., :take], axis=-1)
+    cheapest = mult * small[..., :n_full].sum(-1) + (rest * small[..., n_full] if rest else 0.0)
+    with np.errstate(divide="ignore"):
+        per_rank = group.fixed + cheapest[..., None] / speed  # [S, L, G]
+    return per_rank.max(-1)
+
+
+def lower_bounds(loads: np.ndarray, group: GroupModel, num_physical: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(fluid, tight) each [steps, layers]; tight = max(fluid, preemptive, equal-slots)."""
+    fluid = fluid_bound(loads, group)
+    tight = np.maximum(preemptive_bound(loads, group, num_physical),
+                       slot_bound(loads, group, num_physical))
+    return fluid, np.maximum(fluid, tight)

@@ -1,0 +1,21 @@
+"""The one error type GEM raises for bad input: it names the file, the field and what was expected."""
+
+from __future__ import annotations
+
+
+class GemInputError(ValueError):
+    """A profile, trace, placement or argument that GEM cannot use.
+
+    The message always reads ``<source>: <field>: <problem>; expected <expectation>`` so a
+    user can fix the input without reading a traceback. The CLI turns it into exit code 2.
+    """
+
+    def __init__(self, source: str, field: str, problem: str, expected: str | None = None):
+        self.source = str(source)
+        self.field = field
+        self.problem = problem
+        self.expected = expected
+        msg = f"{self.source}: {field}: {problem}"
+        if expected:
+            msg += f"; expected {expected}"
+        super().__init__(msg)

@@ -1,0 +1,358 @@
+"""GEM's three file formats: GpuProfile, RoutingTrace and Placement.
+
+All are msgspec Structs carrying ``kind`` and ``schema_version``; they are written as JSON
+(``.json``) or msgpack (any other suffix, ``.msgpack`` by convention). Loading checks the
+header, decodes with msgspec's typed decoder, then checks shapes and values; every problem
+becomes a :class:`GemInputError` naming the file, the field and the expectation. Nothing is
+silently fixed up.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import msgspec
+import numpy as np
+
+from .errors import GemInputError
+
+SCHEMA_VERSION = 1
+_DTYPES = ("int32", "int64", "float32", "float64")
+
+
+class NdArray(msgspec.Struct, frozen=True):
+    """A dense array stored compactly: raw little-endian C-order bytes plus dtype and shape."""
+
+    dtype: str
+    shape: list[int]
+    data: bytes
+
+    @classmethod
+    def from_numpy(cls, a: np.ndarray) -> "NdArray":
+        a = np.ascontiguousarray(a)
+        if a.dtype.name not in _DTYPES:
+            raise ValueError(f"dtype {a.dtype} not storable; use one of {_DTYPES}")
+        return cls(a.dtype.name, list(a.shape), a.astype(a.dtype.newbyteorder("<")).tobytes())
+
+    def to_numpy(self) -> np.ndarray:
+        return np.frombuffer(self.data, dtype=np.dtype(self.dtype).newbyteorder("<")).reshape(
+            self.shape).astype(self.dtype)
+
+
+# --------------------------------------------------------------------------- GPU profiles
+class GpuIdentity(msgspec.Struct):
+    """Which physical GPU was measured (from nvidia-ml-py where available)."""
+
+    name: str
+    uuid: str = ""
+    serial: str = ""
+    driver: str = ""
+    index: int = 0
+    sm_count: int = 0
+
+
+class GpuState(msgspec.Struct):
+    """Clocks, power and temperature read at one moment; None where not readable."""
+
+    sm_clock_mhz: float | None = None
+    mem_clock_mhz: float | None = None
+    power_w: float | None = None
+    temperature_c: float | None = None
+
+
+class ExpertShape(msgspec.Struct):
+    """The expert FFN that was timed: hidden -> 2*intermediate (gate/up) -> hidden (down)."""
+
+    hidden: int
+    intermediate: int
+    dtype: str = "bfloat16"
+
+
+class KernelSpec(msgspec.Struct):
+    """The grouped-GEMM kernel that was timed; block_m is the token tile of the latency model."""
+
+    name: str
+    block_m: int
+    block_n: int = 0
+    block_k: int = 0
+
+
+class LatencyPoint(msgspec.Struct):
+    """One timed MoE-layer call: tokens routed to each local expert and the measured time.
+
+    tokens_per_expert: [local_experts] (zeros allowed: inactive experts)
+    """
+
+    tokens_per_expert: list[int]
+    median_us: float
+    p10_us: float | None = None
+    p90_us: float | None = None
+
+
+class GpuProfile(msgspec.Struct, kw_only=True):
+    kind: Literal["gpu_profile"] = "gpu_profile"
+    schema_version: int = SCHEMA_VERSION
+    gpu: GpuIdentity
+    expert: ExpertShape
+    kernel: KernelSpec
+    points: list[LatencyPoint]
+    state_before: GpuState | None = None
+    state_after: GpuState | None = None
+    emulation: str = ""  # e.g. "green context, 106 of 132 SMs": how a slower GPU was emulated
+    source: str = "measured"  # "measured" or what else produced the points
+    created: str = ""
+
+
+# --------------------------------------------------------------------------- routing traces
+class RoutingTrace(msgspec.Struct, kw_only=True):
+    """Tokens routed to each expert, per step and MoE layer.
+
+    counts: [steps, layers, experts] integer token counts (one step = one forward pass or
+    one recorded batch). layer_ids: [layers] the model's index of each MoE layer.
+    """
+
+    kind: Literal["routing_trace"] = "routing_trace"
+    schema_version: int = SCHEMA_VERSION
+    model: str
+    source: str
+    counts: NdArray
+    layer_ids: list[int] = []
+    top_k: int | None = None
+    params: dict[str, Any] = {}
+
+    @property
+    def loads(self) -> np.ndarray:
+        """loads: [steps, layers, experts] as float64."""
+        return self.counts.to_numpy().astype(np.float64)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        s = self.counts.shape
+        return (s[0], s[1], s[2])
+
+
+# --------------------------------------------------------------------------- placements
+class Placement(msgspec.Struct, kw_only=True):
+    """Which logical expert each physical slot holds, per MoE layer.
+
+    phys_to_log: [layers, num_physical] logical expert id of every slot (replicas allowed).
+    rank_of_slot: [num_physical] EP rank owning each slot; vLLM requires rank r to own the
+    contiguous slots [r*S, (r+1)*S) with S = num_physical / num_ranks.
+    """
+
+    kind: Literal["placement"] = "placement"
+    schema_version: int = SCHEMA_VERSION
+    model: str = ""
+    num_logical_experts: int
+    num_ranks: int
+    phys_to_log: list[list[int]]
+    rank_of_slot: list[int]
+    planner: str
+    inputs: dict[str, Any] = {}
+    predicted: dict[str, float] = {}
+
+    @property
+    def array(self) -> np.ndarray:
+        """phys_to_log as int64 [layers, num_physical]."""
+        return np.asarray(self.phys_to_log, dtype=np.int64)
+
+
+AnyFile = GpuProfile | RoutingTrace | Placement
+T = TypeVar("T", GpuProfile, RoutingTrace, Placement)
+_KIND = {GpuProfile: "gpu_profile", RoutingTrace: "routing_trace", Placement: "placement"}
+
+
+class _Header(msgspec.Struct):
+    kind: str = ""
+    schema_version: int | None = None
+
+
+def _is_json(path: Path) -> bool:
+    return path.suffix.lower() == ".json"
+
+
+def encode(obj: AnyFile, path: str | Path) -> bytes:
+    """The bytes `save` would write for `path`'s suffix (JSON or msgpack)."""
+    if _is_json(Path(path)):
+        return msgspec.json.format(msgspec.json.encode(obj), indent=1)
+    return msgspec.msgpack.encode(obj)
+
+
+def save(obj: AnyFile, path: str | Path) -> Path:
+    """Write `obj` as JSON (.json) or msgpack (other suffixes), after validating it."""
+    path = Path(path)
+    validate(obj, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode(obj, path))
+    return path
+
+
+def load(path: str | Path, cls: type[T]) -> T:
+    """Load and validate a file of type `cls`; every failure is one GemInputError."""
+    path = Path(path)
+    src = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise GemInputError(src, "file", f"cannot be read ({e.strerror})", "a readable file") from None
+    return decode(raw, cls, src, json=_is_json(path))
+
+
+def decode(raw: bytes, cls: type[T], source: str, json: bool) -> T:
+    """Decode `raw` bytes (JSON or msgpack) into `cls` with the checks of `load`."""
+    fmt = "JSON" if json else "msgpack"
+    if not raw.strip():
+        raise GemInputError(source, "file", "is empty", f"a {_KIND[cls]} in {fmt}")
+    mod = msgspec.json if json else msgspec.msgpack
+    try:
+        head = mod.decode(raw, type=_Header)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise GemInputError(source, "file", f"is not valid {fmt} ({e}); truncated or corrupt?",
+                            f"a {_KIND[cls]} in {fmt}") from None
+    if head.kind != _KIND[cls]:
+        raise GemInputError(source, "kind", f"is {head.kind!r}", repr(_KIND[cls]))
+    if head.schema_version != SCHEMA_VERSION:
+        raise GemInputError(source, "schema_version", f"is {head.schema_version}",
+                            f"{SCHEMA_VERSION} (this vllm-gem reads schema {SCHEMA_VERSION})")
+    try:
+        obj = mod.decode(raw, type=cls)
+    except msgspec.ValidationError as e:
+        # msgspec says e.g. "Expected `int`, got `str` - at `$.points[0].median_us`"
+        text = str(e)
+        field = text.rsplit("at `", 1)[1].rstrip("`") if "at `" in text else "file"
+        raise GemInputError(source, field, text.split(" - at ")[0]) from None
+    validate(obj, source)
+    return obj
+
+
+# --------------------------------------------------------------------------- validation
+def _finite_positive(x: float | None, source: str, field: str, allow_zero: bool = False) -> None:
+    if x is None:
+        return
+    if not math.isfinite(x) or x < 0 or (x == 0 and not allow_zero):
+        raise GemInputError(source, field, f"is {x}", "a finite positive number")
+
+
+def validate(obj: AnyFile, source: str) -> None:
+    """Check shapes and values of a decoded file; raise GemInputError on the first problem."""
+    if isinstance(obj, GpuProfile):
+        _validate_profile(obj, source)
+    elif isinstance(obj, RoutingTrace):
+        _validate_trace(obj, source)
+    elif isinstance(obj, Placement):
+        validate_placement(obj, source)
+    else:  # pragma: no cover - typing guards this
+        raise TypeError(type(obj))
+
+
+def _validate_profile(p: GpuProfile, source: str) -> None:
+    for name in ("hidden", "intermediate"):
+        v = getattr(p.expert, name)
+        if not 0 < v <= 1 << 20:
+            raise GemInputError(source, f"expert.{name}", f"is {v}", "between 1 and 1048576")
+    if not 1 <= p.kernel.block_m <= 1024:
+        raise GemInputError(source, "kernel.block_m", f"is {p.kernel.block_m}", "between 1 and 1024")
+    if len(p.points) < 4:
+        raise GemInputError(source, "points", f"has {len(p.points)} entries",
+                            "at least 4 timed points to fit the latency model")
+    width = len(p.points[0].tokens_per_expert)
+    for i, pt in enumerate(p.points):
+        f = f"points[{i}]"
+        if len(pt.tokens_per_expert) != width or width == 0:
+            raise GemInputError(source, f"{f}.tokens_per_expert",
+                                f"has {len(pt.tokens_per_expert)} experts",
+                                f"{width} (the same for every point, > 0)")
+        if min(pt.tokens_per_expert) < 0 or max(pt.tokens_per_expert) > 1 << 24:
+            raise GemInputError(source, f"{f}.tokens_per_expert", "holds out-of-range counts",
+                                "token counts between 0 and 16777216")
+        _finite_positive(pt.median_us, source, f"{f}.median_us")
+        if pt.median_us > 1e7:
+            raise GemInputError(source, f"{f}.median_us", f"is {pt.median_us}",
+                                "a layer time under 10 s (10000000 us)")
+        _finite_positive(pt.p10_us, source, f"{f}.p10_us")
+        _finite_positive(pt.p90_us, source, f"{f}.p90_us")
+    for state in ("state_before", "state_after"):
+        s = getattr(p, state)
+        if s is not None:
+            for k in ("sm_clock_mhz", "mem_clock_mhz", "power_w"):
+                _finite_positive(getattr(s, k), source, f"{state}.{k}", allow_zero=True)
+
+
+def _validate_trace(t: RoutingTrace, source: str) -> None:
+    a = t.counts
+    if a.dtype not in _DTYPES:
+        raise GemInputError(source, "counts.dtype", f"is {a.dtype!r}", f"one of {_DTYPES}")
+    if len(a.shape) != 3 or min(a.shape) < 1:
+        raise GemInputError(source, "counts.shape", f"is {a.shape}",
+                            "[steps, layers, experts], each at least 1")
+    need = int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+    if len(a.data) != need:
+        raise GemInputError(source, "counts.data", f"holds {len(a.data)} bytes",
+                            f"{need} bytes for shape {a.shape} of {a.dtype}")
+    c = a.to_numpy()
+    if not np.all(np.isfinite(c)):
+        raise GemInputError(source, "counts", "contains NaN or infinite values", "finite token counts")
+    if c.min() < 0:
+        idx = tuple(int(i) for i in np.argwhere(c < 0)[0])
+        raise GemInputError(source, f"counts[{idx[0]}][{idx[1]}][{idx[2]}]",
+                            f"is {c[idx]}", "a token count >= 0")
+    if c.max() > 1 << 31:
+        raise GemInputError(source, "counts", f"has a count of {c.max():.3g}", "counts below 2^31")
+    if t.layer_ids and len(t.layer_ids) != a.shape[1]:
+        raise GemInputError(source, "layer_ids", f"has {len(t.layer_ids)} entries",
+                            f"{a.shape[1]} (one per layer of counts)")
+    if t.top_k is not None and not 1 <= t.top_k <= a.shape[2]:
+        raise GemInputError(source, "top_k", f"is {t.top_k}", f"between 1 and {a.shape[2]}")
+
+
+def validate_placement(p: Placement, source: str, *, num_layers: int | None = None,
+                       num_logical_experts: int | None = None, num_ranks: int | None = None) -> None:
+    """Check a placement, optionally against the model it is meant for.
+
+    Every logical expert must appear in every layer, ranks must own equal contiguous slot
+    ranges (vLLM's layout), and ids must be in range.
+    """
+    if p.num_logical_experts < 1:
+        raise GemInputError(source, "num_logical_experts", f"is {p.num_logical_experts}", ">= 1")
+    if p.num_ranks < 1:
+        raise GemInputError(source, "num_ranks", f"is {p.num_ranks}", ">= 1")
+    if num_logical_experts is not None and p.num_logical_experts != num_logical_experts:
+        raise GemInputError(source, "num_logical_experts", f"is {p.num_logical_experts}",
+                            f"{num_logical_experts} (the model's experts)")
+    if num_ranks is not None and p.num_ranks != num_ranks:
+        raise GemInputError(source, "num_ranks", f"is {p.num_ranks}",
+                            f"{num_ranks} (the expert-parallel group size)")
+    rows = p.phys_to_log
+    if not rows:
+        raise GemInputError(source, "phys_to_log", "has no layers", "[layers, num_physical]")
+    if num_layers is not None and len(rows) != num_layers:
+        raise GemInputError(source, "phys_to_log", f"has {len(rows)} layers",
+                            f"{num_layers} (the model's MoE layers)")
+    width = len(rows[0])
+    for li, r in enumerate(rows):
+        if len(r) != width:
+            raise GemInputError(source, f"phys_to_log[{li}]", f"has {len(r)} slots",
+                                f"{width} (the same in every layer)")
+    if width % p.num_ranks or width < p.num_logical_experts:
+        raise GemInputError(source, "phys_to_log", f"has {width} slots per layer",
+                            f"a multiple of num_ranks={p.num_ranks} and >= {p.num_logical_experts}")
+    a = np.asarray(rows, dtype=np.int64)
+    bad = np.argwhere((a < 0) | (a >= p.num_logical_experts))
+    if bad.size:
+        li, s = bad[0]
+        raise GemInputError(source, f"phys_to_log[{li}][{s}]", f"is {a[li, s]}",
+                            f"a logical expert id in [0, {p.num_logical_experts})")
+    present = np.zeros((a.shape[0], p.num_logical_experts), dtype=bool)
+    np.put_along_axis(present, a, True, axis=1)
+    missing = np.argwhere(~present)
+    if missing.size:
+        li, e = missing[0]
+        raise GemInputError(source, f"phys_to_log[{li}]", f"does not place logical expert {e}",
+                            "every logical expert in at least one slot of every layer")
+    per_rank = width // p.num_ranks
+    expected = (np.arange(width) // per_rank).tolist()
+    if list(p.rank_of_slot) != expected:
+        raise GemInputError(source, "rank_of_slot", "does not give every rank the same contiguous "
+                            f"{per_rank} slots", f"slot s on rank s // {per_rank} (vLLM's layout)")

@@ -1,0 +1,352 @@
+"""GEM: GPU-variability-aware expert placement.
+
+Per MoE layer, on the planning history ``loads: [steps, layers, experts]``:
+
+1. Classify experts into *consistent* (loaded near their mean in nearly every step) and
+   *temporal* (bursty); report the split and how many temporal pairs fire together.
+2. Choose replica counts for the redundant slots with the latency model: a replica halves
+   an expert's tokens but adds a weight read, so it goes where it lowers the estimated
+   slowest-rank time most (see choose_replicas).
+3. Construct: place items (expert replicas), consistent ones first, heaviest first, each on
+   the rank that minimises the *expected slowest-rank time over the steps* after adding it
+   (ties: the rank where it finishes earliest). A fast rank absorbs more work before it
+   becomes the slowest, so faster GPUs get heavier experts; experts that fire in the same
+   steps raise the same steps' maxima, so they land on different ranks.
+4. Improve by local search: swaps between the layer's bottleneck rank and any other rank,
+   scored exactly on the expected slowest-rank time (vectorised over candidates and layers).
+   Swaps keep every rank's slot count equal, as vLLM requires.
+
+``stepwise=False`` gives the plain speed-aware greedy (LPT on mean loads, no local search):
+the baseline that knows GPU speeds but not step-to-step variation.
+``migration_weight`` (us of layer time per moved expert) makes it migration-aware: it starts
+from the current placement and accepts only swaps whose gain pays for the moves they add.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from ..latency import GroupModel
+from .base import PlacementPolicy, PlacementProblem, ranks_to_phys_to_log
+
+_CHUNK_ELEMS = 1 << 22  # bound the [layers, cand, steps, items] temporaries (~32 MB float64)
+
+
+def classify_experts(loads: np.ndarray, steady_frac: float = 0.9, level: float = 0.5) -> np.ndarray:
+    """Consistent experts: loaded at >= `level` x their mean in >= `steady_frac` of steps.
+
+    loads: [steps, layers, experts] -> consistent: [layers, experts] bool
+    """
+    mean = loads.mean(0)
+    steady = (loads >= level * mean[None]) & (mean[None] > 0)
+    return steady.mean(0) >= steady_frac
+
+
+def coactivated_pairs(loads: np.ndarray, temporal: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Temporal expert pairs whose per-step loads correlate above `threshold`.
+
+    loads: [steps, layers, experts]; temporal: [layers, experts] -> [layers] pair counts
+    """
+    out = np.zeros(loads.shape[1], dtype=np.int64)
+    if loads.shape[0] < 3:
+        return out
+    for layer in range(loads.shape[1]):
+        x = loads[:, layer, temporal[layer]]
+        x = x[:, x.std(0) > 0]
+        if x.shape[1] > 1:
+            c = np.corrcoef(x, rowvar=False)
+            out[layer] = int((np.triu(c, 1) > threshold).sum())
+    return out
+
+
+def choose_replicas(loads: np.ndarray, num_physical: int, group: GroupModel) -> np.ndarray:
+    """Replica count per expert for the redundant slots, judged by the latency model.
+
+    Each redundant slot goes to the expert whose extra replica most lowers the estimated
+    layer time mean_s max(total work / total speed, largest piece / fastest speed); a
+    replica splits an expert's tokens but adds a weight read, so in the memory-bound
+    regime replicating a hot expert can cost more than it saves. Ties go to the expert with
+    the largest per-replica peak load (vLLM's rule, on peaks rather than sums).
+
+    loads: [steps, layers, experts] -> counts: [layers, experts], each row summing to num_physical
+    """
+    steps, layers, experts = loads.shape
+    cnt = np.ones((layers, experts), dtype=np.int64)
+    if num_physical == experts:
+        return cnt
+    ref, speed = group.reference_speeds()
+    tot, top = speed.sum(), speed.max()
+    if not np.isfinite(tot):
+        tot = top = 1.0
+
+    def piece(c: np.ndarray) -> np.ndarray:  # [S, L, E] work of one replica
+        t = loads / c[None]
+        return group.item_features(t) @ ref
+
+    rows = np.arange(layers)
+    peak = np.quantile(loads, 0.9, axis=0)
+    cur = piece(cnt)
+    work = (cur * cnt[None]).sum(-1)  # [S, L]
+    for _ in range(num_physical - experts):
+        new = piece(cnt + 1)
+        new_work = work[..., None] + new * (cnt + 1)[None] - cur * cnt[None]
+        order = np.argsort(-cur, axis=-1)[..., :2]
+        first = np.take_along_axis(cur, order[..., :1], -1)
+        second = np.take_along_axis(cur, order[..., 1:2], -1) if experts > 1 else first * 0
+        excl = np.where(np.arange(experts) == order[..., :1], second, first)
+        est = np.maximum(new_work / tot, np.maximum(excl, new) / top).mean(0)  # [L, E]
+        score = est - 1e-6 * est.mean(1, keepdims=True) * (peak / cnt) / (peak.max(1, keepdims=True) + 1e-30)
+        e = score.argmin(1)
+        cnt[rows, e] += 1
+        cur[:, rows, e] = new[:, rows, e]
+        work = (cur * cnt[None]).sum(-1)
+    return cnt
+
+
+def sample_steps(loads: np.ndarray, max_steps: int, seed: int = 0) -> np.ndarray:
+    """At most `max_steps` steps of loads [steps, layers, experts], chosen uniformly at random."""
+    if loads.shape[0] <= max_steps:
+        return loads
+    idx = np.sort(np.random.default_rng(seed).choice(loads.shape[0], max_steps, replace=False))
+    return loads[idx]
+
+
+def augment_steps(loads: np.ndarray, min_steps: int, seed: int = 0) -> np.ndarray:
+    """Pad a short history to `min_steps` with Poisson-resampled copies of its steps.
+
+    A placement tuned to a handful of exact steps over-fits them; resampled copies keep each
+    step's expected loads and add the token-level noise the next steps will have.
+    loads: [steps, layers, experts] -> [max(steps, min_steps), layers, experts]
+    """
+    steps = loads.shape[0]
+    if steps >= min_steps or steps == 0:
+        return loads
+    rng = np.random.default_rng(seed)
+    extra = loads[rng.integers(0, steps, min_steps - steps)]
+    return np.concatenate([loads, rng.poisson(extra).astype(np.float64)])
+
+
+def _rank_times(feat: np.ndarray, rank_of: np.ndarray, group: GroupModel) -> np.ndarray:
+    """feat: [L, S, P, 3]; rank_of: [L, P] -> T: [L, S, G] each rank's time per step."""
+    layers, steps, _, _ = feat.shape
+    own = np.einsum("lspf,lpf->lps", feat, group.slot_coef[rank_of])
+    t = np.zeros((layers, group.num_ranks, steps))
+    np.add.at(t, (np.arange(layers)[:, None], rank_of), own)
+    return t.transpose(0, 2, 1) + group.fixed
+
+
+class GemPolicy(PlacementPolicy):
+    name = "gem"
+
+    def __init__(self, *, max_steps: int = 64, min_steps: int = 32, stepwise: bool = True,
+                 local_search: bool = True, max_iters: int = 200, candidates: int = 16,
+                 min_gain: float = 1e-4, time_budget: float | None = None,
+                 migration_weight: float | None = None, seed: int = 0, **params: Any) -> None:
+        super().__init__(max_steps=max_steps, min_steps=min_steps, stepwise=stepwise,
+                         local_search=local_search, max_iters=max_iters, candidates=candidates,
+                         min_gain=min_gain, time_budget=time_budget,
+                         migration_weight=migration_weight, seed=seed, **params)
+        self.report: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- entry point
+    def place(self, problem: PlacementProblem) -> np.ndarray:
+        p = self.params
+        loads = sample_steps(problem.loads.astype(np.float64), p["max_steps"], p["seed"])
+        loads = augment_steps(loads, p["min_steps"], p["seed"])
+        steps, layers, experts = loads.shape
+        group, num_physical = problem.group, problem.num_physical
+        migrate = p["migration_weight"] is not None and problem.old_phys_to_log is not None
+
+        if migrate:  # keep the current replica set; start from where everything is now
+            item_log = problem.old_phys_to_log.astype(np.int64)
+            rank_of = np.broadcast_to(np.arange(num_physical) // problem.slots_per_rank,
+                                      item_log.shape).copy()
+        else:
+            cnt = choose_replicas(loads, num_physical, group)
+            item_log = np.stack([np.repeat(np.arange(experts), c) for c in cnt])
+        cnt_of_item = np.stack([np.bincount(r, minlength=experts)[r] for r in item_log])
+        tok = np.take_along_axis(loads, item_log[None], axis=2) / cnt_of_item[None]
+        feat = group.item_features(tok.transpose(1, 0, 2))  # [L, S, P, 3]
+
+        consistent = classify_experts(loads)
+        self.report = {
+            "consistent_experts": int(consistent.sum()),
+            "temporal_experts": int((~consistent).sum()),
+            "coactivated_temporal_pairs": int(coactivated_pairs(loads, ~consistent).sum()),
+            "redundant_slots_per_layer": num_physical - experts,
+            "planning_steps": steps,
+        }
+        if not migrate:
+            rank_of = self._construct(feat, item_log, consistent, group, problem.slots_per_rank,
+                                      experts, p["stepwise"])
+        before = _rank_times(feat, rank_of, group).max(-1).mean()
+        if p["local_search"] and p["stepwise"] and group.num_ranks > 1:
+            old_hold = None
+            if migrate:
+                old_hold = np.zeros((layers, group.num_ranks, experts), dtype=bool)
+                old_hold[np.arange(layers)[:, None], rank_of, item_log] = True
+            rank_of, iters = self._local_search(feat, item_log, rank_of, group, experts,
+                                                old_hold, p["migration_weight"] or 0.0)
+            self.report["local_search_swaps"] = iters
+        after = _rank_times(feat, rank_of, group).max(-1).mean()
+        self.report.update(construct_us=float(before), final_us=float(after))
+        return ranks_to_phys_to_log(item_log, rank_of, group.num_ranks)
+
+    # ----------------------------------------------------------------- construction
+    @staticmethod
+    def _construct(feat: np.ndarray, item_log: np.ndarray, consistent: np.ndarray,
+                   group: GroupModel, slots: int, experts: int, stepwise: bool) -> np.ndarray:
+        """Greedy placement of items; returns rank_of: [L, P]."""
+        layers, steps, num_items, _ = feat.shape
+        ranks = group.num_ranks
+        coef_t = group.slot_coef.T  # [3, G]
+        rows = np.arange(layers)
+        t = np.broadcast_to(group.fixed, (layers, steps, ranks)).copy()
+        fill = np.zeros((layers, ranks), dtype=np.int64)
+        hold = np.zeros((layers, ranks, experts), dtype=bool)
+        rank_of = np.full((layers, num_items), -1, dtype=np.int64)
+        mean_cost = feat.mean(1) @ group.slot_coef.mean(0)  # [L, P]
+        is_cons = np.take_along_axis(consistent, item_log, axis=1)
+        order = np.lexsort((-mean_cost, ~is_cons), axis=1) if layers else None
+        gidx = np.arange(ranks)
+        for k in range(num_items):
+            i = order[:, k]
+            cost = feat[rows, :, i, :] @ coef_t  # [L, S, G]
+            new_t = t + cost
+            if stepwise:
+                top = t.argmax(-1)
+                v1 = np.take_along_axis(t, top[..., None], -1)
+                v2 = np.partition(t, -2, axis=-1)[..., -2:-1] if ranks > 1 else v1 * 0
+                other = np.where(gidx == top[..., None], v2, v1)
+                score = np.maximum(new_t, other).mean(1) + 1e-3 * new_t.mean(1)
+            else:
+                score = new_t.mean(1)
+            lg = item_log[rows, i]
+            full = fill >= slots
+            bad = full | hold[rows, :, lg]
+            bad = np.where(bad.all(1, keepdims=True), full, bad)
+            g = np.where(bad, np.inf, score).argmin(1)
+            rank_of[rows, i] = g
+            fill[rows, g] += 1
+            hold[rows, g, lg] = True
+            t[rows, :, g] += cost[rows, :, g]
+        return rank_of
+
+    # ----------------------------------------------------------------- local search
+    def _local_search(self, feat: np.ndarray, item_log: np.ndarray, rank_of: np.ndarray,
+                      group: GroupModel, experts: int, old_hold: np.ndarray | None,
+                      migration_weight: float) -> tuple[np.ndarray, int]:
+        layers, steps, num_items, _ = feat.shape
+        slots = num_items // group.num_ranks
+        cand = min(slots, self.params["candidates"])
+        chunk = max(1, _CHUNK_ELEMS // (cand * steps * num_items))
+        rank_of = rank_of.copy()
+        swaps = 0
+        budget = self.params["time_budget"]
+        self._deadline = time.perf_counter() + budget if budget else float("inf")
+        for a in range(0, layers, chunk):
+            sl = slice(a, min(layers, a + chunk))
+            oh = old_hold[sl] if old_hold is not None else None
+            rank_of[sl], n = self._search_chunk(feat[sl], item_log[sl], rank_of[sl], group,
+                                                experts, cand, oh, migration_weight)
+            swaps += n
+        return rank_of, swaps
+
+    def _search_chunk(self, feat, item_log, rank_of, group, experts, cand, old_hold, mw):
+        layers, steps, num_items, _ = feat.shape
+        ranks, coef = group.num_ranks, group.slot_coef.astype(np.float32)
+        slots = num_items // ranks
+        rows = np.arange(layers)
+        t = _rank_times(feat, rank_of, group).astype(np.float32)  # [L, S, G]
+        feat = feat.astype(np.float32)  # float32 halves the memory traffic of the search
+        hold = np.zeros((layers, ranks, experts), dtype=np.int64)
+        np.add.at(hold, (rows[:, None], rank_of, item_log), 1)
+        stale = np.zeros(layers, dtype=np.int64)
+        rounds = -(-slots // cand) * min(ranks, 2)  # candidate windows x bottleneck choices
+        swaps = 0
+        for it in range(self.params["max_iters"]):
+            live = stale < rounds
+            if not live.any() or time.perf_counter() > self._deadline:
+                break
+            tmax = t.max(-1)
+            obj = tmax.mean(-1)
+            # bottleneck rank: most often the slowest (then the slowest on average); when
+            # stuck, try the runner-up
+            score = (t >= tmax[..., None] - 1e-9).sum(1) + t.mean(1) / (t.mean(1).max(1, keepdims=True) + 1e-30)
+            pick = (stale // -(-slots // cand)) % min(ranks, 2)
+            g1 = np.take_along_axis(np.argsort(-score, axis=1), pick[:, None], 1)[:, 0]
+            on1 = rank_of == g1[:, None]
+            items1 = np.argsort(~on1, axis=1, kind="stable")[:, :slots]
+            off = (stale % -(-slots // cand)) * cand
+            sel = np.take_along_axis(items1, (off[:, None] + np.arange(cand)) % slots, 1)
+            f1 = feat[rows[:, None], :, sel]  # [L, C, S, 3]
+            h = rank_of
+            coef_h = coef[h]  # [L, P, 3]
+            cg1 = coef[g1][:, :, None]  # [L, 3, 1]
+            c1_g1 = (f1.reshape(layers, -1, 3) @ cg1).reshape(layers, cand, steps)
+            cj_g1 = (feat.reshape(layers, -1, 3) @ cg1).reshape(layers, steps, num_items)
+            cj_h = (feat * coef_h[:, None]).sum(-1)
+            # batched matmul (BLAS) rather than einsum: this is the hot spot
+            ci_h = (f1.reshape(layers, -1, 3) @ coef_h.transpose(0, 2, 1)).reshape(
+                layers, cand, steps, num_items)
+            tg1 = t[rows, :, g1]
+            th = np.take_along_axis(t, h[:, None, :], axis=2)
+            new1 = tg1[:, None, :, None] - c1_g1[..., None] + cj_g1[:, None]
+            newh = th[:, None] - cj_h[:, None] + ci_h
+            other = _max_excluding(t, g1, h)  # [L, S, P]
+            val = np.maximum(np.maximum(new1, newh), other[:, None]).mean(2)  # [L, C, P]
+            log_i = np.take_along_axis(item_log, sel, 1)
+            dup = (hold[rows[:, None, None], h[:, None, :], log_i[:, :, None]] > 0) \
+                | (hold[rows[:, None], g1[:, None], item_log] > 0)[:, None, :] \
+                | (log_i[:, :, None] == item_log[:, None, :]) | on1[:, None, :]
+            if old_hold is not None:
+                oi = old_hold[rows[:, None, None], h[:, None, :], log_i[:, :, None]]
+                oj = old_hold[rows[:, None], g1[:, None], item_log][:, None, :]
+                oi1 = old_hold[rows[:, None], g1[:, None], log_i][:, :, None]
+                ojh = old_hold[rows[:, None], h, item_log][:, None, :]
+                moved = [(~x).astype(np.float64) for x in (oi, oj, oi1, ojh)]
+                val = val + mw * (moved[0] + moved[1] - moved[2] - moved[3])
+            val = np.where(dup, np.inf, val)
+            flat = val.reshape(layers, -1).argmin(1)
+            ci, pj = np.divmod(flat, num_items)
+            best = val[rows, ci, pj]
+            gain = obj - best
+            ok = live & (gain > self.params["min_gain"] * np.maximum(obj, 1e-30))
+            stale = np.where(ok, 0, stale + 1)
+            for layer in np.nonzero(ok)[0]:
+                i, j = sel[layer, ci[layer]], pj[layer]
+                ga, gb = g1[layer], h[layer, j]
+                t[layer, :, ga] = new1[layer, ci[layer], :, j]
+                t[layer, :, gb] = newh[layer, ci[layer], :, j]
+                li, lj = item_log[layer, i], item_log[layer, j]
+                hold[layer, ga, li] -= 1
+                hold[layer, gb, lj] -= 1
+                hold[layer, gb, li] += 1
+                hold[layer, ga, lj] += 1
+                rank_of[layer, i], rank_of[layer, j] = gb, ga
+                swaps += 1
+        return rank_of, swaps
+
+
+def _max_excluding(t: np.ndarray, g1: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Max over ranks other than g1[l] and h[l, p].
+
+    t: [L, S, G]; g1: [L]; h: [L, P] -> [L, S, P] (-inf where no rank is left)
+    """
+    ranks = t.shape[-1]
+    k = min(3, ranks)
+    idx = np.argpartition(-t, k - 1, axis=-1)[..., :k] if ranks > k else np.argsort(-t, -1)
+    vals = np.take_along_axis(t, idx, -1)
+    o = np.argsort(-vals, axis=-1)
+    idx, vals = np.take_along_axis(idx, o, -1), np.take_along_axis(vals, o, -1)
+    out = np.full(t.shape[:2] + (h.shape[1],), -np.inf)
+    done = np.zeros_like(out, dtype=bool)
+    for c in range(k):
+        d = idx[..., c][..., None]  # [L, S, 1]
+        usable = (d != g1[:, None, None]) & (d != h[:, None, :]) & ~done
+        out = np.where(usable, vals[..., c][..., None], out)
+        done |= usable
+    return out

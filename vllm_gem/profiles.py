@@ -1,0 +1,102 @@
+"""GPU profiles: the load patterns calibration times, example profiles, bundled sets.
+
+Calibration (issue "calibration", vllm_gem.calibrate) times the patterns from
+:func:`calibration_patterns` on each GPU. Until real profiles are measured, the bundled
+example profiles are *synthetic*: generated from the analytic model below and marked so in
+their ``source`` field.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .formats import ExpertShape, GpuIdentity, GpuProfile, KernelSpec, LatencyPoint, load
+from .latency import GroupModel, LatencyModel, fit
+
+
+def calibration_patterns(num_experts: int, block_m: int, seed: int = 0) -> list[list[int]]:
+    """Per-expert token counts to time, [points][num_experts].
+
+    - decode (memory-bound): many experts active, a few tokens each;
+    - prefill (compute-bound): few experts, token counts on BLOCK_M tile boundaries and one
+      past them (the latency steps up there);
+    - mixed random loads, to check the fit on patterns it was not built from.
+    """
+    rng = np.random.default_rng(seed)
+    pats: list[list[int]] = []
+    for active in sorted({1, 2, 4, 8, num_experts // 4, num_experts // 2, num_experts} - {0}):
+        for tok in (1, 4, 16):
+            c = np.zeros(num_experts, dtype=np.int64)
+            c[rng.choice(num_experts, active, replace=False)] = tok
+            pats.append(c.tolist())
+    for active in sorted({1, 4, max(num_experts // 8, 1)}):
+        for tiles in (1, 2, 4, 8, 16, 32):
+            for extra in (0, 1):
+                c = np.zeros(num_experts, dtype=np.int64)
+                c[rng.choice(num_experts, active, replace=False)] = tiles * block_m + extra
+                pats.append(c.tolist())
+    for _ in range(12):
+        c = rng.poisson(rng.choice([2.0, 20.0, 200.0]), size=num_experts) * (rng.random(num_experts) < 0.7)
+        pats.append(c.astype(np.int64).tolist())
+    return [p for p in pats if sum(p) > 0]
+
+
+def analytic_model(shape: ExpertShape, block_m: int = 64, mem_gbps: float = 3000.0,
+                   tflops: float = 600.0, fixed_us: float = 20.0, slowdown: float = 1.0
+                   ) -> np.ndarray:
+    """Coefficients [4] (fixed, per_expert, per_tile, per_token) of a roofline-style model.
+
+    An active expert reads its 3*hidden*intermediate bf16 weights once; a BLOCK_M tile does
+    2*BLOCK_M*3*hidden*intermediate flops; a token moves its hidden vector in and out.
+    `slowdown` scales the load-dependent terms (a GPU at lower clocks).
+    """
+    weights = 3 * shape.hidden * shape.intermediate * 2
+    per_expert = weights / (mem_gbps * 1e3)  # bytes / (bytes per us)
+    per_tile = 2 * block_m * 3 * shape.hidden * shape.intermediate / (tflops * 1e6)
+    per_token = 4 * shape.hidden * 2 / (mem_gbps * 1e3)
+    return np.array([fixed_us, per_expert * slowdown, per_tile * slowdown, per_token * slowdown])
+
+
+def example_profile(name: str, slowdown: float = 1.0, num_experts: int = 32, block_m: int = 64,
+                    noise: float = 0.01, seed: int = 0,
+                    shape: ExpertShape = ExpertShape(hidden=2048, intermediate=768)) -> GpuProfile:
+    """A *synthetic* profile: the analytic model's times on calibration patterns, with noise."""
+    coef = analytic_model(shape, block_m, slowdown=slowdown)
+    rng = np.random.default_rng(seed)
+    model = LatencyModel(coef, block_m)
+    points = []
+    for c in calibration_patterns(num_experts, block_m, seed):
+        t = float(model.predict(np.array(c)) * (1 + noise * rng.standard_normal()))
+        points.append(LatencyPoint(c, t, t * (1 - noise), t * (1 + noise)))
+    return GpuProfile(gpu=GpuIdentity(name=name, index=seed), expert=shape,
+                      kernel=KernelSpec("analytic", block_m), points=points,
+                      source=f"synthetic example: analytic H100-like model, slowdown {slowdown:g}, "
+                             f"noise {noise:g} (not measured)")
+
+
+BUNDLED_SETS = {
+    # two nominally equal GPUs (what nvidia-h200-x2 looks like: they differ by under 1%)
+    "equal2": [1.0, 1.004],
+    # 4 GPUs, one 20% slower (the reference case of the planner benchmark)
+    "one-slow4": [1.0, 1.0, 1.0, 1.2],
+    # 8 GPUs with a realistic spread (Sinha et al.: ~8% average, 22% worst)
+    "spread8": [1.0, 1.03, 1.05, 1.06, 1.08, 1.10, 1.13, 1.22],
+}
+
+
+def bundled_profiles(set_name: str) -> list[GpuProfile]:
+    """The bundled example profiles of one set, in rank order."""
+    base = resources.files("vllm_gem.data")
+    out = []
+    for i in range(len(BUNDLED_SETS[set_name])):
+        with resources.as_file(base / f"profile-{set_name}-{i}.json") as p:
+            out.append(load(Path(p), GpuProfile))
+    return out
+
+
+def group_from_profiles(profiles: list[GpuProfile]) -> GroupModel:
+    """Fit every profile and stack them into the group's model, in rank order."""
+    return GroupModel.of([fit(p) for p in profiles])

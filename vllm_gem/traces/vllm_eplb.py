@@ -1,0 +1,63 @@
+"""Import vLLM's own EPLB load statistics.
+
+vLLM's EplbModelState keeps ``expert_load_window: [window, layers, num_physical]`` (tokens
+per *physical* slot, per step) and ``physical_to_logical_map: [layers, num_physical]``. Save
+them from a running server (``torch.save({...}, path)`` or ``numpy.savez``) under those
+names; this folds replicas back to logical experts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import GemInputError
+from ..formats import NdArray, RoutingTrace
+
+KEYS = ("expert_load_window", "physical_to_logical_map")
+
+
+def fold_to_logical(window: np.ndarray, phys_to_log: np.ndarray, num_logical: int | None = None
+                    ) -> np.ndarray:
+    """window: [steps, layers, num_physical], phys_to_log: [layers, num_physical]
+    -> loads: [steps, layers, num_logical] (replica loads summed)."""
+    steps, layers, _ = window.shape
+    n = int(num_logical or phys_to_log.max() + 1)
+    out = np.zeros((steps, layers, n), dtype=np.int64)
+    for layer in range(layers):
+        np.add.at(out[:, layer, :], (slice(None), phys_to_log[layer]), window[:, layer, :])
+    return out
+
+
+def import_vllm_eplb(path: str | Path, model: str = "") -> RoutingTrace:
+    """A .npz or torch-saved dict holding vLLM's EPLB state arrays -> RoutingTrace."""
+    path = Path(path)
+    src = str(path)
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as z:
+                data = {k: z[k] for k in z.files}
+        else:
+            import torch
+            data = {k: v.cpu().numpy() if hasattr(v, "cpu") else np.asarray(v)
+                    for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+    except Exception as e:  # unreadable or not the expected container
+        raise GemInputError(src, "file", f"cannot be read ({type(e).__name__}: {e})",
+                            f"a .npz or torch.save dict with {KEYS}") from None
+    for k in KEYS:
+        if k not in data:
+            raise GemInputError(src, k, "is missing", f"vLLM EplbModelState arrays {KEYS}")
+    win, p2l = np.asarray(data[KEYS[0]]), np.asarray(data[KEYS[1]]).astype(np.int64)
+    if win.ndim != 3:
+        raise GemInputError(src, KEYS[0], f"has shape {win.shape}", "[window, layers, num_physical]")
+    if p2l.shape != win.shape[1:]:
+        raise GemInputError(src, KEYS[1], f"has shape {p2l.shape}", f"{win.shape[1:]} (layers, num_physical)")
+    if (win < 0).any() or (p2l < 0).any():
+        raise GemInputError(src, KEYS[0], "holds negative values", "token counts >= 0 and expert ids >= 0")
+    loads = fold_to_logical(win, p2l)
+    loads = loads[loads.sum(axis=(1, 2)) > 0]  # the ring buffer's unused (all-zero) steps
+    if loads.shape[0] == 0:
+        raise GemInputError(src, KEYS[0], "is all zeros", "at least one recorded step")
+    return RoutingTrace(model=model, source=f"vLLM EPLB load window from {path.name}",
+                        counts=NdArray.from_numpy(loads.astype(np.int32)))
