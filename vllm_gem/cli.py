@@ -1,0 +1,315 @@
+"""`vllm-gem`: plan expert placements offline, simulate them, inspect and import files.
+
+    vllm-gem demo                      every planner on the bundled real and synthetic cases
+    vllm-gem plan --trace T --profiles P... --num-physical N -o placement.json
+    vllm-gem simulate --trace T --profiles P... --placement placement.json
+    vllm-gem inspect FILE
+    vllm-gem import-trace --format harmoeny|vllm-eplb|synthetic SRC -o trace.msgpack
+
+Traces and profiles may name bundled data: `bundled:qwen`, `bundled:one-slow4`. Bad input
+exits with code 2 and one line naming the file, field and expectation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from .errors import GemInputError
+from .formats import GpuProfile, Placement, RoutingTrace, _Header, load, save, validate_placement
+from .latency import GroupModel, fit, held_out_error
+from .planners import NAMES, PlacementProblem, make
+
+DEMO_PLANNERS = ["linear", "round_robin", "vllm-default", "greedy-speed", "gem"]
+
+
+# --------------------------------------------------------------------------- inputs
+def _trace(spec: str) -> RoutingTrace:
+    if spec.startswith("bundled:"):
+        from .evaluate import bundled_trace
+        return bundled_trace(spec.split(":", 1)[1])
+    return load(spec, RoutingTrace)
+
+
+def _profiles(specs: list[str]) -> list[GpuProfile]:
+    from .profiles import BUNDLED_SETS, bundled_profiles
+    out: list[GpuProfile] = []
+    for spec in specs:
+        if spec.startswith("bundled:"):
+            name = spec.split(":", 1)[1]
+            if name not in BUNDLED_SETS:
+                raise GemInputError(spec, "profiles", "is not a bundled set", f"one of {list(BUNDLED_SETS)}")
+            out += bundled_profiles(name)
+        else:
+            out.append(load(spec, GpuProfile))
+    return out
+
+
+def _group(args: argparse.Namespace) -> GroupModel:
+    if args.speeds:
+        return GroupModel.tokens_over_speed(np.array([float(x) for x in args.speeds.split(",")]))
+    if not args.profiles:
+        raise GemInputError("command line", "--profiles", "is missing", "profile files or --speeds")
+    profs = _profiles(args.profiles)
+    shapes = {(p.expert.hidden, p.expert.intermediate, p.expert.dtype) for p in profs}
+    if len(shapes) > 1:
+        raise GemInputError(", ".join(args.profiles), "expert", f"shapes differ ({sorted(shapes)})",
+                            "profiles of the same expert shape")
+    return GroupModel.of([fit(p, src) for p, src in zip(profs, _expand(args.profiles, profs))])
+
+
+def _expand(specs: list[str], profs: list[GpuProfile]) -> list[str]:
+    return [p.gpu.name for p in profs] if len(specs) != len(profs) else specs
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=1, default=float) if args.json else text)
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .evaluate import bundled_trace, compare, format_table
+    from .profiles import bundled_profiles, group_from_profiles
+
+    cases = [("qwen", "one-slow4"), ("switch-exp128", "spread8"), ("synthetic", "one-slow4"),
+             ("synthetic", "spread8"), ("synthetic", "equal2")]
+    results, texts = [], []
+    for trace_name, prof in tqdm(cases, desc="demo cases", disable=args.json, file=sys.stderr):
+        tr = bundled_trace(trace_name)
+        group = group_from_profiles(bundled_profiles(prof))
+        experts = tr.shape[2]
+        for redundant in (0, group.num_ranks):
+            num_physical = experts + redundant
+            rows = compare(tr.loads, group, num_physical, DEMO_PLANNERS)
+            title = (f"{tr.model} [{tr.source}] on {prof} ({group.num_ranks} GPUs), "
+                     f"{num_physical} slots ({redundant} redundant); plan on the first half, "
+                     "replay the second")
+            texts.append(f"\n== {title}\n{format_table(rows)}")
+            results.append({"trace": trace_name, "profiles": prof, "num_physical": num_physical,
+                            "rows": [r.as_dict() for r in rows]})
+    if args.plot:
+        texts.append(_plot_demo(results, Path(args.plot)))
+    _emit(args, results, "\n".join(texts) + "\n\ngap = mean layer time / tighter lower bound; "
+          "vs vllm-default < 1 is faster than vLLM's EPLB policy.")
+    return 0
+
+
+def _plot_demo(results: list[dict], path: Path) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "(no plot: install vllm-gem[plot] for matplotlib)"
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    labels = [f"{r['trace']}\n{r['profiles']}\nP={r['num_physical']}" for r in results]
+    width = 0.8 / len(DEMO_PLANNERS)
+    for i, name in enumerate(DEMO_PLANNERS):
+        vals = [next((x.get("gap", np.nan) for x in r["rows"] if x["planner"] == name), np.nan)
+                for r in results]
+        ax.bar(np.arange(len(results)) + i * width, vals, width, label=name)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(np.arange(len(results)) + 0.4 - width / 2, labels, fontsize=7)
+    ax.set_ylabel("mean MoE layer time / lower bound")
+    ax.set_ylim(0.95, None)
+    ax.legend(fontsize=8)
+    ax.set_title("Simulated MoE layer time per planner (held-out steps)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return f"plot written to {path}"
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    tr = _trace(args.trace)
+    group = _group(args)
+    loads = tr.loads
+    num_physical = args.num_physical or tr.shape[2]
+    old = None
+    params: dict[str, Any] = {}
+    if args.current:
+        cur = load(args.current, Placement)
+        validate_placement(cur, args.current, num_layers=tr.shape[1],
+                           num_logical_experts=tr.shape[2], num_ranks=group.num_ranks)
+        old = cur.array
+        if len(cur.phys_to_log[0]) != num_physical:
+            raise GemInputError(args.current, "phys_to_log", f"has {len(cur.phys_to_log[0])} slots",
+                                f"{num_physical} (--num-physical)")
+    if args.migration_weight is not None:
+        params["migration_weight"] = args.migration_weight
+    policy = make(args.planner, **params)
+    p2l = policy.place(PlacementProblem(loads, group, num_physical, old_phys_to_log=old))
+    from .simulate import simulate
+    sim = simulate(loads, p2l, group)
+    placement = Placement(
+        model=tr.model, num_logical_experts=tr.shape[2], num_ranks=group.num_ranks,
+        phys_to_log=p2l.tolist(), rank_of_slot=(np.arange(num_physical) // (num_physical // group.num_ranks)).tolist(),
+        planner=args.planner,
+        inputs={"trace": args.trace, "profiles": args.profiles or [], "speeds": args.speeds or "",
+                "params": {k: v for k, v in policy.params.items() if v is not None},
+                "report": getattr(policy, "report", {})},
+        predicted={"mean_layer_us": sim.mean, "p99_layer_us": sim.p99, "gap": sim.gap,
+                   "straggler_ratio": sim.straggler_ratio})
+    save(placement, args.output)
+    _emit(args, {"output": args.output, **placement.predicted},
+          f"wrote {args.output}: {args.planner}, predicted mean layer {sim.mean:.1f} us "
+          f"(gap to lower bound {sim.gap:.3f}, straggler ratio {sim.straggler_ratio:.3f})")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulate import simulate
+    tr = _trace(args.trace)
+    group = _group(args)
+    pl = load(args.placement, Placement)
+    validate_placement(pl, args.placement, num_layers=tr.shape[1], num_logical_experts=tr.shape[2],
+                       num_ranks=group.num_ranks)
+    sim = simulate(tr.loads, pl.array, group)
+    d = sim.as_dict()
+    _emit(args, d, "\n".join(f"{k:16s} {v:.4g}" if isinstance(v, float) else f"{k:16s} {v}"
+                             for k, v in d.items()))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    raw = path.read_bytes() if path.is_file() else b""
+    kind = ""
+    for mod in (msgspec.json, msgspec.msgpack):
+        try:
+            kind = mod.decode(raw, type=_Header).kind
+            break
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
+    cls = {"gpu_profile": GpuProfile, "routing_trace": RoutingTrace, "placement": Placement}.get(kind)
+    if cls is None:
+        raise GemInputError(str(path), "kind", f"is {kind!r}" if raw else "file is missing or empty",
+                            "'gpu_profile', 'routing_trace' or 'placement'")
+    obj = load(path, cls)
+    info: dict[str, Any] = {"file": str(path), "kind": kind}
+    if isinstance(obj, GpuProfile):
+        m = fit(obj, str(path))
+        info.update(gpu=obj.gpu.name, uuid=obj.gpu.uuid, source=obj.source, emulation=obj.emulation,
+                    expert=msgspec.to_builtins(obj.expert), block_m=obj.kernel.block_m,
+                    points=len(obj.points), coef_us=dict(zip(("fixed", "per_expert", "per_tile", "per_token"),
+                                                             m.coef.round(5).tolist())),
+                    fit_rel_rms=m.fit_rel_rms, held_out_rel_rms=held_out_error(obj))
+    elif isinstance(obj, RoutingTrace):
+        c = obj.loads
+        share = c.sum(0) / np.maximum(c.sum(axis=(0, 2))[:, None], 1)
+        info.update(model=obj.model, source=obj.source, steps=c.shape[0], layers=c.shape[1],
+                    experts=c.shape[2], top_k=obj.top_k, tokens_per_step=float(c.sum((1, 2)).mean() / c.shape[1]),
+                    hottest_over_mean=float((share.max(1) * c.shape[2]).mean()), params=obj.params)
+    else:
+        a = obj.array
+        info.update(model=obj.model, planner=obj.planner, layers=a.shape[0], num_physical=a.shape[1],
+                    num_logical_experts=obj.num_logical_experts, num_ranks=obj.num_ranks,
+                    replicated_experts_per_layer=float(a.shape[1] - obj.num_logical_experts),
+                    predicted=obj.predicted)
+    _emit(args, info, "\n".join(f"{k:20s} {v}" for k, v in info.items()))
+    return 0
+
+
+def cmd_import_trace(args: argparse.Namespace) -> int:
+    from .traces import SyntheticParams, import_harmoeny, import_vllm_eplb, synthetic_trace
+    if args.format == "harmoeny":
+        tr = import_harmoeny(args.source)
+    elif args.format == "vllm-eplb":
+        tr = import_vllm_eplb(args.source, model=args.model or "")
+    else:
+        try:
+            params = msgspec.json.decode(Path(args.source).read_bytes(), type=SyntheticParams) \
+                if args.source else SyntheticParams()
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise GemInputError(args.source, "file", f"is not SyntheticParams JSON ({e})") from None
+        tr = synthetic_trace(params, model=args.model or "synthetic")
+    if args.model:
+        tr.model = args.model
+    save(tr, args.output)
+    s = tr.shape
+    _emit(args, {"output": args.output, "steps": s[0], "layers": s[1], "experts": s[2]},
+          f"wrote {args.output}: {s[0]} steps x {s[1]} layers x {s[2]} experts ({tr.source})")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import main as calibrate_main
+    return calibrate_main(args)
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vllm-gem", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def common(p: argparse.ArgumentParser, group: bool = True) -> None:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        if group:
+            p.add_argument("--profiles", nargs="+", help="GpuProfile files in rank order, or bundled:SET")
+            p.add_argument("--speeds", help="instead of profiles: time = tokens / speed, e.g. 1,1,1,0.83")
+
+    p = sub.add_parser("demo", help="compare every planner on bundled real and synthetic traces")
+    common(p, group=False)
+    p.add_argument("--plot", default="gem-demo.png", help="bar chart path ('' for none)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("plan", help="plan a placement")
+    common(p)
+    p.add_argument("--trace", required=True, help="RoutingTrace file or bundled:NAME")
+    p.add_argument("--planner", default="gem", choices=NAMES)
+    p.add_argument("--num-physical", type=int, help="slots per layer (experts + redundant)")
+    p.add_argument("--current", help="the placement in use (for migration-aware planning)")
+    p.add_argument("--migration-weight", type=float, help="us of layer time one expert move is worth")
+    p.add_argument("-o", "--output", default="placement.json")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("simulate", help="replay a trace through a placement")
+    common(p)
+    p.add_argument("--trace", required=True)
+    p.add_argument("--placement", required=True)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("inspect", help="summarise a profile, trace or placement file")
+    common(p, group=False)
+    p.add_argument("file")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("import-trace", help="convert routing data into a RoutingTrace")
+    common(p, group=False)
+    p.add_argument("--format", required=True, choices=["harmoeny", "vllm-eplb", "synthetic"])
+    p.add_argument("source", nargs="?", help="HarMoEny model folder, EPLB .npz/.pt, or SyntheticParams JSON")
+    p.add_argument("--model", help="model name to record")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_import_trace)
+
+    p = sub.add_parser("calibrate", help="time MoE expert work on the local GPUs, write GpuProfiles")
+    common(p, group=False)
+    p.add_argument("--out-dir", default="profiles")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=768)
+    p.add_argument("--experts", type=int, default=32, help="local experts per GPU")
+    p.add_argument("--devices", help="comma-separated CUDA device indices (default: all)")
+    p.add_argument("--slow-sms", help="DEVICE:SMS[,DEVICE:SMS] emulate a slower GPU with a green context")
+    p.set_defaults(func=cmd_calibrate)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GemInputError as e:
+        print(f"vllm-gem: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
