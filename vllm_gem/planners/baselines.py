@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import numpy as np
 
 from ..errors import GemInputError
@@ -47,7 +50,10 @@ class VllmDefaultPolicy(PlacementPolicy):
     def place(self, problem: PlacementProblem) -> np.ndarray:
         try:
             import torch
-            from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
+            # vLLM binds its log handler to the sys.stdout of import time: keep it on stderr
+            # so `--json` output stays parseable
+            with contextlib.redirect_stdout(sys.stderr):
+                from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
         except Exception as e:  # ImportError, or vllm failing to import on this machine
             raise PlannerUnavailable(f"vllm's DefaultEplbPolicy is not importable ({e}); "
                                      "install vllm-gem[vllm]") from None
