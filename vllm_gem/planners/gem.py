@@ -141,7 +141,7 @@ def _rank_times(feat: np.ndarray, rank_of: np.ndarray, group: GroupModel) -> np.
 class GemPolicy(PlacementPolicy):
     name = "gem"
 
-    def __init__(self, *, max_steps: int = 64, min_steps: int = 32, stepwise: bool = True,
+    def __init__(self, *, max_steps: int = 32, min_steps: int = 32, stepwise: bool = True,
                  local_search: bool = True, max_iters: int = 200, candidates: int = 16,
                  min_gain: float = 1e-4, time_budget: float | None = None,
                  migration_weight: float | None = None, seed: int = 0, **params: Any) -> None:
@@ -242,7 +242,7 @@ class GemPolicy(PlacementPolicy):
         layers, steps, num_items, _ = feat.shape
         slots = num_items // group.num_ranks
         cand = min(slots, self.params["candidates"])
-        chunk = max(1, _CHUNK_ELEMS // (cand * steps * num_items))
+        chunk = max(1, _CHUNK_ELEMS // (cand * steps * (num_items - slots)))
         rank_of = rank_of.copy()
         swaps = 0
         budget = self.params["time_budget"]
@@ -283,44 +283,49 @@ class GemPolicy(PlacementPolicy):
             off = (stale % -(-slots // cand)) * cand
             sel = np.take_along_axis(items1, (off[:, None] + np.arange(cand)) % slots, 1)
             f1 = feat[rows[:, None], :, sel]  # [L, C, S, 3]
-            h = rank_of
-            coef_h = coef[h]  # [L, P, 3]
+            # swap partners: the items on other ranks only
+            part = np.argsort(on1, axis=1, kind="stable")[:, : num_items - slots]  # [L, J]
+            fj = feat[rows[:, None], :, part].transpose(0, 2, 1, 3)  # [L, S, J, 3]
+            h = np.take_along_axis(rank_of, part, 1)  # [L, J] rank of each partner
+            log_j = np.take_along_axis(item_log, part, 1)
+            coef_h = coef[h]  # [L, J, 3]
             cg1 = coef[g1][:, :, None]  # [L, 3, 1]
             c1_g1 = (f1.reshape(layers, -1, 3) @ cg1).reshape(layers, cand, steps)
-            cj_g1 = (feat.reshape(layers, -1, 3) @ cg1).reshape(layers, steps, num_items)
-            cj_h = (feat * coef_h[:, None]).sum(-1)
+            cj_g1 = (fj.reshape(layers, -1, 3) @ cg1).reshape(layers, steps, -1)
+            cj_h = (fj * coef_h[:, None]).sum(-1)
             # batched matmul (BLAS) rather than einsum: this is the hot spot
             ci_h = (f1.reshape(layers, -1, 3) @ coef_h.transpose(0, 2, 1)).reshape(
-                layers, cand, steps, num_items)
+                layers, cand, steps, -1)
             tg1 = t[rows, :, g1]
             th = np.take_along_axis(t, h[:, None, :], axis=2)
             new1 = tg1[:, None, :, None] - c1_g1[..., None] + cj_g1[:, None]
             newh = th[:, None] - cj_h[:, None] + ci_h
-            other = _max_excluding(t, g1, h)  # [L, S, P]
-            val = np.maximum(np.maximum(new1, newh), other[:, None]).mean(2)  # [L, C, P]
+            other = _max_excluding(t, g1, h)  # [L, S, J]
+            val = np.maximum(np.maximum(new1, newh), other[:, None]).mean(2)  # [L, C, J]
             log_i = np.take_along_axis(item_log, sel, 1)
             dup = (hold[rows[:, None, None], h[:, None, :], log_i[:, :, None]] > 0) \
-                | (hold[rows[:, None], g1[:, None], item_log] > 0)[:, None, :] \
-                | (log_i[:, :, None] == item_log[:, None, :]) | on1[:, None, :]
+                | (hold[rows[:, None], g1[:, None], log_j] > 0)[:, None, :] \
+                | (log_i[:, :, None] == log_j[:, None, :])
             if old_hold is not None:
                 oi = old_hold[rows[:, None, None], h[:, None, :], log_i[:, :, None]]
-                oj = old_hold[rows[:, None], g1[:, None], item_log][:, None, :]
+                oj = old_hold[rows[:, None], g1[:, None], log_j][:, None, :]
                 oi1 = old_hold[rows[:, None], g1[:, None], log_i][:, :, None]
-                ojh = old_hold[rows[:, None], h, item_log][:, None, :]
-                moved = [(~x).astype(np.float64) for x in (oi, oj, oi1, ojh)]
+                ojh = old_hold[rows[:, None], h, log_j][:, None, :]
+                moved = [(~x).astype(np.float32) for x in (oi, oj, oi1, ojh)]
                 val = val + mw * (moved[0] + moved[1] - moved[2] - moved[3])
             val = np.where(dup, np.inf, val)
             flat = val.reshape(layers, -1).argmin(1)
-            ci, pj = np.divmod(flat, num_items)
+            ci, pj = np.divmod(flat, num_items - slots)
             best = val[rows, ci, pj]
             gain = obj - best
             ok = live & (gain > self.params["min_gain"] * np.maximum(obj, 1e-30))
             stale = np.where(ok, 0, stale + 1)
             for layer in np.nonzero(ok)[0]:
-                i, j = sel[layer, ci[layer]], pj[layer]
-                ga, gb = g1[layer], h[layer, j]
-                t[layer, :, ga] = new1[layer, ci[layer], :, j]
-                t[layer, :, gb] = newh[layer, ci[layer], :, j]
+                i, jj = sel[layer, ci[layer]], pj[layer]
+                j = part[layer, jj]
+                ga, gb = g1[layer], h[layer, jj]
+                t[layer, :, ga] = new1[layer, ci[layer], :, jj]
+                t[layer, :, gb] = newh[layer, ci[layer], :, jj]
                 li, lj = item_log[layer, i], item_log[layer, j]
                 hold[layer, ga, li] -= 1
                 hold[layer, gb, lj] -= 1

@@ -1,0 +1,135 @@
+"""Planner quality and speed, side by side with vLLM's DefaultEplbPolicy, in one run.
+
+    python benchmarks/planner.py [--json out.json] [--quick]
+
+1. Reference case (issue 2): Qwen1.5-MoE HarMoEny trace, 4 GPUs with one 20% slower,
+   time = tokens / speed; plan on the first half of the steps, replay the second. Reports
+   each planner's mean layer time over the fluid bound, and the "oracle": the best static
+   placement found for each test step on that step alone (what no static plan can beat).
+2. Synthetic heterogeneous cases with the bundled example profiles (full latency model):
+   gap to the tighter lower bound, ratio to vLLM's default policy.
+3. Scale: 2, 8 and 64 GPUs up to 58 layers x 256 experts (DeepSeek-V3-like), with and
+   without redundant slots: planning time of GEM and of vLLM's policy, and quality ratio.
+
+Every ratio compares planners in the same run on the same held-out steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+
+from vllm_gem.bounds import lower_bounds
+from vllm_gem.evaluate import bundled_trace, compare, split_steps
+from vllm_gem.latency import GroupModel, LatencyModel
+from vllm_gem.planners import PlacementProblem, make
+from vllm_gem.profiles import analytic_model, bundled_profiles, group_from_profiles
+from vllm_gem.formats import ExpertShape
+from vllm_gem.simulate import rank_times
+from vllm_gem.traces import SyntheticParams, synthetic_trace
+
+PLANNERS = ["vllm-default", "greedy-speed", "gem"]
+
+
+def oracle(test: np.ndarray, group: GroupModel, num_physical: int) -> float:
+    """Mean over test steps of GEM planned on that single step and replayed on it."""
+    times = []
+    for s in range(test.shape[0]):
+        one = test[s:s + 1]
+        p2l = make("gem", min_steps=0).place(PlacementProblem(one, group, num_physical))
+        times.append(rank_times(one, p2l, group).max(-1).mean())
+    return float(np.mean(times))
+
+
+def reference_case(out: dict) -> None:
+    tr = bundled_trace("qwen")
+    g = GroupModel.tokens_over_speed(np.array([1.0, 1.0, 1.0, 1 / 1.2]))
+    _, test = split_steps(tr.loads)
+    print("\n## 1. Qwen1.5-MoE (HarMoEny), 4 GPUs one 20% slower, time = tokens/speed")
+    print(f"{'slots':>5s} {'planner':14s} {'/ fluid':>8s} {'/ tight':>8s} {'vs vllm':>8s}")
+    res = []
+    for phys in (60, 64, 80, 120):
+        rows = compare(tr.loads, g, phys, PLANNERS)
+        base = rows[0].result.mean
+        fluid = rows[0].result.bound_fluid
+        for r in rows:
+            s = r.result
+            print(f"{phys:5d} {r.planner:14s} {s.gap_fluid:8.3f} {s.gap:8.3f} {s.mean / base:8.3f}")
+            res.append({"slots": phys, "planner": r.planner, "gap_fluid": s.gap_fluid,
+                        "gap": s.gap, "vs_vllm": s.mean / base})
+        o = oracle(test, g, phys)
+        print(f"{phys:5d} {'oracle/step':14s} {o / fluid:8.3f}")
+        res.append({"slots": phys, "planner": "oracle-per-step", "gap_fluid": o / fluid})
+    out["reference"] = res
+
+
+def synthetic_cases(out: dict) -> None:
+    print("\n## 2. Synthetic heterogeneous cases (bundled example profiles, full latency model)")
+    print(f"{'profiles':10s} {'tokens':>6s} {'slots':>5s} {'planner':14s} {'gap':>6s} {'vs vllm':>8s} {'oracle':>7s}")
+    res = []
+    for prof in ("one-slow4", "spread8"):
+        g = group_from_profiles(bundled_profiles(prof))
+        for tokens in (256, 4096):  # decode-like and prefill-like steps
+            tr = synthetic_trace(SyntheticParams(steps=240, layers=8, experts=64, top_k=8,
+                                                 tokens_per_step=tokens, seed=11))
+            _, test = split_steps(tr.loads)
+            for phys in (64, 64 + g.num_ranks):
+                rows = compare(tr.loads, g, phys, PLANNERS)
+                base = rows[0].result.mean
+                bound = rows[0].result.bound
+                o = oracle(test[:24], g, phys) / lower_bounds(test[:24], g, phys)[1].mean()
+                for r in rows:
+                    s = r.result
+                    print(f"{prof:10s} {tokens:6d} {phys:5d} {r.planner:14s} {s.gap:6.3f} "
+                          f"{s.mean / base:8.3f} {o:7.3f}")
+                    res.append({"profiles": prof, "tokens_per_step": tokens, "slots": phys,
+                                "planner": r.planner, "gap": s.gap, "vs_vllm": s.mean / base,
+                                "oracle_gap_24_steps": o, "bound_us": bound})
+    out["synthetic"] = res
+
+
+def scale(out: dict, quick: bool) -> None:
+    print("\n## 3. Scale: planning time and held-out quality (synthetic trace, spread of 0-20%)")
+    print(f"{'gpus':>4s} {'layers':>6s} {'experts':>7s} {'slots':>5s} {'gem s':>7s} {'vllm s':>7s} {'gem/vllm time':>14s}")
+    res = []
+    shape = ExpertShape(7168, 2048)
+    sizes = [(2, 58, 256), (8, 58, 256), (64, 58, 256)] if not quick else [(8, 16, 64)]
+    for gpus, layers, experts in sizes:
+        slow = np.linspace(1.0, 1.2, gpus)
+        g = GroupModel.of([LatencyModel(analytic_model(shape, slowdown=s), 64) for s in slow])
+        tr = synthetic_trace(SyntheticParams(steps=256, layers=layers, experts=experts, top_k=8,
+                                             tokens_per_step=4096, seed=3))
+        for redundant in (0, gpus if gpus > 2 else 32):
+            phys = experts + redundant
+            rows = compare(tr.loads, g, phys, ["vllm-default", "gem"])
+            v, m = rows[0], rows[1]
+            print(f"{gpus:4d} {layers:6d} {experts:7d} {phys:5d} {m.plan_seconds:7.2f} "
+                  f"{v.plan_seconds:7.2f} {m.result.mean / v.result.mean:14.3f}")
+            res.append({"gpus": gpus, "layers": layers, "experts": experts, "slots": phys,
+                        "gem_seconds": m.plan_seconds, "vllm_seconds": v.plan_seconds,
+                        "gem_over_vllm_layer_time": m.result.mean / v.result.mean})
+    out["scale"] = res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--quick", action="store_true", help="small scale section only")
+    a = ap.parse_args()
+    make("vllm-default")  # fail early if vllm is missing
+    out: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}",
+                 "date": time.strftime("%Y-%m-%d %H:%M")}
+    reference_case(out)
+    synthetic_cases(out)
+    scale(out, a.quick)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
