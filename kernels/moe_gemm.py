@@ -1,0 +1,186 @@
+"""Triton grouped GEMM for MoE experts (bf16), tiled the way vLLM's fused_moe kernel is.
+
+Tokens are sorted by expert and each expert's rows are padded to BLOCK_M (``align``), so
+every BLOCK_M x BLOCK_N program multiplies rows of one expert; an expert with c tokens costs
+ceil(c / BLOCK_M) row tiles, which is where the latency steps that calibration samples come
+from. ``moe_ffn`` runs a whole expert FFN: gate/up GEMM, SiLU-and-mul, down GEMM weighted by
+the router, sum over top-k.
+
+Weights use vLLM's FusedMoE layout: ``w13: [experts, 2 * intermediate, hidden]``,
+``w2: [experts, hidden, intermediate]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def kwargs(self) -> dict[str, int]:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+                    GROUP_M=self.group_m, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+# Autotune table for H100/H200 (bf16), keyed by the token-expert pairs of the call (M), with
+# the same M breakpoints as vLLM 0.26's default fused_moe config (get_default_config):
+# small M is memory-bound (tall K tiles), large M compute-bound (big tiles, more warps).
+TILE_TABLE: list[tuple[int, TileConfig]] = [
+    (32, TileConfig(16, 64, 128, 1, 4, 4)),
+    (96, TileConfig(32, 64, 128, 1, 4, 3)),
+    (512, TileConfig(64, 128, 64, 1, 4, 3)),
+    (1 << 62, TileConfig(128, 128, 64, 16, 8, 3)),
+]
+# Calibration times every load with one fixed tile, so the latency model has one BLOCK_M.
+CALIBRATION_TILE = TileConfig(64, 128, 64, 1, 4, 3)
+
+
+def select_config(m: int) -> TileConfig:
+    """The tile for a call with m token-expert pairs (tokens x top_k)."""
+    return next(cfg for limit, cfg in TILE_TABLE if m <= limit)
+
+
+@triton.jit
+def moe_grouped_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, weight_ptr,
+    sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
+    N, K, num_valid, max_padded,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+    TOP_K: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[row] = A[row // TOP_K] @ B[expert(row)]^T for the rows in one BLOCK_M x BLOCK_N tile.
+
+    sorted_ids: [max_padded] flattened (token, k) row ids grouped by expert, padded per
+    expert to BLOCK_M with num_valid; block_expert: [max_padded / BLOCK_M] expert of each
+    row tile. Row tiles past num_padded (the real padded length) exit at once.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(max_padded, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # grouped ordering: GROUP_M row tiles share the weight tiles they read, through L2
+    group = pid // (GROUP_M * num_pid_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_pid_n)) // size_m
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+
+    rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = rows < num_valid
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (rows[:, None] // TOP_K) * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if MUL_WEIGHT:
+        acc = acc * tl.load(weight_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Rows grouped by expert and padded to block_m (what vLLM's moe_align_block_size makes).
+
+    sorted_ids: [max_padded]; block_expert: [max_padded // block_m]; num_padded: [1]
+    """
+
+    sorted_ids: torch.Tensor
+    block_expert: torch.Tensor
+    num_padded: torch.Tensor
+    block_m: int
+
+
+def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
+    """topk_ids: [tokens, top_k] expert of each (token, k) -> Alignment, without host syncs."""
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    num_valid = flat.numel()
+    dev = flat.device
+    counts = torch.bincount(flat, minlength=num_experts)
+    padded = (counts + block_m - 1) // block_m * block_m
+    start = torch.cumsum(padded, 0) - padded
+    order = torch.argsort(flat, stable=True)
+    e_sorted = flat[order]
+    rank_in_expert = torch.arange(num_valid, device=dev) - (torch.cumsum(counts, 0) - counts)[e_sorted]
+    max_padded = num_valid + num_experts * (block_m - 1)
+    max_padded = (max_padded + block_m - 1) // block_m * block_m
+    sorted_ids = torch.full((max_padded,), num_valid, dtype=torch.int32, device=dev)
+    sorted_ids[start[e_sorted] + rank_in_expert] = order.to(torch.int32)
+    tile_start = torch.arange(0, max_padded, block_m, device=dev)
+    block_expert = torch.searchsorted(torch.cumsum(padded, 0), tile_start, right=True)
+    block_expert = block_expert.clamp(max=num_experts - 1).to(torch.int32)
+    return Alignment(sorted_ids, block_expert, padded.sum().reshape(1).to(torch.int32), block_m)
+
+
+def grouped_gemm(a: torch.Tensor, w: torch.Tensor, al: Alignment, top_k: int, num_valid: int,
+                 cfg: TileConfig, out: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """out[row] = a[row // top_k] @ w[expert(row)].T (x weights[row]).
+
+    a: [rows_a, K]; w: [experts, N, K]; out: [num_valid, N]; weights: [num_valid] or None
+    """
+    assert cfg.block_m == al.block_m
+    n, k = w.shape[1], w.shape[2]
+    max_padded = al.sorted_ids.numel()
+    grid = (triton.cdiv(max_padded, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    moe_grouped_gemm_kernel[grid](
+        a, w, out, weights if weights is not None else out,
+        al.sorted_ids, al.block_expert, al.num_padded,
+        n, k, num_valid, max_padded,
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+        TOP_K=top_k, MUL_WEIGHT=weights is not None, **cfg.kwargs())
+    return out
+
+
+def moe_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+            topk_ids: torch.Tensor, cfg: TileConfig | None = None, al: Alignment | None = None
+            ) -> torch.Tensor:
+    """A MoE layer's expert part: sum_k w_k * down(silu(gate(x)) * up(x)) over the top-k experts.
+
+    x: [tokens, hidden]; w13: [experts, 2*inter, hidden]; w2: [experts, hidden, inter];
+    topk_weights, topk_ids: [tokens, top_k] -> [tokens, hidden]
+    """
+    tokens, top_k = topk_ids.shape
+    num_valid = tokens * top_k
+    cfg = cfg or select_config(num_valid)
+    al = al or align(topk_ids, w13.shape[0], cfg.block_m)
+    inter = w2.shape[2]
+    h = torch.empty((num_valid, 2 * inter), dtype=x.dtype, device=x.device)
+    grouped_gemm(x, w13, al, top_k, num_valid, cfg, h)
+    act = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+    y = torch.empty((num_valid, w2.shape[1]), dtype=x.dtype, device=x.device)
+    grouped_gemm(act, w2, al, 1, num_valid, cfg, y, weights=topk_weights.reshape(-1).to(x.dtype))
+    return y.view(tokens, top_k, -1).sum(1)
+
+
+def moe_ffn_reference(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    """The same computation in plain torch, float32 (the correctness reference)."""
+    x, w13, w2 = x.float(), w13.float(), w2.float()
+    inter = w2.shape[2]
+    out = torch.zeros_like(x)
+    for k in range(topk_ids.shape[1]):
+        h = torch.einsum("th,tnh->tn", x, w13[topk_ids[:, k]])
+        a = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+        out += topk_weights[:, k:k + 1].float() * torch.einsum("ti,thi->th", a, w2[topk_ids[:, k]])
+    return out

@@ -1,0 +1,281 @@
+"""Calibrate each GPU's MoE expert throughput against token load (GEM step 1).
+
+On one GPU (`calibrate_device`): time our Triton grouped-GEMM expert FFN
+(vllm_gem.kernels.moe_gemm, one fixed tile so the latency model has one BLOCK_M) on the
+load patterns of `profiles.calibration_patterns`: decode-like (many experts, few tokens),
+prefill-like (token counts on and just past BLOCK_M tile boundaries) and random mixed loads.
+Each point is the median of CUDA-event timings of CUDA-graph replays (as vLLM serves decode),
+after a warm-up that lifts the clocks; GPU identity, clocks, power and temperature come from
+nvidia-ml-py before and after. The latency model is fitted on the structured points and
+its error reported on the random mixed ones (held out).
+
+A slower GPU can be emulated inside this process only: `sm_limit` runs the work in a CUDA
+green context holding that many SMs. Device settings are never touched.
+
+All GPUs calibrate at the same time, one process each (`calibrate_group`); profiles are
+exchanged with torch.distributed so every rank holds the same set. A rank that fails says
+which rank and why; no failure is silent.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import numpy as np
+
+from .formats import (ExpertShape, GpuIdentity, GpuProfile, GpuState, KernelSpec, LatencyPoint,
+                      decode, encode, save)
+from .latency import fit
+from .profiles import calibration_patterns
+
+N_HELD_OUT = 12  # calibration_patterns ends with this many random mixed loads
+
+
+class CalibrationError(RuntimeError):
+    """Calibration failed on a rank; the message names the rank, the GPU and the cause."""
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    hidden: int = 2048
+    intermediate: int = 768
+    num_experts: int = 32  # local experts per GPU
+    reps: int = 30  # timed graph replays per point
+    inner: int = 5  # calls per graph replay
+    sm_limit: int | None = None  # emulate a slower GPU: SMs of a green context
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- GPU facts
+def gpu_identity(device: int) -> GpuIdentity:
+    import torch
+    props = torch.cuda.get_device_properties(device)
+    ident = GpuIdentity(name=props.name, index=device, sm_count=props.multi_processor_count)
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        h = _nvml_handle(pynvml, device)
+        ident.uuid = _s(pynvml.nvmlDeviceGetUUID(h))
+        ident.driver = _s(pynvml.nvmlSystemGetDriverVersion())
+        try:
+            ident.serial = _s(pynvml.nvmlDeviceGetSerial(h))
+        except pynvml.NVMLError:
+            ident.serial = ""
+    except Exception as e:  # nvidia-ml-py missing or NVML unavailable: say so in the name
+        ident.uuid = f"unknown (nvml: {e})"
+    return ident
+
+
+def gpu_state(device: int) -> GpuState | None:
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        h = _nvml_handle(pynvml, device)
+        return GpuState(
+            sm_clock_mhz=float(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM)),
+            mem_clock_mhz=float(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM)),
+            power_w=pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0,
+            temperature_c=float(pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)))
+    except Exception:
+        return None
+
+
+def _nvml_handle(pynvml, device: int):
+    # CUDA and NVML may order devices differently: match by PCI bus id
+    import torch
+    bus = torch.cuda.get_device_properties(device).pci_bus_id if hasattr(
+        torch.cuda.get_device_properties(device), "pci_bus_id") else None
+    if bus:
+        try:
+            return pynvml.nvmlDeviceGetHandleByPciBusId(bus.encode() if isinstance(bus, str) else bus)
+        except pynvml.NVMLError:
+            pass
+    return pynvml.nvmlDeviceGetHandleByIndex(device)
+
+
+def _s(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+# --------------------------------------------------------------------------- one GPU
+def calibrate_device(device: int, spec: CalibrationSpec = CalibrationSpec()) -> GpuProfile:
+    """Time the calibration patterns on CUDA device `device` and return its GpuProfile."""
+    import torch
+
+    from .kernels.moe_gemm import CALIBRATION_TILE, align, moe_ffn
+
+    torch.cuda.set_device(device)
+    cfg = CALIBRATION_TILE
+    gen = torch.Generator(device=f"cuda:{device}").manual_seed(spec.seed)
+    e, h, i = spec.num_experts, spec.hidden, spec.intermediate
+    bf = torch.bfloat16
+    w13 = (torch.randn(e, 2 * i, h, device=device, dtype=bf, generator=gen) / h ** 0.5)
+    w2 = (torch.randn(e, h, i, device=device, dtype=bf, generator=gen) / i ** 0.5)
+    patterns = calibration_patterns(e, cfg.block_m, spec.seed)
+    max_tokens = max(sum(p) for p in patterns)
+    x_all = torch.randn(max_tokens, h, device=device, dtype=bf, generator=gen)
+
+    green = None
+    stream = torch.cuda.Stream(device)
+    if spec.sm_limit:
+        from torch.cuda.green_contexts import GreenContext
+        green = GreenContext.create(spec.sm_limit, device)
+        green.set_context()
+        stream = green.Stream()
+    try:
+        before = gpu_state(device)
+        t0 = time.perf_counter()
+        with torch.cuda.stream(stream):
+            big = torch.randn(4096, 4096, device=device, dtype=bf, generator=gen)
+            while time.perf_counter() - t0 < 0.4:  # lift the clocks out of idle
+                big @ big
+                torch.cuda.synchronize(device)
+            points = [_time_pattern(p, x_all, w13, w2, cfg, align, moe_ffn, spec, stream)
+                      for p in patterns]
+        after = gpu_state(device)
+    finally:
+        if green is not None:
+            green.pop_context()
+    ident = gpu_identity(device)
+    prof = GpuProfile(
+        gpu=ident, expert=ExpertShape(h, i, "bfloat16"),
+        kernel=KernelSpec("vllm_gem.kernels.moe_gemm", cfg.block_m, cfg.block_n, cfg.block_k),
+        points=points, state_before=before, state_after=after,
+        emulation=(f"green context with {spec.sm_limit} of {ident.sm_count} SMs"
+                   if spec.sm_limit else ""),
+        source="measured", created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return prof
+
+
+def _time_pattern(counts, x_all, w13, w2, cfg, align, moe_ffn, spec, stream) -> LatencyPoint:
+    import torch
+    dev = x_all.device
+    ids = torch.repeat_interleave(torch.arange(len(counts), device=dev),
+                                  torch.tensor(counts, device=dev)).reshape(-1, 1)
+    x = x_all[: ids.shape[0]]
+    wts = torch.ones(ids.shape, device=dev, dtype=torch.float32)
+    al = align(ids, len(counts), cfg.block_m)
+    for _ in range(2):  # compile and warm before capture
+        moe_ffn(x, w13, w2, wts, ids, cfg, al)
+    torch.cuda.synchronize(dev)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(spec.inner):
+            moe_ffn(x, w13, w2, wts, ids, cfg, al)
+    graph.replay()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+          for _ in range(spec.reps)]
+    for s, e in ev:
+        s.record(stream)
+        graph.replay()
+        e.record(stream)
+    torch.cuda.synchronize(dev)
+    us = sorted(s.elapsed_time(e) * 1e3 / spec.inner for s, e in ev)
+    q = np.percentile(us, [10, 90])
+    return LatencyPoint(list(counts), statistics.median(us), float(q[0]), float(q[1]))
+
+
+def held_out_report(prof: GpuProfile) -> dict[str, float]:
+    """Fit on the structured points, report relative errors on the random mixed ones."""
+    train = GpuProfile(gpu=prof.gpu, expert=prof.expert, kernel=prof.kernel,
+                       points=prof.points[:-N_HELD_OUT])
+    m = fit(train, prof.gpu.name)
+    test = prof.points[-N_HELD_OUT:]
+    rel = np.array([(m.predict(np.array(p.tokens_per_expert)) - p.median_us) / p.median_us
+                    for p in test])
+    full = fit(prof, prof.gpu.name)
+    return {"fit_rel_rms": full.fit_rel_rms, "held_out_rel_rms": float(np.sqrt(np.mean(rel ** 2))),
+            "held_out_rel_max": float(np.abs(rel).max())}
+
+
+# --------------------------------------------------------------------------- a group of GPUs
+def exchange_profiles(profile: GpuProfile | None, error: str, group=None) -> list[GpuProfile]:
+    """All-gather every rank's profile (msgpack bytes) over torch.distributed.
+
+    A rank that failed passes profile=None and its error; then every rank raises one
+    CalibrationError naming the failed ranks, so no rank goes on with a partial set.
+    """
+    import torch.distributed as dist
+    blob = encode(profile, "x.msgpack") if profile is not None else b""
+    out: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, (blob, error), group=group)
+    failed = [f"rank {r}: {err}" for r, (b, err) in enumerate(out) if not b]
+    if failed:
+        raise CalibrationError("calibration failed on " + "; ".join(failed))
+    return [decode(b, GpuProfile, f"profile from rank {r}", json=False) for r, (b, _) in enumerate(out)]
+
+
+def _worker(rank: int, devices: list[int], specs: list[CalibrationSpec], init: str, out: str) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=len(devices))
+    prof, err = None, ""
+    try:
+        prof = calibrate_device(devices[rank], specs[rank])
+    except Exception as e:  # reported to every rank through the exchange
+        err = f"GPU {devices[rank]}: {type(e).__name__}: {e}"
+        traceback.print_exc()
+    try:
+        profiles = exchange_profiles(prof, err)
+        if rank == 0:
+            Path(out).write_bytes(msgspec.msgpack.encode([encode(p, "x.msgpack") for p in profiles]))
+    finally:
+        dist.destroy_process_group()
+
+
+def calibrate_group(devices: list[int], specs: list[CalibrationSpec]) -> list[GpuProfile]:
+    """Calibrate all `devices` at the same time, one process each; profiles in device order."""
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        init = f"file://{tmp}/rendezvous"
+        out = f"{tmp}/profiles.msgpack"
+        try:
+            mp.spawn(_worker, args=(devices, specs, init, out), nprocs=len(devices), join=True)
+        except Exception as e:
+            raise CalibrationError(f"calibration group failed: {e}") from None
+        blobs = msgspec.msgpack.decode(Path(out).read_bytes())
+    return [decode(b, GpuProfile, f"profile {i}", json=False) for i, b in enumerate(blobs)]
+
+
+def main(args) -> int:
+    """`vllm-gem calibrate`: calibrate the local GPUs, write one GpuProfile file each."""
+    import torch
+    if not torch.cuda.is_available():
+        print("vllm-gem calibrate: no CUDA GPU visible", file=sys.stderr)
+        return 1
+    devices = ([int(d) for d in args.devices.split(",")] if args.devices
+               else list(range(torch.cuda.device_count())))
+    slow = dict((int(k), int(v)) for k, v in (x.split(":") for x in args.slow_sms.split(","))) \
+        if args.slow_sms else {}
+    specs = [CalibrationSpec(args.hidden, args.intermediate, args.experts, sm_limit=slow.get(d))
+             for d in devices]
+    t0 = time.perf_counter()
+    profiles = calibrate_group(devices, specs)
+    seconds = time.perf_counter() - t0
+    out_dir = Path(args.out_dir)
+    rows = []
+    base = np.array([p.median_us for p in profiles[0].points])
+    for d, p in zip(devices, profiles):
+        tag = f"-sm{p.emulation.split()[3]}" if p.emulation else ""
+        path = save(p, out_dir / f"profile-gpu{d}{tag}.json")
+        rep = held_out_report(p)
+        ratio = float(np.median(np.array([q.median_us for q in p.points]) / base))
+        rows.append({"device": d, "file": str(path), "gpu": p.gpu.name, "uuid": p.gpu.uuid,
+                     "emulation": p.emulation, "median_time_vs_first": ratio, **rep})
+    if getattr(args, "json", False):
+        import json
+        print(json.dumps({"seconds": seconds, "profiles": rows}, indent=1))
+    else:
+        print(f"calibrated {len(devices)} GPU(s) in {seconds:.1f} s (all at once)")
+        for r in rows:
+            print(f"  cuda:{r['device']} {r['gpu']} {r['emulation'] or '(whole GPU)'}: "
+                  f"time vs first {r['median_time_vs_first']:.3f}, fit error {r['fit_rel_rms']:.3f}, "
+                  f"held-out error {r['held_out_rel_rms']:.3f} -> {r['file']}")
+    return 0
