@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# On a GPU machine (device tool), from the repo root: GPU tests, calibration of every local
+# GPU (all at once, twice for run-to-run spread), emulated slower GPUs (green contexts),
+# and, when vLLM is importable, the kernel benchmark against vLLM's fused_moe.
+#   usage: OUT=dir bash benchmarks/gpu/calibration_session.sh [stage...]   stages: tests calib slow kernels
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+dest=${OUT:?set OUT}
+out=/tmp/gem-results; mkdir -p "$out"
+stages=${*:-tests calib slow kernels}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || { echo "install failed"; tail "$out/install.log"; exit 1; }
+nvidia-smi --query-gpu=index,name,uuid,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu --format=csv | tee "$out/gpus.csv"
+ngpu=$(nvidia-smi -L | wc -l)
+tag=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')x$ngpu
+for s in $stages; do case $s in
+tests)
+  python3 -m pytest -q -m gpu tests/test_kernels.py 2>&1 | tail -4 | tee "$out/gpu-tests-$tag.log" ;;
+calib)
+  for run in 1 2; do
+    python3 -m vllm_gem.cli calibrate --out-dir "$out/profiles-$tag-run$run" --json > "$out/calib-$tag-run$run.json" 2> "$out/calib-$tag-run$run.err" \
+      || { echo "calibration run $run failed:"; tail -5 "$out/calib-$tag-run$run.err"; }
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(f'run $run: {d[\"seconds\"]:.1f} s'); [print(' ', r['device'], r['gpu'], 'vs first %.4f'%r['median_time_vs_first'], 'fit %.3f held-out %.3f max %.3f'%(r['fit_rel_rms'], r['held_out_rel_rms'], r['held_out_rel_max'])) for r in d['profiles']]" "$out/calib-$tag-run$run.json"
+  done ;;
+slow)
+  last=$((ngpu - 1))
+  for sms in 120 106 92 66; do
+    python3 -m vllm_gem.cli calibrate --slow-sms "$last:$sms" --out-dir "$out/profiles-$tag-slow" --json > "$out/calib-$tag-sm$sms.json" 2> "$out/calib-$tag-sm$sms.err" \
+      || { echo "slow $sms failed:"; tail -5 "$out/calib-$tag-sm$sms.err"; }
+    mkdir -p "$out/profiles-$tag-sm$sms" && mv "$out/profiles-$tag-slow/"*sm$sms* "$out/profiles-$tag-sm$sms/" 2>/dev/null
+  done
+  python3 benchmarks/gpu/summarize_calibration.py "$out" | tee "$out/calibration-summary-$tag.txt" ;;
+kernels)
+  python3 benchmarks/kernels.py --json "$out/kernels-$tag.json" 2> "$out/kernels-$tag.err" | tee "$out/kernels-$tag.txt" ;;
+esac; done
+tar czf "$dest/results-$tag-$(echo $stages | tr ' ' '-').tgz" -C "$out" . && ls -R "$out" | head -40

@@ -1,0 +1,86 @@
+"""Our Triton MoE kernel next to vLLM's fused_moe Triton kernel and a torch bmm reference.
+
+    python benchmarks/kernels.py [--json out.json]      (on a GPU; vLLM optional)
+
+Same inputs for all three, bf16, CUDA-graph replays timed with CUDA events (median of
+triton.testing.do_bench_cudagraph). TFLOP/s counts 2 * rows * 3 * hidden * intermediate.
+Ratio = ours / vLLM (goal: within 10% at every size, since calibration must predict serving).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+
+import torch
+import triton
+
+from vllm_gem.kernels.moe_gemm import moe_ffn
+
+SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8), "deepseek-v3": (7168, 2048, 32, 8),
+          "mixtral": (4096, 14336, 8, 2)}
+TOKENS = [1, 16, 64, 256, 1024, 4096]
+
+
+def vllm_fused_experts():
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
+        return fused_experts
+    except Exception as e:
+        print(f"(vLLM fused_moe unavailable: {e})", file=sys.stderr)
+        return None
+
+
+def bmm_reference(x, w13, w2, w, ids):
+    """Pad every expert's rows to the largest count and run batched matmuls (torch)."""
+    e, inter = w13.shape[0], w2.shape[2]
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=e)
+    cap = int(counts.max())
+    slot = torch.arange(flat.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[flat[order]]
+    xin = torch.zeros(e, cap, x.shape[1], device=x.device, dtype=x.dtype)
+    xin[flat[order], slot] = x[order // ids.shape[1]]
+    h = torch.bmm(xin, w13.transpose(1, 2))
+    a = torch.nn.functional.silu(h[..., :inter]) * h[..., inter:]
+    y = torch.bmm(a, w2.transpose(1, 2))
+    out = torch.zeros(flat.numel(), x.shape[1], device=x.device, dtype=x.dtype)
+    out[order] = y[flat[order], slot] * w.reshape(-1)[order, None].to(x.dtype)
+    return out.view(*ids.shape, -1).sum(1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    fused = vllm_fused_experts()
+    rows = []
+    print(f"{'shape':14s} {'tokens':>6s} {'ours us':>8s} {'vllm us':>8s} {'bmm us':>8s} "
+          f"{'ours TF/s':>9s} {'ours/vllm':>9s}")
+    for name, (h, i, e, k) in SHAPES.items():
+        g = torch.Generator(device="cuda").manual_seed(0)
+        bf = torch.bfloat16
+        w13 = torch.randn(e, 2 * i, h, device="cuda", dtype=bf, generator=g) / h ** 0.5
+        w2 = torch.randn(e, h, i, device="cuda", dtype=bf, generator=g) / i ** 0.5
+        for t in TOKENS:
+            x = torch.randn(t, h, device="cuda", dtype=bf, generator=g)
+            ids = torch.rand(t, e, device="cuda", generator=g).topk(k, dim=1).indices.to(torch.int32)
+            w = torch.rand(t, k, device="cuda", generator=g)
+            bench = lambda f: triton.testing.do_bench_cudagraph(f, rep=100, return_mode="median") * 1e3
+            ours = bench(lambda: moe_ffn(x, w13, w2, w, ids))
+            ref_v = bench(lambda: fused(x, w13, w2, w, ids)) if fused else float("nan")
+            bmm = bench(lambda: bmm_reference(x, w13, w2, w, ids.long())) if t <= 1024 else float("nan")
+            tflops = 2 * t * k * 3 * h * i / (ours * 1e-6) / 1e12
+            rows.append(dict(shape=name, tokens=t, ours_us=ours, vllm_us=ref_v, bmm_us=bmm,
+                             ours_tflops=tflops, ours_over_vllm=ours / ref_v))
+            print(f"{name:14s} {t:6d} {ours:8.1f} {ref_v:8.1f} {bmm:8.1f} {tflops:9.1f} {ours / ref_v:9.3f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The Triton MoE grouped GEMM against a float32 torch reference.
+
+On CPU (CI) the kernel runs under TRITON_INTERPRET=1 at tiny shapes, in a subprocess since
+the variable must be set before triton is imported. On a GPU: real model shapes in bf16.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+INTERPRET_CHECK = textwrap.dedent("""
+    import torch
+    from vllm_gem.kernels.moe_gemm import TileConfig, align, moe_ffn, moe_ffn_reference
+    torch.manual_seed(0)
+    T, H, I, E, K = 13, 32, 16, 5, 2
+    w13 = torch.randn(E, 2 * I, H) / H ** 0.5
+    w2 = torch.randn(E, H, I) / I ** 0.5
+    cases = {
+        "random": torch.stack([torch.randperm(E)[:K] for _ in range(T)]),
+        "one hot expert": torch.stack([torch.tensor([3, 1])] * T),  # experts 0, 2, 4 idle
+    }
+    for name, ids in cases.items():
+        x, w = torch.randn(T, H), torch.rand(T, K)
+        for cfg in (TileConfig(16, 16, 16), TileConfig(16, 32, 16, group_m=2)):
+            out = moe_ffn(x, w13, w2, w, ids, cfg)
+            ref = moe_ffn_reference(x, w13, w2, w, ids)
+            err = ((out - ref).norm() / ref.norm()).item()
+            assert err < 1e-5, (name, cfg, err)
+    al = align(cases["one hot expert"], E, 16)
+    assert al.num_padded.item() == 32  # experts 3 and 1: 13 rows each, one 16-row tile each
+    assert al.block_expert[:2].tolist() == [1, 3]
+    print("ok")
+""")
+
+
+def test_kernel_matches_reference_in_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", INTERPRET_CHECK], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+SHAPES = {  # name: (hidden, moe_intermediate, experts on this GPU, top_k)
+    "qwen3-30b-a3b": (2048, 768, 128, 8),
+    "deepseek-v3": (7168, 2048, 32, 8),
+    "mixtral": (4096, 14336, 8, 2),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tokens", [1, 37, 512])
+def test_kernel_matches_reference_on_gpu(shape, tokens):
+    from vllm_gem.kernels.moe_gemm import moe_ffn, moe_ffn_reference
+    h, i, e, k = SHAPES[shape]
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    bf = torch.bfloat16
+    w13 = torch.randn(e, 2 * i, h, device="cuda", dtype=bf, generator=g) / h ** 0.5
+    w2 = torch.randn(e, h, i, device="cuda", dtype=bf, generator=g) / i ** 0.5
+    x = torch.randn(tokens, h, device="cuda", dtype=bf, generator=g)
+    ids = torch.rand(tokens, e, device="cuda", generator=g).topk(k, dim=1).indices
+    w = torch.rand(tokens, k, device="cuda", generator=g)
+    out = moe_ffn(x, w13, w2, w, ids)
+    torch.cuda.synchronize()
+    ref = moe_ffn_reference(x, w13, w2, w, ids)
+    assert torch.isfinite(out).all()
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, err
+
+
+@pytest.mark.gpu
+def test_calibration_on_gpu_gives_a_usable_profile(tmp_path):
+    from vllm_gem.calibrate import CalibrationSpec, calibrate_device, held_out_report
+    from vllm_gem.formats import GpuProfile, load, save
+    prof = calibrate_device(0, CalibrationSpec(num_experts=16, reps=10))
+    back = load(save(prof, tmp_path / "p.json"), GpuProfile)
+    assert back.gpu.sm_count > 0 and back.state_before is not None
+    rep = held_out_report(back)
+    assert rep["held_out_rel_rms"] < 0.25, rep  # the 5% goal is measured in docs, not here
