@@ -129,7 +129,9 @@ def calibrate_device(device: int, spec: CalibrationSpec = CalibrationSpec()) -> 
         from torch.cuda.green_contexts import GreenContext
         green = GreenContext.create(spec.sm_limit, device)
         green.set_context()
-        stream = green.Stream()
+        gs = green.Stream()  # a generic torch.Stream: wrap it for torch.cuda APIs
+        stream = gs if isinstance(gs, torch.cuda.Stream) else torch.cuda.Stream(
+            stream_id=gs.stream_id, device_index=gs.device_index, device_type=gs.device_type)
     try:
         before = gpu_state(device)
         t0 = time.perf_counter()
@@ -166,16 +168,27 @@ def _time_pattern(counts, x_all, w13, w2, cfg, align, moe_ffn, spec, stream) -> 
     for _ in range(2):  # compile and warm before capture
         moe_ffn(x, w13, w2, wts, ids, cfg, al)
     torch.cuda.synchronize(dev)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
+
+    def calls() -> None:
         for _ in range(spec.inner):
             moe_ffn(x, w13, w2, wts, ids, cfg, al)
-    graph.replay()
+
+    run = calls
+    try:  # graph replays, as vLLM serves decode; eager launches if capture is refused
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            calls()
+        graph.replay()
+        run = graph.replay
+    except RuntimeError as e:
+        print(f"calibration: CUDA graph capture failed on cuda:{dev.index} ({e}); timing eager "
+              "launches", file=sys.stderr)
+        torch.cuda.synchronize(dev)
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
           for _ in range(spec.reps)]
     for s, e in ev:
         s.record(stream)
-        graph.replay()
+        run()
         e.record(stream)
     torch.cuda.synchronize(dev)
     us = sorted(s.elapsed_time(e) * 1e3 / spec.inner for s, e in ev)
