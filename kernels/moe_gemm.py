@@ -175,12 +175,14 @@ def moe_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: 
 
 
 def moe_ffn_reference(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
-    """The same computation in plain torch, float32 (the correctness reference)."""
-    x, w13, w2 = x.float(), w13.float(), w2.float()
+    """The same computation in plain torch, float32, one expert at a time (the reference)."""
     inter = w2.shape[2]
-    out = torch.zeros_like(x)
-    for k in range(topk_ids.shape[1]):
-        h = torch.einsum("th,tnh->tn", x, w13[topk_ids[:, k]])
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(w13.shape[0]):
+        tok, kk = (topk_ids == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        h = x[tok].float() @ w13[e].float().T
         a = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
-        out += topk_weights[:, k:k + 1].float() * torch.einsum("ti,thi->th", a, w2[topk_ids[:, k]])
+        out.index_add_(0, tok, topk_weights[tok, kk].float()[:, None] * (a @ w2[e].float().T))
     return out
