@@ -118,7 +118,9 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
     flat = topk_ids.reshape(-1).to(torch.int64)
     num_valid = flat.numel()
     dev = flat.device
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add rather than bincount: bincount syncs with the host (breaks CUDA graphs)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(
+        0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     start = torch.cumsum(padded, 0) - padded
     order = torch.argsort(flat, stable=True)
