@@ -60,7 +60,7 @@ def test_demo_json(capsys, tmp_path):
     rc, out, _ = run(capsys, "demo", "--json", "--plot", str(tmp_path / "d.png"))
     assert rc == 0
     res = json.loads(out)
-    assert len(res) == 10 and (tmp_path / "d.png").stat().st_size > 10_000
+    assert len(res) == 12 and (tmp_path / "d.png").stat().st_size > 10_000
     for case in res:
         rows = {r["planner"]: r for r in case["rows"]}
         assert rows["gem"]["gap"] >= 1.0

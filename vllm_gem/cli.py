@@ -38,13 +38,13 @@ def _trace(spec: str) -> RoutingTrace:
 
 
 def _profiles(specs: list[str]) -> list[GpuProfile]:
-    from .profiles import BUNDLED_SETS, bundled_profiles
+    from .profiles import bundled_profiles, bundled_set_names
     out: list[GpuProfile] = []
     for spec in specs:
         if spec.startswith("bundled:"):
             name = spec.split(":", 1)[1]
-            if name not in BUNDLED_SETS:
-                raise GemInputError(spec, "profiles", "is not a bundled set", f"one of {list(BUNDLED_SETS)}")
+            if name not in bundled_set_names():
+                raise GemInputError(spec, "profiles", "is not a bundled set", f"one of {bundled_set_names()}")
             out += bundled_profiles(name)
         else:
             out.append(load(spec, GpuProfile))
@@ -79,8 +79,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .evaluate import bundled_trace, compare, format_table
     from .profiles import bundled_profiles, group_from_profiles
 
-    cases = [("qwen", "one-slow4"), ("switch-exp128", "spread8"), ("synthetic", "one-slow4"),
-             ("synthetic", "spread8"), ("synthetic", "equal2")]
+    # measured H200 profiles (one GPU emulated slower in a green context) and examples
+    cases = [("qwen", "h200x2-sm66"), ("synthetic", "h200x2"), ("qwen", "one-slow4"),
+             ("switch-exp128", "spread8"), ("synthetic", "one-slow4"), ("synthetic", "spread8")]
     results, texts = [], []
     for trace_name, prof in tqdm(cases, desc="demo cases", disable=args.json, file=sys.stderr):
         tr = bundled_trace(trace_name)

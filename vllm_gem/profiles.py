@@ -87,12 +87,27 @@ BUNDLED_SETS = {
 }
 
 
+# Profiles measured with `vllm-gem calibrate` (benchmarks/gpu/calibration_session.sh, see
+# docs/calibration.md): Qwen3-30B-A3B expert shape, 32 local experts, BLOCK_M 64.
+MEASURED_SETS = {
+    "h200x2": ["h200x2-0", "h200x2-1"],  # nvidia-h200-x2 as it is (GPUs within 0.3%)
+    "h200x2-sm92": ["h200x2-0", "h200x2-sm92-1"],  # GPU 1 in a 92-SM green context
+    "h200x2-sm66": ["h200x2-0", "h200x2-sm66-1"],  # GPU 1 in a 66-SM green context
+    "h100": ["h100-0"],
+}
+
+
+def bundled_set_names() -> list[str]:
+    return list(BUNDLED_SETS) + list(MEASURED_SETS)
+
+
 def bundled_profiles(set_name: str) -> list[GpuProfile]:
-    """The bundled example profiles of one set, in rank order."""
+    """The bundled profiles of one set (example or measured), in rank order."""
     base = resources.files("vllm_gem.data")
+    names = MEASURED_SETS.get(set_name) or [f"{set_name}-{i}" for i in range(len(BUNDLED_SETS[set_name]))]
     out = []
-    for i in range(len(BUNDLED_SETS[set_name])):
-        with resources.as_file(base / f"profile-{set_name}-{i}.json") as p:
+    for name in names:
+        with resources.as_file(base / f"profile-{name}.json") as p:
             out.append(load(Path(p), GpuProfile))
     return out
 
