@@ -1,4 +1,3 @@
-import math
 
 import msgspec
 import numpy as np

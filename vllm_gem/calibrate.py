@@ -19,7 +19,6 @@ which rank and why; no failure is silent.
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import tempfile
