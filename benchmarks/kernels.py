@@ -56,12 +56,14 @@ def bmm_experts(xin, w13, w2):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
     a = ap.parse_args()
     fused = vllm_fused_experts()
     rows = []
     print(f"{'shape':14s} {'tokens':>6s} {'ours us':>8s} {'vllm us':>8s} {'bmm us':>8s} "
           f"{'ours TF/s':>9s} {'ours/vllm':>9s}")
-    for name, (h, i, e, k) in SHAPES.items():
+    for name in a.shapes.split(","):
+        h, i, e, k = SHAPES[name]
         g = torch.Generator(device="cuda").manual_seed(0)
         bf = torch.bfloat16
         w13 = torch.randn(e, 2 * i, h, device="cuda", dtype=bf, generator=g) / h ** 0.5
