@@ -191,8 +191,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue
     cls = {"gpu_profile": GpuProfile, "routing_trace": RoutingTrace, "placement": Placement}.get(kind)
+    if not raw:
+        raise GemInputError(str(path), "file", "is missing or empty", "a profile, trace or placement")
     if cls is None:
-        raise GemInputError(str(path), "kind", f"is {kind!r}" if raw else "file is missing or empty",
+        raise GemInputError(str(path), "kind", f"is {kind!r}",
                             "'gpu_profile', 'routing_trace' or 'placement'")
     obj = load(path, cls)
     info: dict[str, Any] = {"file": str(path), "kind": kind}
