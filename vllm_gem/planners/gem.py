@@ -188,9 +188,9 @@ class GemPolicy(PlacementPolicy):
             if migrate:
                 old_hold = np.zeros((layers, group.num_ranks, experts), dtype=bool)
                 old_hold[np.arange(layers)[:, None], rank_of, item_log] = True
-            rank_of, iters = self._local_search(feat, item_log, rank_of, group, experts,
+            rank_of, swaps = self._local_search(feat, item_log, rank_of, group, experts,
                                                 old_hold, p["migration_weight"] or 0.0)
-            self.report["local_search_swaps"] = iters
+            self.report["local_search_swaps"] = swaps
         after = _rank_times(feat, rank_of, group).max(-1).mean()
         self.report.update(construct_us=float(before), final_us=float(after))
         return ranks_to_phys_to_log(item_log, rank_of, group.num_ranks)
@@ -246,16 +246,16 @@ class GemPolicy(PlacementPolicy):
         rank_of = rank_of.copy()
         swaps = 0
         budget = self.params["time_budget"]
-        self._deadline = time.perf_counter() + budget if budget else float("inf")
+        deadline = time.perf_counter() + budget if budget else float("inf")
         for a in range(0, layers, chunk):
             sl = slice(a, min(layers, a + chunk))
             oh = old_hold[sl] if old_hold is not None else None
             rank_of[sl], n = self._search_chunk(feat[sl], item_log[sl], rank_of[sl], group,
-                                                experts, cand, oh, migration_weight)
+                                                experts, cand, oh, migration_weight, deadline)
             swaps += n
         return rank_of, swaps
 
-    def _search_chunk(self, feat, item_log, rank_of, group, experts, cand, old_hold, mw):
+    def _search_chunk(self, feat, item_log, rank_of, group, experts, cand, old_hold, mw, deadline):
         layers, steps, num_items, _ = feat.shape
         ranks, coef = group.num_ranks, group.slot_coef.astype(np.float32)
         slots = num_items // ranks
@@ -265,22 +265,23 @@ class GemPolicy(PlacementPolicy):
         hold = np.zeros((layers, ranks, experts), dtype=np.int64)
         np.add.at(hold, (rows[:, None], rank_of, item_log), 1)
         stale = np.zeros(layers, dtype=np.int64)
-        rounds = -(-slots // cand) * min(ranks, 2)  # candidate windows x bottleneck choices
+        windows = -(-slots // cand)  # candidate windows over the bottleneck rank's items
+        rounds = windows * min(ranks, 2)  # x bottleneck choices
         swaps = 0
-        for it in range(self.params["max_iters"]):
+        for _ in range(self.params["max_iters"]):
             live = stale < rounds
-            if not live.any() or time.perf_counter() > self._deadline:
+            if not live.any() or time.perf_counter() > deadline:
                 break
             tmax = t.max(-1)
             obj = tmax.mean(-1)
             # bottleneck rank: most often the slowest (then the slowest on average); when
             # stuck, try the runner-up
             score = (t >= tmax[..., None] - 1e-9).sum(1) + t.mean(1) / (t.mean(1).max(1, keepdims=True) + 1e-30)
-            pick = (stale // -(-slots // cand)) % min(ranks, 2)
+            pick = (stale // windows) % min(ranks, 2)
             g1 = np.take_along_axis(np.argsort(-score, axis=1), pick[:, None], 1)[:, 0]
             on1 = rank_of == g1[:, None]
             items1 = np.argsort(~on1, axis=1, kind="stable")[:, :slots]
-            off = (stale % -(-slots // cand)) * cand
+            off = (stale % windows) * cand
             sel = np.take_along_axis(items1, (off[:, None] + np.arange(cand)) % slots, 1)
             f1 = feat[rows[:, None], :, sel]  # [L, C, S, 3]
             # swap partners: the items on other ranks only
@@ -347,7 +348,7 @@ def _max_excluding(t: np.ndarray, g1: np.ndarray, h: np.ndarray) -> np.ndarray:
     vals = np.take_along_axis(t, idx, -1)
     o = np.argsort(-vals, axis=-1)
     idx, vals = np.take_along_axis(idx, o, -1), np.take_along_axis(vals, o, -1)
-    out = np.full(t.shape[:2] + (h.shape[1],), -np.inf)
+    out = np.full(t.shape[:2] + (h.shape[1],), -np.inf, dtype=t.dtype)  # keep float32
     done = np.zeros_like(out, dtype=bool)
     for c in range(k):
         d = idx[..., c][..., None]  # [L, S, 1]
