@@ -90,8 +90,7 @@ def gpu_state(device: int) -> GpuState | None:
 def _nvml_handle(pynvml, device: int):
     # CUDA and NVML may order devices differently: match by PCI bus id
     import torch
-    bus = torch.cuda.get_device_properties(device).pci_bus_id if hasattr(
-        torch.cuda.get_device_properties(device), "pci_bus_id") else None
+    bus = getattr(torch.cuda.get_device_properties(device), "pci_bus_id", None)
     if bus:
         try:
             return pynvml.nvmlDeviceGetHandleByPciBusId(bus.encode() if isinstance(bus, str) else bus)
@@ -216,7 +215,7 @@ def exchange_profiles(profile: GpuProfile | None, error: str, group=None) -> lis
     CalibrationError naming the failed ranks, so no rank goes on with a partial set.
     """
     import torch.distributed as dist
-    blob = encode(profile, "x.msgpack") if profile is not None else b""
+    blob = encode(profile, json=False) if profile is not None else b""
     out: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, (blob, error), group=group)
     failed = [f"rank {r}: {err}" for r, (b, err) in enumerate(out) if not b]
@@ -237,7 +236,7 @@ def _worker(rank: int, devices: list[int], specs: list[CalibrationSpec], init: s
     try:
         profiles = exchange_profiles(prof, err)
         if rank == 0:
-            Path(out).write_bytes(msgspec.msgpack.encode([encode(p, "x.msgpack") for p in profiles]))
+            Path(out).write_bytes(msgspec.msgpack.encode([encode(p, json=False) for p in profiles]))
     finally:
         dist.destroy_process_group()
 
@@ -274,8 +273,8 @@ def main(args) -> int:
     out_dir = Path(args.out_dir)
     rows = []
     base = np.array([p.median_us for p in profiles[0].points])
-    for d, p in zip(devices, profiles):
-        tag = f"-sm{p.emulation.split()[3]}" if p.emulation else ""
+    for d, p, spec in zip(devices, profiles, specs):
+        tag = f"-sm{spec.sm_limit}" if spec.sm_limit else ""
         path = save(p, out_dir / f"profile-gpu{d}{tag}.json")
         rep = held_out_report(p)
         ratio = float(np.median(np.array([q.median_us for q in p.points]) / base))

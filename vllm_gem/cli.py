@@ -22,7 +22,8 @@ import msgspec
 import numpy as np
 
 from .errors import GemInputError
-from .formats import GpuProfile, Placement, RoutingTrace, _Header, load, save, validate_placement
+from .formats import (GpuProfile, Placement, RoutingTrace, _Header, load, rank_of_slots, save,
+                      validate_placement)
 from .latency import GroupModel, fit, held_out_error
 from .planners import NAMES, PlacementProblem, make
 
@@ -37,17 +38,18 @@ def _trace(spec: str) -> RoutingTrace:
     return load(spec, RoutingTrace)
 
 
-def _profiles(specs: list[str]) -> list[GpuProfile]:
+def _profiles(specs: list[str]) -> list[tuple[str, GpuProfile]]:
+    """(source, profile) in rank order; a bundled set expands to `bundled:SET[i]` sources."""
     from .profiles import bundled_profiles, bundled_set_names
-    out: list[GpuProfile] = []
+    out: list[tuple[str, GpuProfile]] = []
     for spec in specs:
         if spec.startswith("bundled:"):
             name = spec.split(":", 1)[1]
             if name not in bundled_set_names():
                 raise GemInputError(spec, "profiles", "is not a bundled set", f"one of {bundled_set_names()}")
-            out += bundled_profiles(name)
+            out += [(f"{spec}[{i}]", p) for i, p in enumerate(bundled_profiles(name))]
         else:
-            out.append(load(spec, GpuProfile))
+            out.append((spec, load(spec, GpuProfile)))
     return out
 
 
@@ -57,15 +59,11 @@ def _group(args: argparse.Namespace) -> GroupModel:
     if not args.profiles:
         raise GemInputError("command line", "--profiles", "is missing", "profile files or --speeds")
     profs = _profiles(args.profiles)
-    shapes = {(p.expert.hidden, p.expert.intermediate, p.expert.dtype) for p in profs}
+    shapes = {(p.expert.hidden, p.expert.intermediate, p.expert.dtype) for _, p in profs}
     if len(shapes) > 1:
         raise GemInputError(", ".join(args.profiles), "expert", f"shapes differ ({sorted(shapes)})",
                             "profiles of the same expert shape")
-    return GroupModel.of([fit(p, src) for p, src in zip(profs, _expand(args.profiles, profs))])
-
-
-def _expand(specs: list[str], profs: list[GpuProfile]) -> list[str]:
-    return [p.gpu.name for p in profs] if len(specs) != len(profs) else specs
+    return GroupModel.of([fit(p, src) for src, p in profs])
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -152,7 +150,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     sim = simulate(loads, p2l, group)
     placement = Placement(
         model=tr.model, num_logical_experts=tr.shape[2], num_ranks=group.num_ranks,
-        phys_to_log=p2l.tolist(), rank_of_slot=(np.arange(num_physical) // (num_physical // group.num_ranks)).tolist(),
+        phys_to_log=p2l.tolist(), rank_of_slot=rank_of_slots(num_physical, group.num_ranks),
         planner=args.planner,
         inputs={"trace": args.trace, "profiles": args.profiles or [], "speeds": args.speeds or "",
                 "params": {k: v for k, v in policy.params.items() if v is not None},

@@ -173,11 +173,16 @@ def _is_json(path: Path) -> bool:
     return path.suffix.lower() == ".json"
 
 
-def encode(obj: AnyFile, path: str | Path) -> bytes:
-    """The bytes `save` would write for `path`'s suffix (JSON or msgpack)."""
-    if _is_json(Path(path)):
+def encode(obj: AnyFile, json: bool) -> bytes:
+    """JSON (indented) or msgpack bytes of a file object; the inverse of `decode`."""
+    if json:
         return msgspec.json.format(msgspec.json.encode(obj), indent=1)
     return msgspec.msgpack.encode(obj)
+
+
+def rank_of_slots(num_physical: int, num_ranks: int) -> list[int]:
+    """vLLM's layout: rank r owns the contiguous slots [r*S, (r+1)*S), S = num_physical / num_ranks."""
+    return (np.arange(num_physical) // (num_physical // num_ranks)).tolist()
 
 
 def save(obj: AnyFile, path: str | Path) -> Path:
@@ -185,7 +190,7 @@ def save(obj: AnyFile, path: str | Path) -> Path:
     path = Path(path)
     validate(obj, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode(obj, path))
+    path.write_bytes(encode(obj, json=_is_json(path)))
     return path
 
 
@@ -352,7 +357,6 @@ def validate_placement(p: Placement, source: str, *, num_layers: int | None = No
         raise GemInputError(source, f"phys_to_log[{li}]", f"does not place logical expert {e}",
                             "every logical expert in at least one slot of every layer")
     per_rank = width // p.num_ranks
-    expected = (np.arange(width) // per_rank).tolist()
-    if list(p.rank_of_slot) != expected:
+    if list(p.rank_of_slot) != rank_of_slots(width, p.num_ranks):
         raise GemInputError(source, "rank_of_slot", "does not give every rank the same contiguous "
                             f"{per_rank} slots", f"slot s on rank s // {per_rank} (vLLM's layout)")
