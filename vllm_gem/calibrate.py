@@ -50,6 +50,7 @@ class CalibrationSpec:
     reps: int = 30  # timed graph replays per point
     inner: int = 5  # calls per graph replay
     sm_limit: int | None = None  # emulate a slower GPU: SMs of a green context
+    extra_work: float = 0.0  # emulate a slower GPU: also run this fraction of the tokens again
     seed: int = 0
 
 
@@ -149,10 +150,18 @@ def calibrate_device(device: int, spec: CalibrationSpec = CalibrationSpec()) -> 
         gpu=ident, expert=ExpertShape(h, i, "bfloat16"),
         kernel=KernelSpec("vllm_gem.kernels.moe_gemm", cfg.block_m, cfg.block_n, cfg.block_k),
         points=points, state_before=before, state_after=after,
-        emulation=(f"green context with {spec.sm_limit} of {ident.sm_count} SMs"
-                   if spec.sm_limit else ""),
+        emulation=_emulation_text(spec, ident.sm_count),
         source="measured", created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     return prof
+
+
+def _emulation_text(spec: CalibrationSpec, sm_count: int) -> str:
+    parts = []
+    if spec.sm_limit:
+        parts.append(f"green context with {spec.sm_limit} of {sm_count} SMs")
+    if spec.extra_work:
+        parts.append(f"{spec.extra_work:.0%} extra expert work")
+    return ", ".join(parts)
 
 
 def _time_pattern(counts, x_all, w13, w2, cfg, align, moe_ffn, spec, stream) -> LatencyPoint:
@@ -163,13 +172,25 @@ def _time_pattern(counts, x_all, w13, w2, cfg, align, moe_ffn, spec, stream) -> 
     x = x_all[: ids.shape[0]]
     wts = torch.ones(ids.shape, device=dev, dtype=torch.float32)
     al = align(ids, len(counts), cfg.block_m)
-    for _ in range(2):  # compile and warm before capture
+    # extra_work: a random subset of the assignments again, as emulate.slow_down_experts
+    # reruns a prefix of a batch whose tokens come in no particular expert order
+    n_extra = int(np.ceil(spec.extra_work * ids.shape[0]))
+    pick = torch.randperm(ids.shape[0], device=dev)[:n_extra]
+    ids_x, x_x, wts_x = ids[pick], x[pick], wts[pick]
+    al_x = align(ids_x, len(counts), cfg.block_m) if n_extra else None
+
+    def once() -> None:
         moe_ffn(x, w13, w2, wts, ids, cfg, al)
+        if n_extra:
+            moe_ffn(x_x, w13, w2, wts_x, ids_x, cfg, al_x)
+
+    for _ in range(2):  # compile and warm before capture
+        once()
     torch.cuda.synchronize(dev)
 
     def calls() -> None:
         for _ in range(spec.inner):
-            moe_ffn(x, w13, w2, wts, ids, cfg, al)
+            once()
 
     run = calls
     try:  # graph replays, as vLLM serves decode; eager launches if capture is refused

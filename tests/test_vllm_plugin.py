@@ -1,0 +1,317 @@
+"""The vLLM plugin on CPU, against the real vllm package: registration, flags, config flow,
+the decision's map format, the weight move (two gloo ranks), recorder, routing replay, metrics."""
+
+import importlib.metadata
+import os
+import tempfile
+import types
+
+import numpy as np
+import pytest
+
+from vllm_gem.errors import GemInputError
+from vllm_gem.formats import (
+    NdArray,
+    Placement,
+    RoutingTrace,
+    rank_of_slots,
+    save,
+    validate_placement,
+)
+from vllm_gem.profiles import example_profile
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def parser():
+    import vllm.platforms as platforms
+    platforms.current_platform.device_type = "cpu"  # the CUDA wheel cannot infer it without a GPU
+    from vllm.entrypoints.openai.cli_args import make_arg_parser
+    from vllm.plugins import load_general_plugins
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    load_general_plugins()
+    return make_arg_parser(FlexibleArgumentParser())
+
+
+def engine_args(parser, *argv):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    return AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m", *argv]))
+
+
+# ---------------------------------------------------------------- registration and flags
+def test_entry_point_is_registered_and_idempotent():
+    eps = importlib.metadata.entry_points(group="vllm.general_plugins")
+    gem = [ep for ep in eps if ep.name == "gem"]
+    assert [ep.value for ep in gem] == ["vllm_gem.plugin:register"]
+    register = gem[0].load()
+    from vllm.engine.arg_utils import EngineArgs
+    register()
+    patched = EngineArgs.add_cli_args
+    register()  # vLLM loads plugins in every process, sometimes twice in one
+    assert EngineArgs.add_cli_args is patched
+
+
+def test_installed_but_not_asked_changes_nothing(parser):
+    from vllm_gem.vllm.flags import prepare_engine_args
+    ea = engine_args(parser, "--enable-expert-parallel", "-tp", "2")
+    prepare_engine_args(ea)
+    assert ea.additional_config == {} and ea.enable_eplb is False
+    assert ea.eplb_config.step_interval == 3000
+
+
+def test_plugin_flag_is_sugar_for_additional_config(parser):
+    from vllm_gem.vllm.config import from_additional
+    from vllm_gem.vllm.flags import NO_PERIODIC_REBALANCE, prepare_engine_args
+    ea = engine_args(parser, "--enable-expert-parallel", "-tp", "2", "--plugin", "gem",
+                     "--gem-trace", "/data/t.msgpack", "--gem-strict",
+                     "--additional-config", '{"gem": {"min_gain": 0.05}, "other": 1}')
+    assert ea.additional_config["gem"] == {"min_gain": 0.05, "trace": "/data/t.msgpack", "strict": True}
+    assert ea.additional_config["other"] == 1
+    prepare_engine_args(ea)
+    assert ea.enable_eplb and ea.eplb_config.step_interval == NO_PERIODIC_REBALANCE
+    cfg = from_additional(ea.additional_config)
+    assert cfg.trace == "/data/t.msgpack" and cfg.strict and cfg.min_gain == 0.05
+    assert cfg.state_dir and str(os.getpid()) in cfg.state_dir
+    # the dict is what travels to engine core and workers inside VllmConfig
+    same = engine_args(parser, "--enable-expert-parallel", "--additional-config",
+                       '{"gem": {"trace": "/data/t.msgpack"}}')
+    assert from_additional(same.additional_config).trace == "/data/t.msgpack"
+
+
+def test_user_eplb_settings_are_kept(parser):
+    from vllm_gem.vllm.flags import prepare_engine_args
+    ea = engine_args(parser, "--enable-expert-parallel", "--enable-eplb", "--plugin", "gem",
+                     "--eplb-config", '{"step_interval": 500}')
+    prepare_engine_args(ea)
+    assert ea.eplb_config.step_interval == 500
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--plugin", "nope"], "--plugin: value"),
+    (["--gem-trace", "x"], "--gem-*: flags"),
+    (["--plugin", "gem", "--additional-config", '{"gem": {"record_capacity": "many"}}'],
+     "record_capacity"),
+    (["--plugin", "gem", "--additional-config", '{"gem": {"no_such_option": 1}}'], "no_such_option"),
+    (["--plugin", "gem", "--additional-config", '{"gem": {"min_gain": 2}}'], "min_gain"),
+])
+def test_bad_settings_name_the_field(parser, argv, field):
+    from vllm_gem.vllm.flags import prepare_engine_args
+    with pytest.raises(GemInputError, match=field.replace("*", r"\*")):
+        prepare_engine_args(engine_args(parser, "--enable-expert-parallel", *argv))
+
+
+def test_without_expert_parallel_gem_warns_or_fails_in_strict(parser, caplog):
+    from vllm_gem.vllm.config import from_additional
+    from vllm_gem.vllm.flags import prepare_engine_args
+    ea = engine_args(parser, "--plugin", "gem")
+    prepare_engine_args(ea)
+    assert from_additional(ea.additional_config) is None  # switched off, vLLM serves as usual
+    assert "--enable-expert-parallel" in caplog.text
+    with pytest.raises(GemInputError, match="enable_expert_parallel"):
+        prepare_engine_args(engine_args(parser, "--plugin", "gem", "--gem-strict"))
+
+
+def test_recalibration_environment_variable(monkeypatch):
+    from vllm_gem.vllm.config import DEFAULT_RECALIBRATE_STEPS, RECALIBRATE_ENV, parse
+    cfg = parse({})
+    assert cfg.recalibrate_interval == 0  # off by default
+    for raw, want in [("1", DEFAULT_RECALIBRATE_STEPS), ("500", 500), ("off", 0)]:
+        monkeypatch.setenv(RECALIBRATE_ENV, raw)
+        assert cfg.recalibrate_interval == want
+    monkeypatch.setenv(RECALIBRATE_ENV, "often")
+    with pytest.raises(GemInputError, match=RECALIBRATE_ENV):
+        _ = cfg.recalibrate_interval
+
+
+# ---------------------------------------------------------------- the decision
+def skewed_loads(steps=40, layers=3, experts=16, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.zipf(1.6, size=(layers, experts)).clip(1, 50).astype(float)
+    return rng.poisson(base[None] * 20, size=(steps, layers, experts)).astype(float)
+
+
+def test_decision_is_a_valid_vllm_map_and_respects_min_gain():
+    import torch
+    from vllm.distributed.eplb.eplb_state import compute_logical_maps
+
+    from vllm_gem.vllm.planning import decide
+    loads = skewed_loads()
+    profiles = [example_profile("fast", 1.0, num_experts=12), example_profile("slow", 1.25, num_experts=12)]
+    layers, experts, num_physical = 3, 16, 24
+    old = np.tile(np.arange(num_physical) % experts, (layers, 1))
+    d = decide(loads, profiles, old)
+    assert d.phys_to_log.shape == (layers, num_physical) and d.phys_to_log.dtype == np.int64
+    validate_placement(Placement(num_logical_experts=experts, num_ranks=2,
+                                 phys_to_log=d.phys_to_log.tolist(),
+                                 rank_of_slot=rank_of_slots(num_physical, 2), planner="gem"),
+                       "decision", num_layers=layers, num_logical_experts=experts, num_ranks=2)
+    log2phys, count = compute_logical_maps(torch.from_numpy(d.phys_to_log), experts)
+    assert (count >= 1).all() and int(count.sum()) == layers * num_physical
+    assert d.apply and d.gain > 0.05  # the slow GPU got less work than linear gives it
+    assert d.rank_us_after[1] < d.rank_us_before[1]
+    keep = decide(loads, profiles, d.phys_to_log, min_gain=0.5)
+    assert not keep.apply  # hysteresis: no move for a small predicted gain
+
+
+def test_decision_rejects_a_trace_of_another_model():
+    from vllm_gem.vllm.planning import check_trace_matches
+    tr = RoutingTrace(model="m", source="t", counts=NdArray.from_numpy(np.ones((2, 4, 8), np.int32)))
+    with pytest.raises(GemInputError, match=r"t.msgpack: counts.shape: is 4 layers x 8 experts.*48 MoE"):
+        check_trace_matches(tr, "t.msgpack", 48, 128)
+
+
+# ---------------------------------------------------------------- the weight move
+def _move_worker(rank, world, init, new_map, corrupt, out):
+    import torch
+    import torch.distributed as dist
+    from vllm.distributed.eplb.eplb_communicator import EplbCommunicator
+    from vllm.distributed.eplb.eplb_state import compute_logical_maps
+
+    from vllm_gem.vllm import apply as gem_apply
+
+    class GlooCommunicator(EplbCommunicator):  # CPU tensors straight over gloo (test only)
+        def __init__(self):
+            self.ops = []
+
+        def add_send(self, tensors, dst_rank, expert_id):
+            self.ops += [dist.P2POp(dist.isend, t.contiguous(), dst_rank) for t in tensors]
+
+        def add_recv(self, tensors, src_rank, expert_id):
+            self.ops += [dist.P2POp(dist.irecv, t, src_rank) for t in tensors]
+
+        def execute(self):
+            if self.ops:
+                for r in dist.batch_isend_irecv(self.ops):
+                    r.wait()
+            self.ops = []
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    layers, num_physical = new_map.shape
+    experts, local = 16, num_physical // world
+    # FusedMoE's layout: w13 [E_local, 2I, H], w2 [E_local, H, I], seen by EPLB as [E_local, -1]
+    def weights_of(layer, logical):
+        g = torch.Generator().manual_seed(1000 * layer + int(logical))
+        return torch.randn(2 * 4 * 6, generator=g).to(torch.bfloat16), torch.randn(6 * 4, generator=g)
+    old = torch.tensor(np.tile(np.arange(num_physical) % experts, (layers, 1)))
+    mine = old[:, rank * local:(rank + 1) * local]
+    w13 = torch.stack([torch.stack([weights_of(ly, e)[0] for e in mine[ly]]) for ly in range(layers)])
+    w2 = torch.stack([torch.stack([weights_of(ly, e)[1] for e in mine[ly]]) for ly in range(layers)])
+    expert_weights = [[w13[ly], w2[ly]] for ly in range(layers)]
+    log2phys, count = compute_logical_maps(old, experts)
+    pad = torch.full((layers, experts, 1024), -1, dtype=log2phys.dtype)  # vLLM's padded width
+    pad[..., :log2phys.shape[-1]] = log2phys
+    log2phys = pad
+    ms = types.SimpleNamespace(
+        model=types.SimpleNamespace(num_logical_experts=experts, expert_weights=expert_weights),
+        physical_to_logical_map=old.clone(), logical_to_physical_map=log2phys.clone(),
+        logical_replica_count=count.clone(), expert_buffer=[torch.empty_like(w) for w in expert_weights[0]],
+        communicator=GlooCommunicator(),
+        expert_load_pass=torch.ones(layers, num_physical, dtype=torch.int32),
+        expert_load_window=torch.ones(1, layers, num_physical, dtype=torch.int32))
+    if corrupt:  # a transfer that delivers the wrong expert
+        from vllm.distributed.eplb import rebalance_execute
+        real = rebalance_execute.rearrange_expert_weights_inplace
+
+        def broken(*a, **k):
+            real(*a, **k)
+            w = a[2][0][0]
+            w[[0, 1]] = w[[1, 0]]
+        rebalance_execute.rearrange_expert_weights_inplace = broken
+    group = types.SimpleNamespace(device_group=dist.group.WORLD)
+    try:
+        report = gem_apply.apply_placement(ms, torch.from_numpy(new_map), group)
+        status = "ok"
+    except gem_apply.WeightIntegrityError as e:
+        report, status = None, f"integrity: {e}"
+    new = torch.from_numpy(new_map)
+    here = new[:, rank * local:(rank + 1) * local]
+    exact = all(torch.equal(expert_weights[ly][0][s], weights_of(ly, here[ly, s])[0]) and
+                torch.equal(expert_weights[ly][1][s], weights_of(ly, here[ly, s])[1])
+                for ly in range(layers) for s in range(local))
+    maps_ok = torch.equal(ms.physical_to_logical_map, new) and bool((ms.expert_load_pass == 0).all())
+    torch.save({"status": status, "exact": exact, "maps_ok": maps_ok,
+                "changed": report.slots_changed if report else -1}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _run_move(new_map, corrupt=False):
+    import torch
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_move_worker, args=(2, f"file://{tmp}/rdv", new_map, corrupt, tmp), nprocs=2)
+        return [torch.load(f"{tmp}/rank{r}.pt") for r in range(2)]
+
+
+def test_weight_move_across_two_ranks_keeps_every_expert():
+    from vllm_gem.vllm.planning import decide
+    profiles = [example_profile("fast", 1.0, num_experts=12), example_profile("slow", 1.3, num_experts=12)]
+    old = np.tile(np.arange(24) % 16, (3, 1))
+    d = decide(skewed_loads(), profiles, old)
+    assert (d.phys_to_log[:, :12] != old[:, :12]).any()  # experts really cross ranks
+    res = _run_move(d.phys_to_log)
+    assert all(r["status"] == "ok" and r["exact"] and r["maps_ok"] for r in res), res
+    assert res[0]["changed"] > 0
+
+
+def test_a_move_that_mixes_up_experts_is_caught():
+    from vllm_gem.vllm.planning import decide
+    profiles = [example_profile("fast", 1.0, num_experts=12), example_profile("slow", 1.3, num_experts=12)]
+    d = decide(skewed_loads(), profiles, np.tile(np.arange(24) % 16, (3, 1)))
+    res = _run_move(d.phys_to_log, corrupt=True)
+    assert all(r["status"].startswith("integrity: ") and "layer 0" in r["status"] for r in res), res
+
+
+# ---------------------------------------------------------------- recorder, replay, metrics
+def test_recorder_folds_physical_counts_into_logical_steps():
+    import torch
+
+    from vllm_gem.vllm.recorder import RoutingRecorder
+    rec = RoutingRecorder(num_layers=2, num_logical=3, capacity=4, device=torch.device("cpu"))
+    p2l = torch.tensor([[0, 1, 2, 0], [2, 2, 1, 0]])
+    for step in range(6):
+        rec.record(torch.full((2, 4), step, dtype=torch.int32), p2l)
+    hist = rec.history()
+    assert rec.overflowed and hist.shape == (4, 2, 3)  # step 0 held no tokens and is gone anyway
+    np.testing.assert_array_equal(hist[0], [[4, 2, 2], [2, 2, 4]])  # step 2: replicas summed
+    np.testing.assert_array_equal(hist[-1], [[10, 5, 5], [5, 5, 10]])
+    tr = rec.trace("test")
+    assert tr.shape == (4, 2, 3) and tr.params["overflowed"]
+
+
+def test_trace_replay_draws_distinct_experts_in_proportion():
+    import torch
+
+    from vllm_gem.vllm.routing import sample_topk, step_log_probs
+    counts = np.zeros((1, 1, 8))
+    counts[0, 0] = [800, 400, 200, 100, 50, 25, 0, 0]
+    logp = torch.from_numpy(step_log_probs(counts)[0])
+    gen = torch.Generator().manual_seed(0)
+    w, ids = sample_topk(logp, 20000, 1, gen)
+    freq = np.bincount(ids.numpy().ravel(), minlength=8) / 20000
+    np.testing.assert_allclose(freq[:6], counts[0, 0, :6] / 1575, atol=0.02)
+    w, ids = sample_topk(logp, 500, 4, gen)
+    assert all(len(set(row)) == 4 for row in ids.tolist()) and torch.allclose(w.sum(1), torch.ones(500))
+
+
+def test_metrics_collector_reads_rank_states(tmp_path):
+    from vllm_gem.vllm.metrics import GemCollector, RankState, write_state
+    for r, us in [(0, 101.0), (1, 99.5)]:
+        write_state(str(tmp_path), RankState(rank=r, generation=1, predicted_layer_us=us,
+                                             predicted_layer_us_before=120.0, straggler_ratio=1.01))
+    (tmp_path / "rank7.json").write_text("{broken")
+    fams = {f.name: f for f in GemCollector(str(tmp_path)).collect()}
+    samples = {s.labels["rank"]: s.value for s in fams["vllm_gem:predicted_moe_layer_time_us"].samples}
+    assert samples == {"0": 101.0, "1": 99.5}
+    assert fams["vllm_gem:placement_generation"].samples[0].value == 1
+
+
+def test_trace_replay_rejects_a_trace_of_another_width(tmp_path):
+    import torch
+
+    from vllm_gem.vllm.routing import TraceReplayRouting
+    path = tmp_path / "t.msgpack"
+    save(RoutingTrace(model="m", source="t", counts=NdArray.from_numpy(np.ones((2, 3, 8), np.int32))), path)
+    r = TraceReplayRouting(str(path))
+    with pytest.raises(GemInputError, match="has 8 experts per layer; expected the model's 16"):
+        r.route_layer(0, torch.zeros(4, 2), torch.zeros(4, 16), 2, None)

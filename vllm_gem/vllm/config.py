@@ -1,0 +1,97 @@
+"""GEM's settings inside vLLM: `--additional-config '{"gem": {...}}'`, parsed with msgspec.
+
+`--plugin gem` and the `--gem-*` flags are sugar for that dict, so the settings travel to the
+engine core and every worker inside VllmConfig, with no side channel.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import msgspec
+
+from ..errors import GemInputError
+
+SOURCE = "--additional-config gem"
+RECALIBRATE_ENV = "VLLM_GEM_RECALIBRATE"
+DEFAULT_RECALIBRATE_STEPS = 2000
+
+
+class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Every GEM option. Paths are read on the workers (same host for single-node serving)."""
+
+    enabled: bool = True
+    strict: bool = False  # fail the start instead of serving on vLLM's own placement
+    # inputs: a saved routing trace (else warm-up prompts are run) and saved GPU profiles
+    # (one per EP rank, else each GPU is calibrated at start)
+    trace: str | None = None
+    profiles: list[str] = []
+    planner: str = "gem"
+    planner_params: dict[str, Any] = {}
+    warmup_prompts: int = 32
+    warmup_max_tokens: int = 32
+    # recorder: per-step, per-layer expert counts kept on the GPU
+    record: bool = True
+    record_capacity: int = 4096  # steps kept in the ring buffer
+    trace_dir: str | None = None  # recorded traces (on SIGUSR1 and at shutdown), placements
+    # recalibration while serving (0 = off); VLLM_GEM_RECALIBRATE overrides it
+    recalibrate_steps: int = 0
+    min_gain: float = 0.02  # re-place only if the predicted layer-time gain beats this
+    # metrics: one small JSON per rank, read by the API server's /metrics collector
+    state_dir: str | None = None
+    # experiments only: EP rank -> extra fraction of MoE expert work it does (a slower GPU)
+    emulate_slowdown: dict[int, float] = {}
+
+    def __post_init__(self) -> None:
+        if self.record_capacity < 1:
+            raise GemInputError(SOURCE, "record_capacity", f"is {self.record_capacity}", "an integer >= 1")
+        if self.recalibrate_steps < 0:
+            raise GemInputError(SOURCE, "recalibrate_steps", f"is {self.recalibrate_steps}",
+                                "0 (off) or a number of engine steps")
+        if not 0.0 <= self.min_gain < 1.0:
+            raise GemInputError(SOURCE, "min_gain", f"is {self.min_gain}", "a fraction in [0, 1)")
+        for rank, f in self.emulate_slowdown.items():
+            if not 0.0 <= f <= 4.0:
+                raise GemInputError(SOURCE, f"emulate_slowdown.{rank}", f"is {f}",
+                                    "an extra work fraction in [0, 4]")
+
+    @property
+    def recalibrate_interval(self) -> int:
+        """Engine steps between re-profiling and re-planning; 0 when off."""
+        raw = os.environ.get(RECALIBRATE_ENV, "").strip()
+        if not raw:
+            return self.recalibrate_steps
+        if raw.lower() in ("0", "off", "false", "no"):
+            return 0
+        if raw.lower() in ("1", "on", "true", "yes"):
+            return DEFAULT_RECALIBRATE_STEPS
+        try:
+            steps = int(raw)
+        except ValueError:
+            raise GemInputError(RECALIBRATE_ENV, "value", f"is {raw!r}",
+                                "0/off, 1/on, or a number of engine steps") from None
+        return steps
+
+
+def parse(raw: Any, source: str = SOURCE) -> GemConfig:
+    """additional_config["gem"] (a dict; `true` means all defaults) -> GemConfig."""
+    if raw is True:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise GemInputError(source, "gem", f"is {type(raw).__name__}", "a JSON object")
+    try:
+        return msgspec.convert(raw, GemConfig, strict=False)
+    except msgspec.ValidationError as e:
+        # msgspec says e.g. "Expected `int`, got `str` - at `$.record_capacity`"
+        text = str(e)
+        field = text.rsplit("at `$.", 1)[-1].rstrip("`") if "at `$." in text else "gem"
+        raise GemInputError(source, field, text.split(" - at ")[0], "see docs/plugin.md") from None
+
+
+def from_additional(additional_config: dict[str, Any] | None) -> GemConfig | None:
+    """The GEM config of a VllmConfig.additional_config, or None when GEM is not asked for."""
+    if not additional_config or "gem" not in additional_config:
+        return None
+    cfg = parse(additional_config["gem"])
+    return cfg if cfg.enabled else None

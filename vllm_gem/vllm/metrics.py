@@ -1,0 +1,85 @@
+"""GEM's Prometheus metrics on vLLM's /metrics.
+
+The numbers live in the workers, /metrics in the API server. Each worker writes one small
+msgspec JSON file per EP rank (RankState) into the run's state_dir when its placement
+changes; a collector registered in the API server reads them at scrape time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import msgspec
+
+logger = logging.getLogger("vllm_gem")
+
+
+class RankState(msgspec.Struct, kw_only=True):
+    rank: int
+    generation: int  # placements applied by GEM (0 = vLLM's own)
+    predicted_layer_us: float  # this rank's predicted mean MoE layer time, current placement
+    predicted_layer_us_before: float  # the same under the previous placement
+    straggler_ratio: float  # predicted slowest rank / mean rank, current placement
+    move_seconds: float = 0.0
+    recorded_steps: int = 0
+
+
+def write_state(state_dir: str, state: RankState) -> None:
+    path = Path(state_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f".rank{state.rank}.json.tmp"
+    tmp.write_bytes(msgspec.json.encode(state))
+    os.replace(tmp, path / f"rank{state.rank}.json")  # readers never see half a file
+
+
+def read_states(state_dir: str) -> list[RankState]:
+    out = []
+    for f in sorted(Path(state_dir).glob("rank*.json")):
+        try:
+            out.append(msgspec.json.decode(f.read_bytes(), type=RankState))
+        except (OSError, msgspec.DecodeError) as e:  # a scrape must not fail because of us
+            logger.warning("vllm-gem: skipping metrics file %s: %s", f, e)
+    return out
+
+
+class GemCollector:
+    """prometheus_client custom collector over the rank state files."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
+
+    def describe(self):
+        return []  # collect lazily: the files appear only after the first placement
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+        states = read_states(self.state_dir)
+        specs = [("predicted_layer_us", "vllm_gem:predicted_moe_layer_time_us",
+                  "Predicted mean MoE layer time of this EP rank under the current placement"),
+                 ("straggler_ratio", "vllm_gem:straggler_ratio",
+                  "Predicted slowest-rank / mean-rank MoE layer time"),
+                 ("generation", "vllm_gem:placement_generation",
+                  "Placements applied by GEM since start (0 = vLLM's own)"),
+                 ("move_seconds", "vllm_gem:last_move_seconds",
+                  "Wall time of the last expert-weight move"),
+                 ("recorded_steps", "vllm_gem:recorded_steps",
+                  "Engine steps recorded by the routing recorder")]
+        for attr, name, doc in specs:
+            g = GaugeMetricFamily(name, doc, labels=["rank"])
+            for s in states:
+                g.add_metric([str(s.rank)], float(getattr(s, attr)))
+            yield g
+
+
+_registered: set[str] = set()
+
+
+def register_collector(state_dir: str) -> None:
+    """Register the collector once per state_dir with the registry vLLM's /metrics serves."""
+    if state_dir in _registered:
+        return
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
+    get_prometheus_registry().register(GemCollector(state_dir))
+    _registered.add(state_dir)

@@ -1,0 +1,91 @@
+"""The decision GEM takes inside vLLM, as a pure function of numpy inputs (testable on CPU).
+
+Inputs are what the worker has gathered (the routing history, every rank's GPU profile, the
+current map); output is the new map plus the predictions that are logged and exported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import GemInputError
+from ..formats import GpuProfile, RoutingTrace
+from ..planners import PlacementProblem, make
+from ..profiles import group_from_profiles
+from ..simulate import simulate
+
+
+@dataclass
+class PlanDecision:
+    """phys_to_log: [layers, num_physical]; predictions in microseconds per MoE layer."""
+
+    phys_to_log: np.ndarray
+    apply: bool  # False: the predicted gain does not beat the threshold (keep the old map)
+    predicted_before_us: float
+    predicted_after_us: float
+    rank_us_before: list[float]
+    rank_us_after: list[float]
+    straggler_before: float
+    straggler_after: float
+    planning_seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gain(self) -> float:
+        """Predicted fractional cut of the mean MoE layer time (0.1 = 10% faster)."""
+        return 1.0 - self.predicted_after_us / self.predicted_before_us
+
+
+def check_trace_matches(trace: RoutingTrace, source: str, num_layers: int, num_logical: int) -> None:
+    """A trace recorded for another model is an error, not a silently wrong plan."""
+    _, layers, experts = trace.shape
+    if (layers, experts) != (num_layers, num_logical):
+        raise GemInputError(source, "counts.shape", f"is {layers} layers x {experts} experts",
+                            f"the model's {num_layers} MoE layers x {num_logical} experts")
+
+
+def check_profiles_match(profiles: list[GpuProfile], sources: list[str], num_ranks: int,
+                         hidden: int, intermediate: int) -> None:
+    if len(profiles) != num_ranks:
+        raise GemInputError(", ".join(sources) or "profiles", "profiles",
+                            f"gives {len(profiles)} GPU profiles", f"one per EP rank ({num_ranks})")
+    for p, src in zip(profiles, sources, strict=False):
+        if (p.expert.hidden, p.expert.intermediate) != (hidden, intermediate):
+            raise GemInputError(src, "expert", f"is hidden {p.expert.hidden} x intermediate "
+                                f"{p.expert.intermediate}",
+                                f"the model's expert shape {hidden} x {intermediate}")
+
+
+def decide(loads: np.ndarray, profiles: list[GpuProfile], old_phys_to_log: np.ndarray, *,
+           num_groups: int = 1, num_nodes: int = 1, planner: str = "gem",
+           planner_params: dict[str, Any] | None = None, min_gain: float = 0.0) -> PlanDecision:
+    """Plan a placement for `loads` [steps, layers, experts] on GPUs with these profiles.
+
+    old_phys_to_log: [layers, num_physical] the map in use; the result keeps its shape.
+    apply is False when the predicted gain is below min_gain (hysteresis).
+    """
+    import time
+    if loads.shape[0] == 0 or loads.sum() == 0:
+        raise GemInputError("routing history", "counts", "holds no routed tokens",
+                            "at least one recorded step with tokens")
+    group = group_from_profiles(profiles)
+    num_physical = old_phys_to_log.shape[1]
+    problem = PlacementProblem(loads=loads.astype(np.float64), group=group,
+                               num_physical=num_physical, num_groups=num_groups,
+                               num_nodes=num_nodes, old_phys_to_log=old_phys_to_log)
+    policy = make(planner, **(planner_params or {}))
+    t0 = time.perf_counter()
+    new = policy.place(problem)
+    seconds = time.perf_counter() - t0
+    before = simulate(problem.loads, old_phys_to_log, group)
+    after = simulate(problem.loads, new, group)
+    gain = 1.0 - after.mean / before.mean
+    return PlanDecision(
+        phys_to_log=new.astype(np.int64), apply=bool(gain > min_gain),
+        predicted_before_us=before.mean, predicted_after_us=after.mean,
+        rank_us_before=before.rank_mean, rank_us_after=after.rank_mean,
+        straggler_before=before.straggler_ratio, straggler_after=after.straggler_ratio,
+        planning_seconds=seconds, info=dict(getattr(policy, "report", {})))

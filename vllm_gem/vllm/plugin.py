@@ -1,0 +1,116 @@
+"""The vLLM general plugin: installed, it only adds flags; `--plugin gem` switches GEM on.
+
+vLLM calls `register()` in every process (API server while it builds its parser, engine
+core, each worker before the model exists), possibly several times: it is idempotent and
+touches no GPU. It wraps a few vLLM methods; each wrapper first checks whether this run
+asked for GEM (additional_config["gem"]) and otherwise calls vLLM's method untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+logger = logging.getLogger("vllm_gem")
+_done = False
+
+
+def register() -> None:
+    global _done
+    if _done:
+        return
+    _done = True
+    _patch_engine_args()
+    _patch_worker()
+    _patch_engine_core()
+    from .routing import install
+    install()
+
+
+def _patch_engine_args() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    from .flags import add_flags, merge_flags, prepare_engine_args
+
+    add_cli_args = EngineArgs.add_cli_args  # a staticmethod: a plain function here
+
+    def add_cli_args_with_gem(parser):
+        return add_flags(add_cli_args(parser))
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args_with_gem)
+
+    from_cli_args = EngineArgs.from_cli_args.__func__
+
+    @classmethod
+    def from_cli_args_with_gem(cls, args):
+        engine_args = from_cli_args(cls, args)
+        engine_args.additional_config = merge_flags(args, engine_args.additional_config)
+        return engine_args
+
+    EngineArgs.from_cli_args = from_cli_args_with_gem
+
+    create_engine_config = EngineArgs.create_engine_config
+
+    @functools.wraps(create_engine_config)
+    def create_engine_config_with_gem(self, *args, **kwargs):
+        prepare_engine_args(self)
+        return create_engine_config(self, *args, **kwargs)
+
+    EngineArgs.create_engine_config = create_engine_config_with_gem
+
+
+def _patch_worker() -> None:
+    try:
+        from vllm.v1.worker.gpu_worker import Worker
+    except Exception as e:  # no CUDA build of vLLM here: nothing to hook in workers
+        logger.debug("vllm-gem: GPU worker not importable (%s)", e)
+        return
+    from . import runtime
+
+    load_model = Worker.load_model
+
+    @functools.wraps(load_model)
+    def load_model_with_gem(self, *args, **kwargs):
+        out = load_model(self, *args, **kwargs)
+        runtime.attach(self)
+        return out
+
+    Worker.load_model = load_model_with_gem
+
+    shutdown = Worker.shutdown
+
+    @functools.wraps(shutdown)
+    def shutdown_with_gem(self, *args, **kwargs):
+        runtime.detach(self)
+        return shutdown(self, *args, **kwargs)
+
+    Worker.shutdown = shutdown_with_gem
+
+
+def _patch_engine_core() -> None:
+    from vllm.v1.engine.core import DPEngineCoreProc, EngineCore, EngineCoreProc
+
+    from .engine import place_before_serving
+
+    # Serving: the engine core lives in its own process and register() runs inside
+    # EngineCore.__init__, too late to wrap it; the busy loop starts after it.
+    for cls in (EngineCoreProc, DPEngineCoreProc):
+        loop = cls.__dict__["run_busy_loop"]
+
+        def run_busy_loop(self, _loop=loop):
+            place_before_serving(self)
+            return _loop(self)
+
+        cls.run_busy_loop = functools.wraps(loop)(run_busy_loop)
+
+    # In-process engines (VLLM_ENABLE_V1_MULTIPROCESSING=0): plugins are loaded before the
+    # engine core is built, so its __init__ can be wrapped.
+    init = EngineCore.__init__
+
+    @functools.wraps(init)
+    def init_with_gem(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if type(self) is EngineCore:
+            place_before_serving(self)
+
+    EngineCore.__init__ = init_with_gem

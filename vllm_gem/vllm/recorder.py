@@ -1,0 +1,54 @@
+"""Routing recorder: per-step, per-layer logical expert counts kept on the GPU.
+
+vLLM's router already counts tokens per *physical* expert in EPLB's `expert_load_pass`
+[layers, num_physical] (a fused Triton kernel, padding excluded, CUDA-graph safe). Once per
+engine step, before vLLM zeroes that pass, `record` folds it into logical experts through
+the current phys->log map and writes it into one row of a ring buffer: two small GPU ops,
+no host sync, nothing inside the captured graphs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..formats import NdArray, RoutingTrace
+
+
+class RoutingRecorder:
+    """ring: [capacity, layers, num_logical] int32 on the GPU; one row per engine step."""
+
+    def __init__(self, num_layers: int, num_logical: int, capacity: int, device: torch.device,
+                 model: str = "", layer_ids: list[int] | None = None) -> None:
+        self.ring = torch.zeros(capacity, num_layers, num_logical, dtype=torch.int32, device=device)
+        self.capacity = capacity
+        self.steps = 0  # steps recorded since start (host counter, no sync)
+        self.model = model
+        self.layer_ids = layer_ids or list(range(num_layers))
+
+    def record(self, load_pass: torch.Tensor, phys_to_log: torch.Tensor) -> None:
+        """load_pass: [layers, num_physical] int32; phys_to_log: [layers, num_physical] int64."""
+        row = self.ring[self.steps % self.capacity]
+        row.zero_()
+        row.scatter_add_(1, phys_to_log, load_pass.to(row.dtype))
+        self.steps += 1
+
+    @property
+    def overflowed(self) -> bool:
+        """True when older steps were overwritten (the trace keeps the newest `capacity`)."""
+        return self.steps > self.capacity
+
+    def history(self, last: int | None = None) -> np.ndarray:
+        """counts: [steps, layers, num_logical] of the newest `last` steps, oldest first (syncs)."""
+        n = min(self.steps, self.capacity, last or self.capacity)
+        if n == 0:
+            return np.zeros((0, *self.ring.shape[1:]), dtype=np.int32)
+        idx = (torch.arange(self.steps - n, self.steps, device=self.ring.device) % self.capacity)
+        counts = self.ring.index_select(0, idx).cpu().numpy()
+        return counts[counts.reshape(n, -1).any(axis=1)]  # drop idle steps (no tokens)
+
+    def trace(self, source: str, last: int | None = None) -> RoutingTrace:
+        counts = self.history(last)
+        return RoutingTrace(model=self.model, source=source, counts=NdArray.from_numpy(counts),
+                            layer_ids=self.layer_ids,
+                            params={"recorded_steps": self.steps, "overflowed": self.overflowed})

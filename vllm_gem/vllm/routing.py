@@ -1,0 +1,118 @@
+"""Replay a RoutingTrace through vLLM's routing simulator (for benchmarks with dummy weights).
+
+Dummy weights route almost uniformly. With
+    VLLM_MOE_ROUTING_SIMULATION_STRATEGY=gem_trace VLLM_GEM_ROUTING_TRACE=path/to/trace
+every MoE layer draws its tokens' experts from the trace: per forward pass and layer, one
+recorded step s is drawn at random, and each token takes top_k distinct experts with
+probability proportional to that step's counts (Gumbel top-k, all on the GPU, so it is
+captured in CUDA graphs and redrawn on every replay). Hot experts, bursts and per-layer skew
+of the trace carry over. vLLM logs that routing is simulated; model outputs are not valid.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+
+from ..errors import GemInputError
+from ..formats import RoutingTrace, load
+
+logger = logging.getLogger("vllm_gem")
+
+STRATEGY = "gem_trace"
+TRACE_ENV = "VLLM_GEM_ROUTING_TRACE"
+
+
+def step_log_probs(counts: np.ndarray, floor: float = 1e-3) -> np.ndarray:
+    """counts: [steps, layers, experts] -> log probabilities [layers, steps, experts].
+
+    Every expert keeps a small floor (a fraction of a uniform share) so top_k distinct
+    experts can always be drawn, as a real router never gives exactly zero probability.
+    """
+    c = counts.astype(np.float64).transpose(1, 0, 2)
+    tot = c.sum(-1, keepdims=True)
+    p = np.where(tot > 0, c / np.maximum(tot, 1), 1.0 / c.shape[-1])
+    p = p + floor / c.shape[-1]
+    return np.log(p / p.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def sample_topk(logp: torch.Tensor, num_tokens: int, top_k: int, gen: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """logp: [steps, experts] -> (topk_weights [T, k] float32, topk_ids [T, k] int64).
+
+    One step for the whole batch (bursts are batch-wide), experts drawn without replacement.
+    """
+    steps, experts = logp.shape
+    s = torch.randint(steps, (1,), device=logp.device, generator=gen)
+    u = torch.rand(num_tokens, experts, device=logp.device, generator=gen).clamp_(1e-20, 1.0)
+    scores = logp.index_select(0, s) - torch.log(-torch.log(u))
+    ids = scores.topk(top_k, dim=-1).indices
+    weights = torch.full((num_tokens, top_k), 1.0 / top_k, device=logp.device)
+    return weights, ids
+
+
+class TraceReplayRouting:
+    """A vLLM RoutingStrategy replaying one trace; layers are told apart by router instance."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        trace = load(path, RoutingTrace)
+        self.logp_host = step_log_probs(trace.counts.to_numpy())  # [L, S, E]
+        self.num_layers, self.steps, self.num_experts = self.logp_host.shape
+        self._device_logp: dict[torch.device, torch.Tensor] = {}
+        self._layer_of: dict[int, int] = {}
+
+    def layer_of(self, router: object) -> int:
+        # routers are first called in layer order (the profile run), so that order is the layer
+        return self._layer_of.setdefault(id(router), len(self._layer_of))
+
+    def route_layer(self, layer: int, hidden_states: torch.Tensor, router_logits: torch.Tensor,
+                    top_k: int, indices_type: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if router_logits.shape[-1] != self.num_experts:
+            raise GemInputError(self.path, "counts.shape",
+                                f"has {self.num_experts} experts per layer",
+                                f"the model's {router_logits.shape[-1]} experts")
+        dev = hidden_states.device
+        if dev not in self._device_logp:
+            self._device_logp[dev] = torch.from_numpy(self.logp_host).to(dev)
+        logp = self._device_logp[dev][layer % self.num_layers]
+        w, ids = sample_topk(logp, hidden_states.shape[0], top_k)
+        return w, ids.to(indices_type or torch.long)
+
+    # RoutingStrategy's own entry point, used if a caller does not pass the layer
+    def route_tokens(self, hidden_states, router_logits, top_k, indices_type=None):
+        return self.route_layer(0, hidden_states, router_logits, top_k, indices_type)
+
+
+def install() -> None:
+    """Register the strategy when the environment asks for it (every process, idempotent)."""
+    if os.environ.get("VLLM_MOE_ROUTING_SIMULATION_STRATEGY", "").lower() != STRATEGY:
+        return
+    path = os.environ.get(TRACE_ENV)
+    if not path:
+        raise GemInputError(TRACE_ENV, "value", "is not set",
+                            f"the routing trace to replay when the strategy is {STRATEGY}")
+    from vllm.model_executor.layers.fused_moe.router.routing_simulator_router import (
+        RoutingSimulator,
+        RoutingSimulatorRouter,
+    )
+    if STRATEGY in RoutingSimulator.get_available_strategies():
+        return
+    strategy = TraceReplayRouting(path)
+    RoutingSimulator.register_strategy(STRATEGY, strategy)
+    compute = RoutingSimulatorRouter._compute_routing
+
+    def compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
+        import vllm.envs as envs
+        if envs.VLLM_MOE_ROUTING_SIMULATION_STRATEGY != STRATEGY:
+            return compute(self, hidden_states, router_logits, indices_type, input_ids=input_ids)
+        return strategy.route_layer(strategy.layer_of(self), hidden_states, router_logits,
+                                    self.top_k, indices_type)
+
+    RoutingSimulatorRouter._compute_routing = compute_routing
+    logger.warning("vllm-gem: MoE routing replays %s (%d layers, %d steps, %d experts); "
+                   "outputs are not valid, for benchmarks only", path, strategy.num_layers,
+                   strategy.steps, strategy.num_experts)

@@ -1,0 +1,295 @@
+"""GEM inside one vLLM worker: attach after model load, place before serving, recalibrate.
+
+One `GemWorker` per worker process (one EP rank). Every step that needs the other ranks is
+a collective all ranks reach together, and every decision is taken on rank 0 and broadcast,
+so the ranks cannot disagree: either all apply the same map or none does.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..calibrate import (
+    CalibrationSpec,
+    calibrate_device,
+    exchange_profiles,
+)
+from ..errors import GemInputError
+from ..formats import GpuProfile, RoutingTrace, load, save
+from .apply import apply_placement
+from .config import GemConfig, from_additional
+from .metrics import RankState, write_state
+from .planning import PlanDecision, check_profiles_match, check_trace_matches, decide
+from .recorder import RoutingRecorder
+
+logger = logging.getLogger("vllm_gem")
+
+_WORKER: "GemWorker | None" = None
+
+
+def current() -> "GemWorker | None":
+    return _WORKER
+
+
+class GemWorker:
+    def __init__(self, worker: Any, cfg: GemConfig) -> None:
+        from vllm.distributed.parallel_state import get_ep_group
+        self.cfg = cfg
+        self.worker = worker
+        runner = worker.model_runner
+        self.eplb = getattr(runner, "eplb_state", None)
+        if self.eplb is None or not self.eplb.model_states:
+            raise GemInputError("--plugin gem", "enable_eplb", "left no EPLB state in the model runner",
+                                "a MixtureOfExperts model served with --enable-expert-parallel "
+                                "(Qwen3-MoE, Mixtral, DeepSeek-V2/V3; not Qwen2-MoE or OLMoE)")
+        self.ms = next(iter(self.eplb.model_states.values()))
+        self.model = self.ms.model
+        self.ep = get_ep_group()
+        self.rank, self.size = self.ep.rank_in_group, self.ep.world_size
+        self.device = self.ms.physical_to_logical_map.device
+        self.hidden, self.intermediate, self.local_experts = expert_shape(self.model)
+        self.dp_size = worker.vllm_config.parallel_config.data_parallel_size
+        self.recorder = RoutingRecorder(
+            self.model.num_moe_layers, self.model.num_logical_experts, cfg.record_capacity,
+            self.device, model=worker.vllm_config.model_config.model)
+        self.profiles: list[GpuProfile] | None = None
+        self.generation = 0
+        self.steps = 0
+        self.last_move_seconds = 0.0
+        self.started = False  # the start-up placement has run (recalibration waits for it)
+        self.dump_requested = False
+        self._hook_eplb()
+
+    # ------------------------------------------------------------------ hooks
+    def _hook_eplb(self) -> None:
+        """Record every real step, before vLLM zeroes the pass (instance-level, this state only)."""
+        eplb, original_step = self.eplb, self.eplb.step
+        eplb._should_record_current_step = lambda log_stats=False: True
+
+        def step(is_dummy: bool = False, is_profile: bool = False, log_stats: bool = False) -> None:
+            if self.cfg.record and not is_dummy and not is_profile:
+                self.recorder.record(self.ms.expert_load_pass, self.ms.physical_to_logical_map)
+            original_step(is_dummy=is_dummy, is_profile=is_profile, log_stats=log_stats)
+            if not is_profile:
+                self.after_step()
+
+        eplb.step = step
+
+    def after_step(self) -> None:
+        self.steps += 1  # dummy steps count too: every EP rank steps in lockstep
+        if self.dump_requested:
+            self.dump_requested = False
+            self.dump_trace("request")
+        interval = self.cfg.recalibrate_interval
+        if self.started and interval and self.steps % interval == 0:
+            self.recalibrate()
+
+    # ------------------------------------------------------------------ profiles
+    def local_profile(self, quick: bool = False) -> GpuProfile:
+        extra = self.cfg.emulate_slowdown.get(self.rank, 0.0)
+        spec = CalibrationSpec(hidden=self.hidden, intermediate=self.intermediate,
+                               num_experts=self.local_experts, extra_work=extra,
+                               reps=10 if quick else CalibrationSpec.reps)
+        prof = calibrate_device(self.device.index, spec)
+        torch.cuda.empty_cache()
+        return prof
+
+    def gather_profiles(self, quick: bool = False) -> list[GpuProfile]:
+        """Calibrate every GPU at once (or read the configured files) -> profiles in rank order."""
+        if self.cfg.profiles and not quick:
+            profiles = [load(p, GpuProfile) for p in self.cfg.profiles]
+            check_profiles_match(profiles, self.cfg.profiles, self.size, self.hidden, self.intermediate)
+            return profiles
+        prof, err = None, ""
+        try:
+            prof = self.local_profile(quick)
+        except Exception as e:  # reported to every rank by the exchange
+            err = f"GPU {self.device.index}: {type(e).__name__}: {e}"
+        return exchange_profiles(prof, err, group=self.ep.cpu_group)
+
+    # ------------------------------------------------------------------ routing history
+    def routing_history(self) -> np.ndarray:
+        """loads: [steps, layers, experts] from the configured trace, else the recorder."""
+        if self.cfg.trace:
+            trace = load(self.cfg.trace, RoutingTrace)
+            check_trace_matches(trace, self.cfg.trace, self.model.num_moe_layers,
+                                self.model.num_logical_experts)
+            return trace.loads
+        hist = torch.from_numpy(self.recorder.history()).to(self.device)
+        if self.dp_size > 1:  # each DP rank routed its own tokens: sum over the group
+            dist, group = torch.distributed, self.ep.device_group
+            n = torch.tensor([hist.shape[0]], device=self.device)
+            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=group)
+            hist = hist[hist.shape[0] - int(n):].contiguous()
+            dist.all_reduce(hist, group=group)
+        return hist.cpu().numpy().astype(np.float64)
+
+    # ------------------------------------------------------------------ placement
+    def place(self, reason: str, quick_profile: bool = False) -> dict[str, Any]:
+        """Profile, plan on rank 0, broadcast, move. Collective: every EP rank calls it."""
+        t0 = time.perf_counter()
+        self.profiles = self.gather_profiles(quick_profile)
+        t_prof = time.perf_counter() - t0
+        decision: PlanDecision | None = None
+        error = ""
+        if self.rank == 0:
+            try:
+                old = self.ms.physical_to_logical_map.cpu().numpy()
+                decision = decide(self.routing_history(), self.profiles, old,
+                                  num_groups=self.model.num_expert_groups, planner=self.cfg.planner,
+                                  planner_params=self.cfg.planner_params,
+                                  min_gain=self.cfg.min_gain)
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"
+        box = [(decision, error)]
+        torch.distributed.broadcast_object_list(box, src=self.ep.ranks[0], group=self.ep.cpu_group)
+        decision, error = box[0]
+        if error:
+            raise PlacementError(f"planning on EP rank 0 failed: {error}")
+        report: dict[str, Any] = {
+            "reason": reason, "profile_seconds": round(t_prof, 3),
+            "planning_seconds": round(decision.planning_seconds, 3),
+            "predicted_layer_us_before": round(decision.predicted_before_us, 2),
+            "predicted_layer_us_after": round(decision.predicted_after_us, 2),
+            "predicted_gain": round(decision.gain, 4),
+            "rank_us_before": [round(x, 2) for x in decision.rank_us_before],
+            "rank_us_after": [round(x, 2) for x in decision.rank_us_after],
+            "gpus": [f"{p.gpu.name} #{p.gpu.index}" + (f" ({p.emulation})" if p.emulation else "")
+                     for p in self.profiles],
+            "planner": self.cfg.planner, **{f"plan_{k}": v for k, v in decision.info.items()},
+        }
+        if decision.apply:
+            new = torch.from_numpy(decision.phys_to_log)
+            move = apply_placement(self.ms, new, self.ep)
+            self.generation += 1
+            self.last_move_seconds = move.seconds
+            report.update(applied=True, move_seconds=round(move.seconds, 3),
+                          slots_changed=move.slots_changed,
+                          moved_mib=round(move.slots_changed * move.bytes_per_slot / 2**20, 1))
+            if self.rank == 0 and self.cfg.trace_dir:
+                self.save_placement(decision)
+        else:
+            report.update(applied=False, why=f"predicted gain {decision.gain:.2%} is below "
+                                             f"min_gain {self.cfg.min_gain:.2%}")
+        after = decision.apply
+        self.export(decision.rank_us_after if after else decision.rank_us_before,
+                    decision.rank_us_before,
+                    decision.straggler_after if after else decision.straggler_before)
+        report["total_seconds"] = round(time.perf_counter() - t0, 3)
+        return report
+
+    def save_placement(self, d: PlanDecision) -> None:
+        from ..formats import Placement, rank_of_slots
+        p = Placement(model=self.recorder.model, num_logical_experts=self.model.num_logical_experts,
+                      num_ranks=self.size, phys_to_log=d.phys_to_log.tolist(),
+                      rank_of_slot=rank_of_slots(d.phys_to_log.shape[1], self.size),
+                      planner=self.cfg.planner, predicted={"layer_us": d.predicted_after_us,
+                                                          "layer_us_before": d.predicted_before_us})
+        save(p, Path(self.cfg.trace_dir) / f"placement-gen{self.generation}.json")
+
+    def export(self, rank_us: list[float], rank_us_before: list[float], straggler: float) -> None:
+        if not self.cfg.state_dir:
+            return
+        write_state(self.cfg.state_dir, RankState(
+            rank=self.rank, generation=self.generation, predicted_layer_us=rank_us[self.rank],
+            predicted_layer_us_before=rank_us_before[self.rank], straggler_ratio=straggler,
+            move_seconds=self.last_move_seconds, recorded_steps=self.recorder.steps))
+
+    def recalibrate(self) -> None:
+        """Quick re-profile and re-plan while serving; moves only if the gain beats min_gain."""
+        try:
+            report = self.place("recalibration", quick_profile=True)
+            if self.rank == 0:
+                logger.info("vllm-gem recalibration: %s", report)
+        except Exception as e:  # keep serving on the last good placement
+            if self.cfg.strict:
+                raise
+            logger.warning("vllm-gem: recalibration failed, keeping the current placement: %s", e)
+
+    # ------------------------------------------------------------------ traces
+    def dump_trace(self, why: str) -> Path | None:
+        if not self.cfg.trace_dir or self.recorder.steps == 0:
+            return None
+        if self.dp_size == 1 and self.rank != 0:
+            return None  # without DP every rank routed the same tokens: one file is enough
+        path = Path(self.cfg.trace_dir) / f"trace-rank{self.rank}-{self.recorder.steps}steps.msgpack"
+        tr = self.recorder.trace(f"vllm-gem recorder, EP rank {self.rank} ({why})")
+        if tr.counts.shape[0] == 0:
+            return None
+        save(tr, path)
+        logger.info("vllm-gem: wrote %d recorded steps to %s", tr.counts.shape[0], path)
+        return path
+
+
+class PlacementError(RuntimeError):
+    """GEM could not produce a placement that every rank agrees on."""
+
+
+def expert_shape(model: Any) -> tuple[int, int, int]:
+    """(hidden, intermediate, local experts) of the model's routed experts (bf16 w13/w2)."""
+    for m in model.modules():
+        w13 = getattr(m, "w13_weight", None)
+        if isinstance(w13, torch.Tensor) and w13.dim() == 3:
+            e, two_i, h = w13.shape
+            return int(h), int(two_i // 2), int(e)
+    raise GemInputError("model", "w13_weight", "was not found in any MoE layer",
+                        "unquantized FusedMoE experts (w13_weight: [experts, 2*inter, hidden])")
+
+
+# ---------------------------------------------------------------------- entry points
+def attach(worker: Any) -> None:
+    """After Worker.load_model: build this rank's GemWorker if GEM is asked for."""
+    global _WORKER
+    cfg = from_additional(worker.vllm_config.additional_config)
+    if cfg is None:
+        return
+    try:
+        _WORKER = GemWorker(worker, cfg)
+        if cfg.emulate_slowdown.get(_WORKER.rank):
+            from .emulate import slow_down_experts
+            slow_down_experts(cfg.emulate_slowdown[_WORKER.rank])
+        try:
+            signal.signal(signal.SIGUSR1, _request_dump)
+        except ValueError:  # not the main thread: dumps then happen at shutdown only
+            pass
+    except Exception as e:
+        if cfg.strict:
+            raise
+        logger.warning("vllm-gem: not active on this worker (%s); serving on vLLM's placement", e)
+        _WORKER = None
+
+
+def _request_dump(signum, frame) -> None:
+    if _WORKER is not None:
+        _WORKER.dump_requested = True  # written after the current step, not inside a handler
+
+
+def place_at_start(worker: Any) -> dict[str, Any]:
+    """collective_rpc target: the one placement before the first request."""
+    w = _WORKER
+    if w is None:
+        return {"applied": False, "why": "GEM is not active on this worker"}
+    try:
+        report = w.place("start")
+    except Exception as e:
+        if w.cfg.strict:
+            raise
+        report = {"applied": False, "why": f"{type(e).__name__}: {e}"}
+    w.started = True
+    return report
+
+
+def detach(worker: Any) -> None:
+    """Worker shutdown: write the recorder's trace if a trace_dir is set."""
+    if _WORKER is not None:
+        try:
+            _WORKER.dump_trace("shutdown")
+        except Exception as e:
+            logger.warning("vllm-gem: could not write the routing trace at shutdown: %s", e)
