@@ -50,6 +50,9 @@ def test_entry_point_is_registered_and_idempotent():
     patched = EngineArgs.add_cli_args
     register()  # vLLM loads plugins in every process, sometimes twice in one
     assert EngineArgs.add_cli_args is patched
+    from vllm.v1.worker.gpu_worker import Worker  # patched when (and only if) it is imported
+    assert hasattr(Worker.load_model, "__wrapped__") and hasattr(Worker.shutdown, "__wrapped__")
+    assert not hasattr(Worker.load_model.__wrapped__, "__wrapped__")  # wrapped once
 
 
 def test_installed_but_not_asked_changes_nothing(parser):

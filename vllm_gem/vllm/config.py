@@ -27,6 +27,7 @@ class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # (one per EP rank, else each GPU is calibrated at start)
     trace: str | None = None
     profiles: list[str] = []
+    place: bool = True  # False: record, emulate and export only; keep vLLM's placement
     planner: str = "gem"
     planner_params: dict[str, Any] = {}
     warmup_prompts: int = 32
@@ -37,7 +38,7 @@ class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     trace_dir: str | None = None  # recorded traces (on SIGUSR1 and at shutdown), placements
     # recalibration while serving (0 = off); VLLM_GEM_RECALIBRATE overrides it
     recalibrate_steps: int = 0
-    min_gain: float = 0.02  # re-place only if the predicted layer-time gain beats this
+    min_gain: float = 0.02  # re-place only if the predicted layer-time gain beats this (< 0: always)
     # metrics: one small JSON per rank, read by the API server's /metrics collector
     state_dir: str | None = None
     # experiments only: EP rank -> extra fraction of MoE expert work it does (a slower GPU)
@@ -49,8 +50,9 @@ class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.recalibrate_steps < 0:
             raise GemInputError(SOURCE, "recalibrate_steps", f"is {self.recalibrate_steps}",
                                 "0 (off) or a number of engine steps")
-        if not 0.0 <= self.min_gain < 1.0:
-            raise GemInputError(SOURCE, "min_gain", f"is {self.min_gain}", "a fraction in [0, 1)")
+        if not -1.0 <= self.min_gain < 1.0:
+            raise GemInputError(SOURCE, "min_gain", f"is {self.min_gain}",
+                                "a fraction in [-1, 1) (negative: apply every plan)")
         for rank, f in self.emulate_slowdown.items():
             if not 0.0 <= f <= 4.0:
                 raise GemInputError(SOURCE, f"emulate_slowdown.{rank}", f"is {f}",

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-logger = logging.getLogger("vllm_gem")
+logger = logging.getLogger("vllm.gem")
 _patched: float | None = None
 
 

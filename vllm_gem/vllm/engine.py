@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import GemConfig, from_additional
 
-logger = logging.getLogger("vllm_gem")
+logger = logging.getLogger("vllm.gem")
 
 # Built-in calibration prompts: a spread of tasks, so warm-up routing is not one domain's.
 WARMUP_TEXTS = [

@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import GemInputError
 from .config import from_additional
 
-logger = logging.getLogger("vllm_gem")
+logger = logging.getLogger("vllm.gem")
 
 KNOWN_PLUGINS = ("gem",)
 NO_PERIODIC_REBALANCE = 1 << 62  # vLLM's own periodic EPLB off: GEM decides when to move

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-logger = logging.getLogger("vllm_gem")
+logger = logging.getLogger("vllm.gem")
 
 
 class RankState(msgspec.Struct, kw_only=True):

@@ -9,9 +9,12 @@ asked for GEM (additional_config["gem"]) and otherwise calls vLLM's method untou
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.util
 import logging
+import sys
 
-logger = logging.getLogger("vllm_gem")
+logger = logging.getLogger("vllm.gem")  # under vLLM's logger: its handler and level apply
 _done = False
 
 
@@ -59,13 +62,40 @@ def _patch_engine_args() -> None:
     EngineArgs.create_engine_config = create_engine_config_with_gem
 
 
-def _patch_worker() -> None:
-    try:
-        from vllm.v1.worker.gpu_worker import Worker
-    except Exception as e:  # no CUDA build of vLLM here: nothing to hook in workers
-        logger.debug("vllm-gem: GPU worker not importable (%s)", e)
+def _after_import(module: str, patch) -> None:
+    """Run patch(module) once `module` is imported, without importing it here.
+
+    The GPU worker module is heavy; the API server and engine core never need it, so it is
+    patched through an import hook in the processes that do import it.
+    """
+    if module in sys.modules:
+        patch(sys.modules[module])
         return
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != module:
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            exec_module = spec.loader.exec_module
+
+            def exec_and_patch(mod):
+                exec_module(mod)
+                patch(mod)
+            spec.loader.exec_module = exec_and_patch
+            return spec
+
+    sys.meta_path.insert(0, Finder())
+
+
+def _patch_worker() -> None:
+    _after_import("vllm.v1.worker.gpu_worker", _patch_worker_class)
+
+
+def _patch_worker_class(module) -> None:
     from . import runtime
+    Worker = module.Worker
 
     load_model = Worker.load_model
 

@@ -20,7 +20,7 @@ import torch
 from ..errors import GemInputError
 from ..formats import RoutingTrace, load
 
-logger = logging.getLogger("vllm_gem")
+logger = logging.getLogger("vllm.gem")
 
 STRATEGY = "gem_trace"
 TRACE_ENV = "VLLM_GEM_ROUTING_TRACE"

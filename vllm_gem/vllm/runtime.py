@@ -29,7 +29,7 @@ from .metrics import RankState, write_state
 from .planning import PlanDecision, check_profiles_match, check_trace_matches, decide
 from .recorder import RoutingRecorder
 
-logger = logging.getLogger("vllm_gem")
+logger = logging.getLogger("vllm.gem")
 
 _WORKER: "GemWorker | None" = None
 
@@ -276,6 +276,9 @@ def place_at_start(worker: Any) -> dict[str, Any]:
     w = _WORKER
     if w is None:
         return {"applied": False, "why": "GEM is not active on this worker"}
+    if not w.cfg.place:
+        w.started = True
+        return {"applied": False, "why": "place=false: recording only"}
     try:
         report = w.place("start")
     except Exception as e:

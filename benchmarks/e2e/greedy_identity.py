@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Greedy generations with and without GEM must be identical (GPU machine, >= 2 GPUs).
+
+Runs vLLM twice in fresh processes on the same model, prompts and seed, in vLLM's default
+compiled mode (torch.compile + CUDA graphs): plain vLLM with expert parallelism, then
+`additional_config={"gem": ...}` (what `--plugin gem` sets) with one rank emulated slower so
+the plan moves experts across ranks. Compares the token ids; writes a JSON report.
+
+    python3 benchmarks/e2e/greedy_identity.py MODEL_DIR OUT.json [--slowdown 0.3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+PROMPTS = [
+    "The history of the printing press begins", "A recipe for bread needs", "In quantum mechanics, a",
+    "def fibonacci(n):", "The capital cities of Europe include", "Once upon a time in a forest",
+    "To configure a Linux firewall you", "The main causes of inflation are", "Dear hiring manager,",
+    "The rules of chess say that", "Photosynthesis converts", "SELECT * FROM users WHERE",
+    "The best way to learn a language is", "Mount Everest was first climbed", "In 1969 the Apollo",
+    "A neural network is trained by",
+]
+
+
+def run(model: str, mode: str, slowdown: float, max_tokens: int, out: str) -> None:
+    from vllm import LLM, SamplingParams
+    kwargs = dict(model=model, tensor_parallel_size=2, enable_expert_parallel=True,
+                  max_model_len=1024, gpu_memory_utilization=0.6, seed=0)
+    if mode == "gem":
+        kwargs["additional_config"] = {"gem": {"emulate_slowdown": {1: slowdown}, "strict": True,
+                                               "warmup_prompts": 32}}
+    t0 = time.time()
+    llm = LLM(**kwargs)
+    start = time.time() - t0
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=2, seed=0)
+    outs = llm.generate(PROMPTS, sp)
+    res = {"mode": mode, "startup_s": start,
+           "tokens": [list(o.outputs[0].token_ids) for o in outs],
+           "top2": [[sorted((x.logprob for x in lp.values()), reverse=True)[:2]
+                     for lp in o.outputs[0].logprobs] for o in outs]}
+    if mode == "gem":
+        res["workers"] = llm.collective_rpc(_worker_state)
+    with open(out, "w") as f:
+        json.dump(res, f)
+
+
+def _worker_state(worker) -> dict:
+    import torch
+
+    from vllm_gem.vllm.runtime import current
+    w = current()
+    if w is None:
+        return {"active": False}
+    p2l = w.ms.physical_to_logical_map.cpu()
+    local = p2l.shape[1] // w.size
+    linear = torch.arange(p2l.shape[1]) % w.model.num_logical_experts
+    return {"active": True, "rank": w.rank, "generation": w.generation,
+            "recorded_steps": w.recorder.steps,
+            "slots_moved_vs_linear": int((p2l != linear).sum()),
+            "experts_on_rank0_layer0": sorted(p2l[0, :local].tolist())}
+
+
+def compare(base: dict, gem: dict) -> dict:
+    rows = []
+    for i, (a, b) in enumerate(zip(base["tokens"], gem["tokens"], strict=True)):
+        first = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+        gap = None
+        if first is not None:
+            top2 = base["top2"][i][first]
+            gap = top2[0] - top2[1] if len(top2) == 2 else None
+        rows.append({"prompt": i, "identical": a == b, "first_divergence": first,
+                     "baseline_top2_logprob_gap_there": gap})
+    return {"identical_prompts": sum(r["identical"] for r in rows), "prompts": len(rows), "rows": rows}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("out")
+    p.add_argument("--slowdown", type=float, default=0.3)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--run", choices=["baseline", "gem"], help=argparse.SUPPRESS)
+    p.add_argument("--part", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.run:
+        run(a.model, a.run, a.slowdown, a.max_tokens, a.part)
+        return 0
+    parts = {}
+    for mode in ("baseline", "gem"):
+        part = f"{a.out}.{mode}.json"
+        rc = subprocess.call([sys.executable, __file__, a.model, a.out, "--run", mode, "--part", part,
+                              "--slowdown", str(a.slowdown), "--max-tokens", str(a.max_tokens)])
+        if rc:
+            print(f"{mode} run failed with exit code {rc}")
+            return 1
+        with open(part) as f:
+            parts[mode] = json.load(f)
+    rep = compare(parts["baseline"], parts["gem"])
+    rep.update(workers=parts["gem"]["workers"], startup_s={m: parts[m]["startup_s"] for m in parts},
+               slowdown=a.slowdown, max_tokens=a.max_tokens)
+    with open(a.out, "w") as f:
+        json.dump(rep, f, indent=1)
+    print(json.dumps({k: v for k, v in rep.items() if k != "rows"}, indent=1))
+    print(f"greedy outputs identical on {rep['identical_prompts']}/{rep['prompts']} prompts")
+    return 0 if rep["identical_prompts"] == rep["prompts"] else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Serve one model several ways and run `vllm bench serve` against each (GPU machine).
+
+For every repeat, every configuration in turn (alternating, so drift hits all alike): start
+`vllm serve` (TP = EP over all GPUs, default compiled mode), wait until it is healthy and,
+with GEM, until the start-up placement is logged; warm up; run `vllm bench serve` for every
+(prompt/output shape, request rate); scrape /metrics; stop the server. Raw JSON, logs and
+a summary (medians over repeats, ratios against the first configuration) go to OUT.
+
+    python3 benchmarks/e2e/serve_matrix.py MODEL_DIR OUT --configs CONFIGS.json \
+        [--repeats 1] [--bench-repeats 3] [--shapes 512x128,2048x16] [--rates 16,inf]
+
+CONFIGS.json: [{"name": ..., "args": [extra `vllm serve` args], "env": {...}}, ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+            "NVSHMEM_DISABLE_NVLS": "1", "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
+            "VLLM_USE_FLASHINFER_SAMPLER": "0", "PYTHONUNBUFFERED": "1"}
+VLLM = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+METRICS = ("ttft", "tpot", "itl")
+GEM_DONE = re.compile(r"vllm-gem: (placed experts before serving in ([\d.]+) s|kept vLLM's placement"
+                      r"|start-up placement failed)")
+
+
+def num_gpus() -> int:
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True).stdout
+    return len(out.strip().splitlines())
+
+
+def healthy(port: int) -> bool:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+        return True
+    except OSError:
+        return False
+
+
+def start_server(model: str, cfg: dict, port: int, log: Path, limit: float) -> tuple[subprocess.Popen, float]:
+    env = {**os.environ, **SAFE_ENV, **cfg.get("env", {})}
+    cmd = [*VLLM, "serve", model, "--load-format", cfg.get("load_format", "dummy"),
+           "--tensor-parallel-size", str(num_gpus()), "--enable-expert-parallel",
+           "--max-model-len", "4096", "--host", "127.0.0.1", "--port", str(port), *cfg.get("args", [])]
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)  # own process group: kill workers with it
+    wait_gem = "gem" in " ".join(cfg.get("args", []))
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited during start-up; see {log}")
+        if time.time() - t0 > limit:
+            stop_server(proc)
+            raise RuntimeError(f"server not ready after {limit:.0f} s; see {log}")
+        if healthy(port) and (not wait_gem or GEM_DONE.search(log.read_text(errors="replace"))):
+            return proc, time.time() - t0
+        time.sleep(2)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def bench(model: str, port: int, shape: tuple[int, int], rate: str, n: int, out: Path, seed: int) -> dict:
+    cmd = [*VLLM, "bench", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+           "--dataset-name", "random", "--random-input-len", str(shape[0]),
+           "--random-output-len", str(shape[1]), "--num-prompts", str(n), "--request-rate", rate,
+           "--ignore-eos", "--seed", str(seed), "--percentile-metrics", ",".join(METRICS),
+           "--metric-percentiles", "50,90,99", "--save-result", "--result-dir", str(out.parent),
+           "--result-filename", out.name]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **SAFE_ENV})
+    return json.loads(out.read_text())
+
+
+def scrape_gem_metrics(port: int) -> list[str]:
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError as e:
+        return [f"# /metrics unreachable: {e}"]
+    return [ln for ln in text.splitlines() if ln.startswith("vllm_gem")]
+
+
+def summarize(rows: list[dict], base: str) -> tuple[list[dict], str]:
+    keys = sorted({(r["shape"], r["rate"]) for r in rows})
+    names = list(dict.fromkeys(r["config"] for r in rows))
+    table, lines = [], []
+    head = "| shape | rate | config | runs | " + " | ".join(
+        f"{m.upper()} p{q} ms" for m in METRICS for q in (50, 90, 99)) + " | TPOT p50 vs " + base + " |"
+    lines += [head, "|" + " --- |" * (head.count("|") - 1)]
+    for shape, rate in keys:
+        med: dict[str, dict] = {}
+        for name in names:
+            rs = [r for r in rows if (r["config"], r["shape"], r["rate"]) == (name, shape, rate)]
+            if not rs:
+                continue
+            med[name] = {f"{m}_p{q}": statistics.median(r["result"][f"p{q}_{m}_ms"] for r in rs)
+                         for m in METRICS for q in (50, 90, 99)}
+            med[name]["runs"] = len(rs)
+        for name, m in med.items():
+            ratio = m["tpot_p50"] / med[base]["tpot_p50"] if base in med else float("nan")
+            table.append({"shape": shape, "rate": rate, "config": name, **m, "tpot_p50_ratio": ratio})
+            lines.append(f"| {shape} | {rate} | {name} | {m['runs']} | " + " | ".join(
+                f"{m[f'{x}_p{q}']:.2f}" for x in METRICS for q in (50, 90, 99)) + f" | {ratio:.3f} |")
+    return table, "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("out", type=Path)
+    p.add_argument("--configs", type=Path, required=True)
+    p.add_argument("--only", default="", help="comma-separated config names to run")
+    p.add_argument("--repeats", type=int, default=1, help="server starts per configuration")
+    p.add_argument("--bench-repeats", type=int, default=3, help="benchmark runs per server start")
+    p.add_argument("--shapes", default="512x128")
+    p.add_argument("--rates", default="inf")
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--warmup-prompts", type=int, default=32)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--startup-limit", type=float, default=400)
+    a = p.parse_args()
+    configs = json.loads(a.configs.read_text())
+    if a.only:
+        configs = [c for c in configs if c["name"] in a.only.split(",")]
+    shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
+    rates = a.rates.split(",")
+    raw = a.out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rows, starts = [], []
+    for rep in range(a.repeats):
+        for cfg in configs:
+            name = cfg["name"]
+            log = raw / f"serve-{name}-rep{rep}.log"
+            try:
+                proc, ready = start_server(a.model, cfg, a.port, log, a.startup_limit)
+            except RuntimeError as e:
+                print(f"[{name} rep{rep}] {e}", flush=True)
+                continue
+            gem = GEM_DONE.search(log.read_text(errors="replace"))
+            starts.append({"config": name, "rep": rep, "ready_s": ready,
+                           "gem_startup_s": float(gem.group(2)) if gem and gem.group(2) else None})
+            try:
+                bench(a.model, a.port, (256, 16), "inf", a.warmup_prompts, raw / f"warmup-{name}.json", 99)
+                for brep in range(a.bench_repeats):
+                    for shape in shapes:
+                        for rate in rates:
+                            tag = f"{name}-{shape[0]}x{shape[1]}-r{rate}-rep{rep}.{brep}"
+                            res = bench(a.model, a.port, shape, rate, a.num_prompts,
+                                        raw / f"{tag}.json", 100 * rep + brep)
+                            rows.append({"config": name, "shape": f"{shape[0]}x{shape[1]}",
+                                         "rate": rate, "rep": f"{rep}.{brep}", "result": res})
+                            print(f"[{tag}] TPOT p50 {res['median_tpot_ms']:.2f} ms, TTFT p50 "
+                                  f"{res['median_ttft_ms']:.1f} ms, {res['completed']} done", flush=True)
+                (raw / f"metrics-{name}-rep{rep}.txt").write_text("\n".join(scrape_gem_metrics(a.port)))
+            except subprocess.CalledProcessError as e:
+                print(f"[{name} rep{rep}] bench failed: {e.stderr[-2000:]}", flush=True)
+            finally:
+                stop_server(proc)
+    if not rows:
+        print("no results")
+        return 1
+    table, md = summarize(rows, configs[0]["name"])
+    (a.out / "summary.json").write_text(json.dumps({"rows": table, "startup": starts,
+                                                    "argv": sys.argv[1:]}, indent=1))
+    (a.out / "summary.md").write_text(md + "\n")
+    print(md)
+    print(json.dumps(starts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# On the GPU machine (device tool), repo root, vLLM overlay on PYTHONPATH: the plugin's checks
+# and the serving matrix. Results go to /tmp/gem-results, tarred into $OUT per call.
+#   usage: OUT=dir bash benchmarks/gpu/plugin_session.sh STAGE...
+#   stages: setup      install msgspec + this project, make the models and the routing trace
+#           identity   greedy outputs with and without GEM (random-weight model, compiled mode)
+#           equal      serving matrix, equal GPUs: vllm / GEM recorder only / GEM
+#           slow20     serving matrix, GPU 1 emulated 20% slower: linear / vLLM EPLB policy / GEM
+#           slow10     the same at 10%
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export VLLM_ALLREDUCE_USE_SYMM_MEM=0 VLLM_USE_FLASHINFER_SAMPLER=0
+export PYTHONPATH=/tmp/vllm-site:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+dest=${OUT:?set OUT}
+out=/tmp/gem-results; mkdir -p "$out" /tmp/gem
+E2E="--shapes ${SHAPES:-512x128} --rates ${RATES:-inf} --num-prompts ${NUM_PROMPTS:-200} --bench-repeats ${BENCH_REPEATS:-3}"
+for s in "$@"; do
+  t0=$SECONDS
+  case $s in
+  setup)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || { echo "install failed"; tail "$out/install.log"; exit 1; }
+    python3 benchmarks/e2e/make_moe_model.py /tmp/gem/model-rand --layers 6 --experts 32 --top-k 4 \
+      --hidden 1024 --moe-intermediate 512 --heads 16 --random-weights 0
+    python3 benchmarks/e2e/make_moe_model.py /tmp/gem/model-q3 --layers 12 --experts 128 --top-k 8
+    python3 -m vllm_gem.cli import-trace --format synthetic benchmarks/e2e/skewed-128x12.json \
+      -o /tmp/gem/trace-skewed.msgpack --model qwen3-moe-128x12
+    python3 -c "import importlib.metadata as m; print([e.value for e in m.entry_points(group='vllm.general_plugins')])" ;;
+  identity)
+    python3 benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity.json" \
+      > "$out/greedy-identity.log" 2>&1; echo "identity exit $?"
+    grep -E "vllm-gem|identical|Error|error" "$out/greedy-identity.log" | grep -v "^$" | tail -25 ;;
+  equal|slow20|slow10)
+    python3 benchmarks/e2e/serve_matrix.py /tmp/gem/model-q3 "$out/e2e-$s" \
+      --configs "benchmarks/e2e/configs/$( [ $s = equal ] && echo equal-gpus || echo $s ).json" $E2E \
+      2>&1 | tee "$out/e2e-$s.log" | tail -30
+    grep -h "vllm-gem" "$out/e2e-$s"/raw/serve-*.log | cut -c1-600 | tail -12 ;;
+  esac
+  echo "[stage $s: $((SECONDS - t0)) s]"
+done
+tar czf "$dest/results-$(echo "$@" | tr ' ' '-').tgz" -C "$out" . && ls "$out"
