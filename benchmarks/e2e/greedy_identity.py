@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -84,6 +85,8 @@ def main() -> int:
     p.add_argument("out")
     p.add_argument("--slowdown", type=float, default=0.3)
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--reuse-baseline", action="store_true",
+                   help="keep an existing OUT.baseline.json from an earlier run")
     p.add_argument("--run", choices=["baseline", "gem"], help=argparse.SUPPRESS)
     p.add_argument("--part", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -93,8 +96,14 @@ def main() -> int:
     parts = {}
     for mode in ("baseline", "gem"):
         part = f"{a.out}.{mode}.json"
+        if mode == "baseline" and a.reuse_baseline and os.path.exists(part):
+            with open(part) as f:
+                parts[mode] = json.load(f)
+            continue
+        # the GEM run asks the workers for their state through LLM.collective_rpc(function)
+        env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"} if mode == "gem" else None
         rc = subprocess.call([sys.executable, __file__, a.model, a.out, "--run", mode, "--part", part,
-                              "--slowdown", str(a.slowdown), "--max-tokens", str(a.max_tokens)])
+                              "--slowdown", str(a.slowdown), "--max-tokens", str(a.max_tokens)], env=env)
         if rc:
             print(f"{mode} run failed with exit code {rc}")
             return 1

@@ -12,6 +12,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export VLLM_ALLREDUCE_USE_SYMM_MEM=0 VLLM_USE_FLASHINFER_SAMPLER=0
 export PYTHONPATH=/tmp/vllm-site:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 dest=${OUT:?set OUT}
+pkill -9 -f "vllm.entrypoints" 2>/dev/null; sleep 1  # a server left over from a killed call
 out=/tmp/gem-results; mkdir -p "$out" /tmp/gem
 E2E="--shapes ${SHAPES:-512x128} --rates ${RATES:-inf} --num-prompts ${NUM_PROMPTS:-200} --bench-repeats ${BENCH_REPEATS:-3}"
 for s in "$@"; do
@@ -27,7 +28,7 @@ for s in "$@"; do
       -o /tmp/gem/trace-skewed.msgpack --model qwen3-moe-128x12
     python3 -c "import importlib.metadata as m; print([e.value for e in m.entry_points(group='vllm.general_plugins')])" ;;
   identity)
-    python3 benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity.json" \
+    python3 benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity.json" --reuse-baseline \
       > "$out/greedy-identity.log" 2>&1; echo "identity exit $?"
     grep -E "vllm-gem|identical|Error|error" "$out/greedy-identity.log" | grep -v "^$" | tail -25 ;;
   equal|slow20|slow10)
@@ -37,5 +38,6 @@ for s in "$@"; do
     grep -h "vllm-gem" "$out/e2e-$s"/raw/serve-*.log | cut -c1-600 | tail -12 ;;
   esac
   echo "[stage $s: $((SECONDS - t0)) s]"
+  tar czf "$dest/results.tgz" -C "$out" .  # after every stage: a timeout keeps what is done
 done
-tar czf "$dest/results-$(echo "$@" | tr ' ' '-').tgz" -C "$out" . && ls "$out"
+ls "$out"

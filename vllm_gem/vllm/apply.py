@@ -2,8 +2,8 @@
 
 `apply_placement` calls vLLM's rearrange_expert_weights_inplace (the same transfer its EPLB
 uses) and _commit_eplb_maps (in-place copies, so routers and captured CUDA graphs see the
-new maps), then checks per logical expert that the weights after the move are the weights
-before it: every replica of expert e must carry expert e's checksum.
+new maps), then checks with fingerprints of every slot that each slot now holds a copy of
+the weights its logical expert had before the move.
 """
 
 from __future__ import annotations
@@ -40,29 +40,29 @@ def expert_checksums(expert_weights: list[list[torch.Tensor]]) -> torch.Tensor:
     return torch.stack(out)
 
 
-def gather_logical_checksums(local: torch.Tensor, phys_to_log: torch.Tensor, num_logical: int,
-                             group) -> torch.Tensor:
-    """Every rank's slot fingerprints -> one fingerprint per logical expert.
+def gather_slot_checksums(local: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's slot fingerprints, in physical order.
 
-    local: [layers, local_slots, F] this rank's slots; phys_to_log: [layers, num_physical]
-    -> [layers, num_logical, F]; raises if two replicas of one expert differ.
+    local: [layers, local_slots, F] this rank's slots -> [layers, num_physical, F]
     """
     import torch.distributed as dist
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, local.contiguous(), group=group)
-    slots = torch.cat(parts, dim=1)  # [L, P, F] in physical order
-    layers, _, f = slots.shape
-    out = torch.full((layers, num_logical, f), float("nan"), dtype=slots.dtype, device=slots.device)
-    idx = phys_to_log.to(slots.device).long()  # [L, P]
-    out.scatter_(1, idx[..., None].expand(-1, -1, f), slots)
-    back = out.gather(1, idx[..., None].expand(-1, -1, f))
-    bad = ~torch.isclose(back, slots, rtol=RTOL, atol=0.0).all(-1)  # [L, P]
-    if bad.any():
-        layer, slot = (int(i) for i in bad.nonzero()[0])
-        raise WeightIntegrityError(
-            f"layer {layer}: slot {slot} and another replica of logical expert "
-            f"{int(idx[layer, slot])} hold different weights; expected identical replicas")
-    return out
+    return torch.cat(parts, dim=1)
+
+
+def misplaced_slots(before: torch.Tensor, old: torch.Tensor, after: torch.Tensor, new: torch.Tensor
+                    ) -> torch.Tensor:
+    """Slots whose weights after the move are no copy of their logical expert before it.
+
+    before/after: [layers, num_physical, F] slot fingerprints; old/new: [layers, num_physical]
+    phys->log maps -> bad: [layers, num_physical] bool. A slot is good when it matches some
+    slot that held the same logical expert before the move. Replicas need not be identical
+    (vLLM's dummy weights fill every slot differently); with a real checkpoint they are.
+    """
+    same = torch.isclose(after[:, :, None, :], before[:, None, :, :], rtol=RTOL, atol=0.0).all(-1)
+    same &= new[:, :, None] == old[:, None, :]  # [L, P_new, P_old]
+    return ~same.any(-1)
 
 
 class WeightIntegrityError(RuntimeError):
@@ -89,11 +89,9 @@ def apply_placement(model_state, new_phys_to_log: torch.Tensor, ep_group, verify
     model = model_state.model
     old = model_state.physical_to_logical_map.cpu().clone()  # committed in place below
     new = new_phys_to_log.to(dtype=old.dtype).cpu()  # vLLM computes the logical maps on CPU
-    num_logical = model.num_logical_experts
     group = ep_group.device_group
     if verify:
-        before = gather_logical_checksums(expert_checksums(model.expert_weights), old,
-                                          num_logical, group)
+        before = gather_slot_checksums(expert_checksums(model.expert_weights), group)
     _synchronize()
     t0 = time.perf_counter()
     rearrange_expert_weights_inplace(old, new, model.expert_weights, model_state.expert_buffer,
@@ -104,14 +102,15 @@ def apply_placement(model_state, new_phys_to_log: torch.Tensor, ep_group, verify
     _synchronize()
     seconds = time.perf_counter() - t0
     if verify:
-        after = gather_logical_checksums(expert_checksums(model.expert_weights), new,
-                                         num_logical, ep_group.device_group)
-        bad = ~torch.isclose(before, after, rtol=RTOL, atol=0.0).all(-1)
+        after = gather_slot_checksums(expert_checksums(model.expert_weights), group)
+        dev = after.device
+        bad = misplaced_slots(before, old.to(dev), after, new.to(dev))
         if bad.any():
-            layer, expert = (int(i) for i in bad.nonzero()[0])
+            layer, slot = (int(i) for i in bad.nonzero()[0])
             raise WeightIntegrityError(
-                f"after the move, layer {layer} expert {expert} (and {int(bad.sum()) - 1} more) "
-                "does not carry its weights; expected identical checksums before and after")
+                f"after the move, layer {layer} slot {slot} (and {int(bad.sum()) - 1} more) does "
+                f"not hold the weights of logical expert {int(new[layer, slot])}; expected a copy "
+                "of that expert's weights from before the move")
     bytes_per_slot = sum(w[0].numel() * w.element_size() for w in model.expert_weights[0])
     return MoveReport(seconds, int((old != new).sum()), bytes_per_slot)
 
