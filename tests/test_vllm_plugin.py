@@ -157,6 +157,23 @@ def test_decision_is_a_valid_vllm_map_and_respects_min_gain():
     assert not keep.apply  # hysteresis: no move for a small predicted gain
 
 
+def test_recalibration_moves_only_when_the_saving_beats_the_move():
+    from vllm_gem.vllm.planning import decide, worth_moving
+    profiles = [example_profile("fast", 1.0, num_experts=12), example_profile("slow", 1.25, num_experts=12)]
+    old = np.tile(np.arange(24) % 16, (3, 1))
+    d = decide(skewed_loads(), profiles, old)
+    per_step_s = (d.predicted_before_us - d.predicted_after_us) * 1e-6 * 3
+    changed = int((d.phys_to_log != old).sum())
+    slot_bytes, bw = 10_000_000, 1e10
+    cost_s = changed * slot_bytes / bw
+    ok, why = worth_moving(d, old, slot_bytes, bw, horizon_steps=int(2 * cost_s / per_step_s) + 1)
+    assert ok and f"moving {changed} slots" in why
+    ok, _ = worth_moving(d, old, slot_bytes, bw, horizon_steps=max(int(0.5 * cost_s / per_step_s), 1))
+    assert not ok  # not worth it over a short horizon
+    d.apply = False
+    assert not worth_moving(d, old, slot_bytes, bw, horizon_steps=10**9)[0]  # min_gain still rules
+
+
 def test_decision_rejects_a_trace_of_another_model():
     from vllm_gem.vllm.planning import check_trace_matches
     tr = RoutingTrace(model="m", source="t", counts=NdArray.from_numpy(np.ones((2, 4, 8), np.int32)))

@@ -38,6 +38,7 @@ class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     trace_dir: str | None = None  # recorded traces (on SIGUSR1 and at shutdown), placements
     # recalibration while serving (0 = off); VLLM_GEM_RECALIBRATE overrides it
     recalibrate_steps: int = 0
+    recalibrate_planner: str = "gem-migrate"  # prefers plans that move few experts
     min_gain: float = 0.02  # re-place only if the predicted layer-time gain beats this (< 0: always)
     # metrics: one small JSON per rank, read by the API server's /metrics collector
     state_dir: str | None = None

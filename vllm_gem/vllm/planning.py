@@ -89,3 +89,20 @@ def decide(loads: np.ndarray, profiles: list[GpuProfile], old_phys_to_log: np.nd
         rank_us_before=before.rank_mean, rank_us_after=after.rank_mean,
         straggler_before=before.straggler_ratio, straggler_after=after.straggler_ratio,
         planning_seconds=seconds, info=dict(getattr(policy, "report", {})))
+
+
+def worth_moving(d: PlanDecision, old_phys_to_log: np.ndarray, bytes_per_slot: int,
+                 bandwidth_bytes_per_s: float, horizon_steps: int) -> tuple[bool, str]:
+    """Hysteresis for re-placement while serving: move only if the time saved over the next
+    `horizon_steps` engine steps beats the time the move stalls serving.
+
+    Saving: (predicted layer time before - after) x layers x steps. Cost: changed slots x
+    bytes per slot / the bandwidth the last move achieved (the move blocks every rank).
+    """
+    changed = int((d.phys_to_log != old_phys_to_log).sum())
+    layers = old_phys_to_log.shape[0]
+    saving_s = (d.predicted_before_us - d.predicted_after_us) * 1e-6 * layers * horizon_steps
+    cost_s = changed * bytes_per_slot / bandwidth_bytes_per_s
+    why = (f"saves {saving_s:.2f} s over {horizon_steps} steps, moving {changed} slots costs "
+           f"{cost_s:.2f} s")
+    return d.apply and saving_s > cost_s, why

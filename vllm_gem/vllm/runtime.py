@@ -26,10 +26,12 @@ from ..formats import GpuProfile, RoutingTrace, load, save
 from .apply import apply_placement
 from .config import GemConfig, from_additional
 from .metrics import RankState, write_state
-from .planning import PlanDecision, check_profiles_match, check_trace_matches, decide
+from .planning import PlanDecision, check_profiles_match, check_trace_matches, decide, worth_moving
 from .recorder import RoutingRecorder
 
 logger = logging.getLogger("vllm.gem")
+DEFAULT_MOVE_BANDWIDTH = 5e9  # bytes/s until a move has been timed (gloo-staged transfers)
+EXPORT_EVERY = 1000  # engine steps between metric file refreshes
 
 _WORKER: "GemWorker | None" = None
 
@@ -63,6 +65,8 @@ class GemWorker:
         self.generation = 0
         self.steps = 0
         self.last_move_seconds = 0.0
+        self.move_bandwidth = DEFAULT_MOVE_BANDWIDTH  # bytes/s, updated by every move
+        self.exported: tuple[list[float], list[float], float] | None = None
         self.started = False  # the start-up placement has run (recalibration waits for it)
         self.dump_requested = False
         self._hook_eplb()
@@ -87,9 +91,11 @@ class GemWorker:
         if self.dump_requested:
             self.dump_requested = False
             self.dump_trace("request")
+        if self.exported and self.steps % EXPORT_EVERY == 0:
+            self.export(*self.exported)
         interval = self.cfg.recalibrate_interval
         if self.started and interval and self.steps % interval == 0:
-            self.recalibrate()
+            self.recalibrate(interval)
 
     # ------------------------------------------------------------------ profiles
     def local_profile(self, quick: bool = False) -> GpuProfile:
@@ -115,14 +121,15 @@ class GemWorker:
         return exchange_profiles(prof, err, group=self.ep.cpu_group)
 
     # ------------------------------------------------------------------ routing history
-    def routing_history(self) -> np.ndarray:
-        """loads: [steps, layers, experts] from the configured trace, else the recorder."""
-        if self.cfg.trace:
+    def routing_history(self, live: bool = False, last: int | None = None) -> np.ndarray:
+        """loads: [steps, layers, experts] from the configured trace (at start), else the
+        recorder's newest `last` steps (live traffic, used by recalibration)."""
+        if self.cfg.trace and not live:
             trace = load(self.cfg.trace, RoutingTrace)
             check_trace_matches(trace, self.cfg.trace, self.model.num_moe_layers,
                                 self.model.num_logical_experts)
             return trace.loads
-        hist = torch.from_numpy(self.recorder.history()).to(self.device)
+        hist = torch.from_numpy(self.recorder.history(last)).to(self.device)
         if self.dp_size > 1:  # each DP rank routed its own tokens: sum over the group
             dist, group = torch.distributed, self.ep.device_group
             n = torch.tensor([hist.shape[0]], device=self.device)
@@ -132,8 +139,13 @@ class GemWorker:
         return hist.cpu().numpy().astype(np.float64)
 
     # ------------------------------------------------------------------ placement
-    def place(self, reason: str, quick_profile: bool = False) -> dict[str, Any]:
-        """Profile, plan on rank 0, broadcast, move. Collective: every EP rank calls it."""
+    def place(self, reason: str, quick_profile: bool = False, horizon_steps: int | None = None
+              ) -> dict[str, Any]:
+        """Profile, plan on rank 0, broadcast, move. Collective: every EP rank calls it.
+
+        horizon_steps (recalibration): also require the predicted saving over that many steps
+        to beat the move's cost (planning.worth_moving).
+        """
         t0 = time.perf_counter()
         self.profiles = self.gather_profiles(quick_profile)
         t_prof = time.perf_counter() - t0
@@ -142,10 +154,17 @@ class GemWorker:
         if self.rank == 0:
             try:
                 old = self.ms.physical_to_logical_map.cpu().numpy()
-                decision = decide(self.routing_history(), self.profiles, old,
-                                  num_groups=self.model.num_expert_groups, planner=self.cfg.planner,
+                planner = self.cfg.recalibrate_planner if horizon_steps else self.cfg.planner
+                history = self.routing_history(live=bool(horizon_steps), last=horizon_steps)
+                decision = decide(history, self.profiles, old,
+                                  num_groups=self.model.num_expert_groups, planner=planner,
                                   planner_params=self.cfg.planner_params,
                                   min_gain=self.cfg.min_gain)
+                if horizon_steps:
+                    bytes_per_slot = sum(w[0].numel() * w.element_size()
+                                         for w in self.model.expert_weights[0])
+                    decision.apply, decision.info["move_check"] = worth_moving(
+                        decision, old, bytes_per_slot, self.move_bandwidth, horizon_steps)
             except Exception as e:
                 error = f"{type(e).__name__}: {e}"
         box = [(decision, error)]
@@ -170,14 +189,16 @@ class GemWorker:
             move = apply_placement(self.ms, new, self.ep)
             self.generation += 1
             self.last_move_seconds = move.seconds
+            if move.slots_changed and move.seconds > 0:
+                self.move_bandwidth = move.slots_changed * move.bytes_per_slot / move.seconds
             report.update(applied=True, move_seconds=round(move.seconds, 3),
                           slots_changed=move.slots_changed,
                           moved_mib=round(move.slots_changed * move.bytes_per_slot / 2**20, 1))
             if self.rank == 0 and self.cfg.trace_dir:
                 self.save_placement(decision)
         else:
-            report.update(applied=False, why=f"predicted gain {decision.gain:.2%} is below "
-                                             f"min_gain {self.cfg.min_gain:.2%}")
+            report.update(applied=False, why=decision.info.get("move_check") or
+                          f"predicted gain {decision.gain:.2%} is below min_gain {self.cfg.min_gain:.2%}")
         after = decision.apply
         self.export(decision.rank_us_after if after else decision.rank_us_before,
                     decision.rank_us_before,
@@ -195,6 +216,7 @@ class GemWorker:
         save(p, Path(self.cfg.trace_dir) / f"placement-gen{self.generation}.json")
 
     def export(self, rank_us: list[float], rank_us_before: list[float], straggler: float) -> None:
+        self.exported = (rank_us, rank_us_before, straggler)
         if not self.cfg.state_dir:
             return
         write_state(self.cfg.state_dir, RankState(
@@ -202,10 +224,11 @@ class GemWorker:
             predicted_layer_us_before=rank_us_before[self.rank], straggler_ratio=straggler,
             move_seconds=self.last_move_seconds, recorded_steps=self.recorder.steps))
 
-    def recalibrate(self) -> None:
-        """Quick re-profile and re-plan while serving; moves only if the gain beats min_gain."""
+    def recalibrate(self, horizon_steps: int) -> None:
+        """Quick re-profile and re-plan while serving; moves only if the predicted gain beats
+        min_gain and its saving until the next recalibration beats the move's cost."""
         try:
-            report = self.place("recalibration", quick_profile=True)
+            report = self.place("recalibration", quick_profile=True, horizon_steps=horizon_steps)
             if self.rank == 0:
                 logger.info("vllm-gem recalibration: %s", report)
         except Exception as e:  # keep serving on the last good placement
