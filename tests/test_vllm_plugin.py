@@ -182,15 +182,21 @@ def test_decision_rejects_a_trace_of_another_model():
 
 
 # ---------------------------------------------------------------- the weight move
-def _move_worker(rank, world, init, new_map, corrupt, out, distinct_replicas=False):
+def _weights_of(layer, logical):
+    import torch
+    g = torch.Generator().manual_seed(1000 * layer + int(logical))
+    return torch.randn(2 * 4 * 6, generator=g).to(torch.bfloat16), torch.randn(6 * 4, generator=g)
+
+
+def _fake_model_state(rank, world, layers, num_physical, experts=16, distinct_replicas=False):
+    """An EplbModelState-like object on CPU holding FusedMoE-shaped expert weights whose values
+    identify their logical expert, with a gloo communicator (test only)."""
     import torch
     import torch.distributed as dist
     from vllm.distributed.eplb.eplb_communicator import EplbCommunicator
     from vllm.distributed.eplb.eplb_state import compute_logical_maps
 
-    from vllm_gem.vllm import apply as gem_apply
-
-    class GlooCommunicator(EplbCommunicator):  # CPU tensors straight over gloo (test only)
+    class GlooCommunicator(EplbCommunicator):  # CPU tensors straight over gloo
         def __init__(self):
             self.ops = []
 
@@ -206,33 +212,49 @@ def _move_worker(rank, world, init, new_map, corrupt, out, distinct_replicas=Fal
                     r.wait()
             self.ops = []
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    layers, num_physical = new_map.shape
-    experts, local = 16, num_physical // world
-    # FusedMoE's layout: w13 [E_local, 2I, H], w2 [E_local, H, I], seen by EPLB as [E_local, -1]
-    def weights_of(layer, logical):
-        g = torch.Generator().manual_seed(1000 * layer + int(logical))
-        return torch.randn(2 * 4 * 6, generator=g).to(torch.bfloat16), torch.randn(6 * 4, generator=g)
+    local = num_physical // world
     old = torch.tensor(np.tile(np.arange(num_physical) % experts, (layers, 1)))
     mine = old[:, rank * local:(rank + 1) * local]
     # vLLM's dummy weights fill every physical slot differently, replicas included
-    shift = [[1.0 if distinct_replicas and rank * local + s >= experts else 0.0 for s in range(local)]]
-    w13 = torch.stack([torch.stack([weights_of(ly, e)[0] + shift[0][s] for s, e in enumerate(mine[ly])])
-                       for ly in range(layers)])
-    w2 = torch.stack([torch.stack([weights_of(ly, e)[1] + shift[0][s] for s, e in enumerate(mine[ly])])
-                      for ly in range(layers)])
-    expert_weights = [[w13[ly], w2[ly]] for ly in range(layers)]
+    shift = [1.0 if distinct_replicas and rank * local + s >= experts else 0.0 for s in range(local)]
+    # FusedMoE's layout seen by EPLB: every parameter as [E_local, -1]
+    expert_weights = [[torch.stack([_weights_of(ly, e)[i] + shift[s] for s, e in enumerate(mine[ly])])
+                       for i in (0, 1)] for ly in range(layers)]
     log2phys, count = compute_logical_maps(old, experts)
     pad = torch.full((layers, experts, 1024), -1, dtype=log2phys.dtype)  # vLLM's padded width
     pad[..., :log2phys.shape[-1]] = log2phys
-    log2phys = pad
-    ms = types.SimpleNamespace(
-        model=types.SimpleNamespace(num_logical_experts=experts, expert_weights=expert_weights),
-        physical_to_logical_map=old.clone(), logical_to_physical_map=log2phys.clone(),
+    moe = types.SimpleNamespace(w13_weight=torch.empty(local, 2 * 768, 2048, device="meta"))
+    model = types.SimpleNamespace(num_logical_experts=experts, expert_weights=expert_weights,
+                                  num_moe_layers=layers, num_expert_groups=1, modules=lambda: [moe])
+    return types.SimpleNamespace(
+        model=model, physical_to_logical_map=old.clone(), logical_to_physical_map=pad,
         logical_replica_count=count.clone(), expert_buffer=[torch.empty_like(w) for w in expert_weights[0]],
         communicator=GlooCommunicator(),
         expert_load_pass=torch.ones(layers, num_physical, dtype=torch.int32),
         expert_load_window=torch.ones(1, layers, num_physical, dtype=torch.int32))
+
+
+def _holds_its_experts(ms, rank, world, copies=(0.0,)):
+    """Every local slot holds (a copy of) the weights of the logical expert the map names."""
+    import torch
+    layers, num_physical = ms.physical_to_logical_map.shape
+    local = num_physical // world
+    here = ms.physical_to_logical_map[:, rank * local:(rank + 1) * local]
+    w = ms.model.expert_weights
+    return all(any(all(torch.equal(w[ly][i][s], _weights_of(ly, here[ly, s])[i] + c) for i in (0, 1))
+                   for c in copies)
+               for ly in range(layers) for s in range(local))
+
+
+def _move_worker(rank, world, init, new_map, corrupt, out, distinct_replicas=False):
+    import torch
+    import torch.distributed as dist
+
+    from vllm_gem.vllm import apply as gem_apply
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    layers, num_physical = new_map.shape
+    ms = _fake_model_state(rank, world, layers, num_physical, distinct_replicas=distinct_replicas)
     if corrupt:  # a transfer that delivers the wrong expert
         from vllm.distributed.eplb import rebalance_execute
         real = rebalance_execute.rearrange_expert_weights_inplace
@@ -249,12 +271,7 @@ def _move_worker(rank, world, init, new_map, corrupt, out, distinct_replicas=Fal
     except gem_apply.WeightIntegrityError as e:
         report, status = None, f"integrity: {e}"
     new = torch.from_numpy(new_map)
-    here = new[:, rank * local:(rank + 1) * local]
-    copies = [0.0, 1.0] if distinct_replicas else [0.0]
-    exact = all(any(torch.equal(expert_weights[ly][0][s], weights_of(ly, here[ly, s])[0] + c) and
-                    torch.equal(expert_weights[ly][1][s], weights_of(ly, here[ly, s])[1] + c)
-                    for c in copies)
-                for ly in range(layers) for s in range(local))
+    exact = _holds_its_experts(ms, rank, world, (0.0, 1.0) if distinct_replicas else (0.0,))
     maps_ok = torch.equal(ms.physical_to_logical_map, new) and bool((ms.expert_load_pass == 0).all())
     torch.save({"status": status, "exact": exact, "maps_ok": maps_ok,
                 "changed": report.slots_changed if report else -1}, f"{out}/rank{rank}.pt")
@@ -296,6 +313,105 @@ def test_a_move_that_mixes_up_experts_is_caught():
     d = decide(skewed_loads(), profiles, np.tile(np.arange(24) % 16, (3, 1)))
     res = _run_move(d.phys_to_log, corrupt=True)
     assert all(r["status"].startswith("integrity: after the move, layer 0 slot 0") for r in res), res
+
+
+# ---------------------------------------------------------------- a worker's start-up placement
+def _place_worker(rank, world, init, cfg, fail_rank, out):
+    import torch
+    import torch.distributed as dist
+
+    from vllm_gem.vllm import runtime
+    from vllm_gem.vllm.config import parse
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    ms = _fake_model_state(rank, world, layers=3, num_physical=24)
+    ep = types.SimpleNamespace(rank_in_group=rank, world_size=world, ranks=list(range(world)),
+                               cpu_group=dist.group.WORLD, device_group=dist.group.WORLD)
+    w = runtime.GemWorker.from_parts(parse(cfg), ms, ep, model_name="fake-moe")
+    if fail_rank is not None:  # calibrate instead of reading files; one rank's GPU fails
+        def local_profile(quick=False):
+            if rank == fail_rank:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return example_profile(f"gpu{rank}", 1.0 + 0.3 * rank, num_experts=12)
+        w.local_profile = local_profile
+    runtime._WORKER = w
+    try:
+        report = runtime.place_at_start(None)
+    except Exception as e:
+        report = {"raised": f"{type(e).__name__}: {e}"}
+    torch.save({"report": report, "holds": _holds_its_experts(ms, rank, world),
+                "map": ms.physical_to_logical_map.clone()}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _run_place(cfg, fail_rank=None):
+    import torch
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_place_worker, args=(2, f"file://{tmp}/rdv", cfg, fail_rank, tmp), nprocs=2)
+        return [torch.load(f"{tmp}/rank{r}.pt") for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+    shape = example_profile("x").expert
+    files = []
+    for r, slow in enumerate((1.0, 1.3)):
+        files.append(str(d / f"gpu{r}.json"))
+        save(example_profile(f"gpu{r}", slow, num_experts=12, shape=shape), files[-1])
+    trace = d / "trace.msgpack"
+    save(RoutingTrace(model="m", source="t", counts=NdArray.from_numpy(skewed_loads().astype(np.int32))), trace)
+    wrong = d / "wrong.msgpack"
+    save(RoutingTrace(model="m", source="t", counts=NdArray.from_numpy(np.ones((4, 3, 60), np.int32))), wrong)
+    return {"profiles": files, "trace": str(trace), "wrong": str(wrong), "dir": str(d)}
+
+
+def test_start_up_placement_from_files_moves_experts_and_exports(inputs):
+    from vllm_gem.formats import Placement, load
+    from vllm_gem.vllm.metrics import read_states
+    state = inputs["dir"] + "/state"
+    cfg = {"profiles": inputs["profiles"], "trace": inputs["trace"], "state_dir": state,
+           "trace_dir": inputs["dir"]}
+    res = _run_place(cfg)
+    rep = [r["report"] for r in res]
+    assert all(r.get("applied") for r in rep), rep
+    assert rep[0]["predicted_gain"] > 0.05 and rep[0]["rank_us_after"][1] < rep[0]["rank_us_before"][1]
+    assert all(r["holds"] for r in res) and torch_equal(res[0]["map"], res[1]["map"])
+    assert (res[0]["map"][:, :12] != torch_tensor(np.tile(np.arange(24) % 16, (3, 1)))[:, :12]).any()
+    assert [s.generation for s in read_states(state)] == [1, 1]
+    saved = load(inputs["dir"] + "/placement-gen1.json", Placement)
+    assert saved.phys_to_log == res[0]["map"].tolist()
+
+
+def torch_equal(a, b):
+    import torch
+    return torch.equal(a, b)
+
+
+def torch_tensor(a):
+    import torch
+    return torch.as_tensor(a)
+
+
+def test_a_trace_of_another_model_keeps_vllm_placement_or_fails_in_strict(inputs):
+    cfg = {"profiles": inputs["profiles"], "trace": inputs["wrong"]}
+    res = _run_place(cfg)
+    for r in res:  # every rank takes the same branch: no move, one clear reason
+        assert r["report"]["applied"] is False and r["holds"]
+        assert "wrong.msgpack: counts.shape: is 3 layers x 60 experts" in r["report"]["why"]
+        assert r["map"].tolist() == np.tile(np.arange(24) % 16, (3, 1)).tolist()
+    res = _run_place({**cfg, "strict": True})
+    assert all(r["report"]["raised"].startswith("PlacementError: planning on EP rank 0 failed: ")
+               for r in res)
+
+
+def test_a_calibration_failing_on_one_rank_is_named_on_every_rank(inputs):
+    res = _run_place({"trace": inputs["trace"]}, fail_rank=1)
+    for r in res:
+        assert r["report"]["applied"] is False and r["holds"]
+        assert r["report"]["why"].startswith("CalibrationError: calibration failed on rank 1: ")
+        assert "illegal memory access" in r["report"]["why"]
 
 
 # ---------------------------------------------------------------- recorder, replay, metrics

@@ -51,16 +51,31 @@ class GemWorker:
             raise GemInputError("--plugin gem", "enable_eplb", "left no EPLB state in the model runner",
                                 "a MixtureOfExperts model served with --enable-expert-parallel "
                                 "(Qwen3-MoE, Mixtral, DeepSeek-V2/V3; not Qwen2-MoE or OLMoE)")
-        self.ms = next(iter(self.eplb.model_states.values()))
-        self.model = self.ms.model
-        self.ep = get_ep_group()
-        self.rank, self.size = self.ep.rank_in_group, self.ep.world_size
-        self.device = self.ms.physical_to_logical_map.device
+        ms = next(iter(self.eplb.model_states.values()))
+        self._init_parts(cfg, ms, get_ep_group(), worker.vllm_config.parallel_config.data_parallel_size,
+                         worker.vllm_config.model_config.model)
+        self._hook_eplb()
+
+    @classmethod
+    def from_parts(cls, cfg: GemConfig, model_state: Any, ep_group: Any, dp_size: int = 1,
+                   model_name: str = "") -> "GemWorker":
+        """A GemWorker over an EPLB model state and EP group, without a vLLM worker (tests)."""
+        self = cls.__new__(cls)
+        self.worker = self.eplb = None
+        self._init_parts(cfg, model_state, ep_group, dp_size, model_name)
+        return self
+
+    def _init_parts(self, cfg: GemConfig, ms: Any, ep: Any, dp_size: int, model_name: str) -> None:
+        self.cfg = cfg
+        self.ms = ms
+        self.model = ms.model
+        self.ep = ep
+        self.rank, self.size = ep.rank_in_group, ep.world_size
+        self.device = ms.physical_to_logical_map.device
         self.hidden, self.intermediate, self.local_experts = expert_shape(self.model)
-        self.dp_size = worker.vllm_config.parallel_config.data_parallel_size
-        self.recorder = RoutingRecorder(
-            self.model.num_moe_layers, self.model.num_logical_experts, cfg.record_capacity,
-            self.device, model=worker.vllm_config.model_config.model)
+        self.dp_size = dp_size
+        self.recorder = RoutingRecorder(self.model.num_moe_layers, self.model.num_logical_experts,
+                                        cfg.record_capacity, self.device, model=model_name)
         self.profiles: list[GpuProfile] | None = None
         self.generation = 0
         self.steps = 0
@@ -69,7 +84,6 @@ class GemWorker:
         self.exported: tuple[list[float], list[float], float] | None = None
         self.started = False  # the start-up placement has run (recalibration waits for it)
         self.dump_requested = False
-        self._hook_eplb()
 
     # ------------------------------------------------------------------ hooks
     def _hook_eplb(self) -> None:
