@@ -135,7 +135,8 @@ def main() -> int:
     p.add_argument("--bench-repeats", type=int, default=3, help="benchmark runs per server start")
     p.add_argument("--shapes", default="512x128")
     p.add_argument("--rates", default="inf")
-    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--num-prompts", type=int, default=1000,
+                   help="200 prompts at rate inf last under 2 s on 2xH200: too short to measure")
     p.add_argument("--warmup-prompts", type=int, default=32)
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--startup-limit", type=float, default=400)
