@@ -171,3 +171,31 @@ def test_vllm_default_unavailable_message(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake)
     with pytest.raises(PlannerUnavailable, match="install vllm-gem\\[vllm\\]"):
         make("vllm-default").place(PlacementProblem(np.ones((1, 1, 4)), GroupModel.tokens_over_speed(np.ones(2)), 4))
+
+
+@pytest.mark.parametrize("slots_per_rank", [1, 3])
+def test_large_scale_construction_is_valid_and_close_to_the_full_one(slots_per_rank):
+    # the many-ranks construction (candidate ranks, incremental slowest-rank tracking), forced
+    # on 16 ranks by construct_ranks=4, against the full construction on the same problem
+    rng = np.random.default_rng(0)
+    g = GroupModel.tokens_over_speed(1 / (1 + np.minimum(np.abs(rng.normal(0, 0.1, 16)), 0.22)))
+    loads = het_trace(1)
+    num_physical = max(32, 16 * slots_per_rank)
+    prob = PlacementProblem(loads, g, num_physical)
+    times = {}
+    for k in (4, 10**6):
+        p2l = make("gem", construct_ranks=k, local_search=False).place(prob)
+        assert p2l.shape == (4, num_physical)
+        for layer in p2l:
+            assert set(layer.tolist()) == set(range(32))  # every expert placed
+        times[k] = simulate(loads, p2l, g).mean
+    assert times[4] <= 1.05 * times[10**6], times
+
+
+def test_replica_choice_in_rounds_for_many_redundant_slots():
+    loads = synthetic_trace(SyntheticParams(steps=16, layers=2, experts=16, seed=0)).loads
+    g = GroupModel.tokens_over_speed(np.ones(4))
+    cnt = choose_replicas(loads, 16 + 200, g)  # 200 redundant slots: chosen in rounds
+    assert (cnt.sum(1) == 216).all() and (cnt >= 1).all()
+    hot = loads.sum(0).argmax(1)
+    assert (cnt[np.arange(2), hot] == cnt.max(1)).all()  # the hottest expert got the most

@@ -62,6 +62,9 @@ def coactivated_pairs(loads: np.ndarray, temporal: np.ndarray, threshold: float 
     return out
 
 
+MAX_REPLICA_ROUNDS = 64  # beyond this many redundant slots, several are chosen per round
+
+
 def choose_replicas(loads: np.ndarray, num_physical: int, group: GroupModel) -> np.ndarray:
     """Replica count per expert for the redundant slots, judged by the latency model.
 
@@ -69,7 +72,9 @@ def choose_replicas(loads: np.ndarray, num_physical: int, group: GroupModel) -> 
     layer time mean_s max(total work / total speed, largest piece / fastest speed); a
     replica splits an expert's tokens but adds a weight read, so in the memory-bound
     regime replicating a hot expert can cost more than it saves. Ties go to the expert with
-    the largest per-replica peak load (vLLM's rule, on peaks rather than sums).
+    the largest per-replica peak load (vLLM's rule, on peaks rather than sums). With more
+    than MAX_REPLICA_ROUNDS redundant slots (hundreds of GPUs), each round gives one more
+    replica to each of the best few experts, so the rounds stay at most that many.
 
     loads: [steps, layers, experts] -> counts: [layers, experts], each row summing to num_physical
     """
@@ -78,9 +83,9 @@ def choose_replicas(loads: np.ndarray, num_physical: int, group: GroupModel) -> 
     if num_physical == experts:
         return cnt
     ref, speed = group.reference_speeds()
-    tot, top = speed.sum(), speed.max()
+    tot, top_speed = speed.sum(), speed.max()
     if not np.isfinite(tot):
-        tot = top = 1.0
+        tot = top_speed = 1.0
 
     def piece(c: np.ndarray) -> np.ndarray:  # [S, L, E] work of one replica
         t = loads / c[None]
@@ -88,21 +93,29 @@ def choose_replicas(loads: np.ndarray, num_physical: int, group: GroupModel) -> 
 
     rows = np.arange(layers)
     peak = np.quantile(loads, 0.9, axis=0)
-    cur = piece(cnt)
+    cur = piece(cnt)  # [S, L, E] work of one replica now
+    new = piece(cnt + 1)  # ... with one more replica
     work = (cur * cnt[None]).sum(-1)  # [S, L]
-    for _ in range(num_physical - experts):
-        new = piece(cnt + 1)
+    remaining = num_physical - experts
+    batch = -(-remaining // MAX_REPLICA_ROUNDS)  # 1 unless there are many redundant slots
+    while remaining:
+        k = min(batch, remaining)
+        remaining -= k
         new_work = work[..., None] + new * (cnt + 1)[None] - cur * cnt[None]
-        order = np.argsort(-cur, axis=-1)[..., :2]
-        first = np.take_along_axis(cur, order[..., :1], -1)
-        second = np.take_along_axis(cur, order[..., 1:2], -1) if experts > 1 else first * 0
-        excl = np.where(np.arange(experts) == order[..., :1], second, first)
-        est = np.maximum(new_work / tot, np.maximum(excl, new) / top).mean(0)  # [L, E]
+        # the largest piece excluding each expert itself: the top two per (step, layer)
+        top = cur.argmax(-1)[..., None]
+        first = np.take_along_axis(cur, top, -1)
+        second = np.partition(cur, experts - 2, axis=-1)[..., experts - 2:experts - 1] \
+            if experts > 1 else first * 0
+        excl = np.where(np.arange(experts) == top, second, first)
+        est = np.maximum(new_work / tot, np.maximum(excl, new) / top_speed).mean(0)  # [L, E]
         score = est - 1e-6 * est.mean(1, keepdims=True) * (peak / cnt) / (peak.max(1, keepdims=True) + 1e-30)
-        e = score.argmin(1)
-        cnt[rows, e] += 1
-        cur[:, rows, e] = new[:, rows, e]
-        work = (cur * cnt[None]).sum(-1)
+        for e in (np.argpartition(score, k - 1, axis=1)[:, :k].T if k > 1 else score.argmin(1)[None]):
+            # only expert e of each layer changed: update its columns, not the whole [S, L, E]
+            work += new[:, rows, e] * (cnt[rows, e] + 1) - cur[:, rows, e] * cnt[rows, e]
+            cnt[rows, e] += 1
+            cur[:, rows, e] = new[:, rows, e]
+            new[:, rows, e] = group.item_features(loads[:, rows, e] / (cnt[rows, e] + 1)) @ ref
     return cnt
 
 
@@ -144,11 +157,13 @@ class GemPolicy(PlacementPolicy):
     def __init__(self, *, max_steps: int = 32, min_steps: int = 32, stepwise: bool = True,
                  local_search: bool = True, max_iters: int = 200, candidates: int = 16,
                  min_gain: float = 1e-4, time_budget: float | None = None,
-                 migration_weight: float | None = None, seed: int = 0, **params: Any) -> None:
+                 migration_weight: float | None = None, seed: int = 0,
+                 construct_ranks: int = 64, **params: Any) -> None:
         super().__init__(max_steps=max_steps, min_steps=min_steps, stepwise=stepwise,
                          local_search=local_search, max_iters=max_iters, candidates=candidates,
                          min_gain=min_gain, time_budget=time_budget,
-                         migration_weight=migration_weight, seed=seed, **params)
+                         migration_weight=migration_weight, seed=seed,
+                         construct_ranks=construct_ranks, **params)
         self.report: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- entry point
@@ -179,7 +194,10 @@ class GemPolicy(PlacementPolicy):
             "redundant_slots_per_layer": num_physical - experts,
             "planning_steps": steps,
         }
-        if not migrate:
+        if not migrate and group.num_ranks > p["construct_ranks"]:
+            rank_of = _construct_large(feat, item_log, consistent, group, problem.slots_per_rank,
+                                       experts, p["construct_ranks"])
+        elif not migrate:
             rank_of = self._construct(feat, item_log, consistent, group, problem.slots_per_rank,
                                       experts, p["stepwise"])
         before = _rank_times(feat, rank_of, group).max(-1).mean()
@@ -335,6 +353,64 @@ class GemPolicy(PlacementPolicy):
                 rank_of[layer, i], rank_of[layer, j] = gb, ga
                 swaps += 1
         return rank_of, swaps
+
+
+def _construct_large(feat: np.ndarray, item_log: np.ndarray, consistent: np.ndarray,
+                     group: GroupModel, slots: int, experts: int, num_cand: int) -> np.ndarray:
+    """The step-wise greedy construction for many ranks.
+
+    Each item considers only the `num_cand` ranks where it would end soonest on average
+    (current mean time + the item's mean cost on that rank, so among idle ranks the fastest
+    come first), and the per-step slowest and second-slowest rank times are kept up to date
+    incrementally (times only grow). One item costs O(layers x (ranks + steps x num_cand))
+    instead of O(layers x steps x ranks).
+
+    feat: [L, S, P, 3]; item_log: [L, P]; consistent: [L, E] -> rank_of: [L, P]
+    """
+    layers, steps, num_items, _ = feat.shape
+    ranks = group.num_ranks
+    coef = group.slot_coef  # [G, 3]
+    rows = np.arange(layers)
+    t = np.broadcast_to(group.fixed[:, None], (layers, ranks, steps)).copy()  # [L, G, S]
+    top = t.argmax(1)  # [L, S]
+    v1 = t.max(1)
+    v2 = np.sort(t, axis=1)[:, -2]
+    t_mean = t.mean(2)  # [L, G], kept up to date with t
+    fill = np.zeros((layers, ranks), dtype=np.int64)
+    hold = np.zeros((layers, ranks, experts), dtype=bool)
+    rank_of = np.full((layers, num_items), -1, dtype=np.int64)
+    feat_mean = feat.mean(1)  # [L, P, 3]
+    mean_cost = feat_mean @ coef.mean(0)  # [L, P]
+    is_cons = np.take_along_axis(consistent, item_log, axis=1)
+    order = np.lexsort((-mean_cost, ~is_cons), axis=1)
+    for k in range(num_items):
+        i = order[:, k]
+        lg = item_log[rows, i]
+        blocked = (fill >= slots) | hold[rows, :, lg]  # [L, G]
+        blocked = np.where(blocked.all(1, keepdims=True), fill >= slots, blocked)
+        finish = np.where(blocked, np.inf, t_mean + feat_mean[rows, i] @ coef.T)
+        cand = np.argpartition(finish, num_cand - 1, axis=1)[:, :num_cand]  # [L, C]
+        ok = np.isfinite(finish[rows[:, None], cand])
+        cost = np.einsum("lsf,lcf->lcs", feat[rows, :, i, :], coef[cand])  # [L, C, S]
+        new_t = t[rows[:, None], cand] + cost
+        other = np.where(cand[:, :, None] == top[:, None, :], v2[:, None, :], v1[:, None, :])
+        score = np.maximum(new_t, other).mean(2) + 1e-3 * new_t.mean(2)
+        c = np.where(ok, score, np.inf).argmin(1)
+        g = cand[rows, c]
+        rank_of[rows, i] = g
+        fill[rows, g] += 1
+        hold[rows, g, lg] = True
+        tg = new_t[rows, c]  # [L, S]
+        t[rows, g] = tg
+        t_mean[rows, g] = tg.mean(1)
+        # incremental slowest / second slowest per (layer, step)
+        is_top = top == g[:, None]
+        above1 = ~is_top & (tg > v1)
+        above2 = ~is_top & ~above1 & (tg > v2)
+        v2 = np.where(above1, v1, np.where(above2, tg, v2))
+        top = np.where(above1, g[:, None], top)
+        v1 = np.where(is_top | above1, tg, v1)
+    return rank_of
 
 
 def _max_excluding(t: np.ndarray, g1: np.ndarray, h: np.ndarray) -> np.ndarray:
