@@ -40,3 +40,11 @@ def test_reference_speeds_give_valid_lower_costs():
 def test_scaled_model():
     m = LatencyModel(np.array([10.0, 1.0, 2.0, 0.1]), 16)
     assert m.scaled(1.5).coef.tolist() == [10.0, 1.5, 3.0, 0.15000000000000002]
+
+
+def test_calibration_patterns_for_few_local_experts():
+    # e.g. Mixtral's 8 experts on 2 GPUs: 4 per GPU (this used to raise in rng.choice)
+    from vllm_gem.profiles import calibration_patterns
+    for e in (1, 2, 4, 6):
+        pats = calibration_patterns(e, 64)
+        assert pats and all(len(p) == e and sum(p) > 0 for p in pats)

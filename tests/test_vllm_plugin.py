@@ -344,12 +344,12 @@ def _place_worker(rank, world, init, cfg, fail_rank, out):
     dist.destroy_process_group()
 
 
-def _run_place(cfg, fail_rank=None):
+def _run_place(cfg, fail_rank=None, world=2):
     import torch
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_place_worker, args=(2, f"file://{tmp}/rdv", cfg, fail_rank, tmp), nprocs=2)
-        return [torch.load(f"{tmp}/rank{r}.pt") for r in range(2)]
+        mp.spawn(_place_worker, args=(world, f"file://{tmp}/rdv", cfg, fail_rank, tmp), nprocs=world)
+        return [torch.load(f"{tmp}/rank{r}.pt") for r in range(world)]
 
 
 @pytest.fixture(scope="module")
@@ -392,6 +392,19 @@ def torch_equal(a, b):
 def torch_tensor(a):
     import torch
     return torch.as_tensor(a)
+
+
+def test_four_ranks_like_two_nodes_of_two_agree_on_one_placement(inputs, tmp_path):
+    # the multi-process path of a multi-node EP group, on one host: 4 ranks, 4 profiles
+    profiles = []
+    for r, slow in enumerate((1.0, 1.0, 1.15, 1.3)):
+        profiles.append(str(tmp_path / f"g{r}.json"))
+        save(example_profile(f"gpu{r}", slow, num_experts=6), profiles[-1])
+    res = _run_place({"profiles": profiles, "trace": inputs["trace"]}, world=4)
+    assert all(r["report"].get("applied") and r["holds"] for r in res), [r["report"] for r in res]
+    assert all(torch_equal(r["map"], res[0]["map"]) for r in res)
+    us = res[0]["report"]["rank_us_after"]
+    assert us[3] <= max(us[:2]) * 1.05  # the slowest GPU is not left as the straggler
 
 
 def test_a_trace_of_another_model_keeps_vllm_placement_or_fails_in_strict(inputs):

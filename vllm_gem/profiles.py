@@ -27,12 +27,14 @@ def calibration_patterns(num_experts: int, block_m: int, seed: int = 0) -> list[
     """
     rng = np.random.default_rng(seed)
     pats: list[list[int]] = []
-    for active in sorted({1, 2, 4, 8, num_experts // 4, num_experts // 2, num_experts} - {0}):
+    # active-expert counts are capped at num_experts (a model with few experts per GPU)
+    for active in sorted({min(a, num_experts) for a in
+                          (1, 2, 4, 8, num_experts // 4, num_experts // 2, num_experts)} - {0}):
         for tok in (1, 4, 16):
             c = np.zeros(num_experts, dtype=np.int64)
             c[rng.choice(num_experts, active, replace=False)] = tok
             pats.append(c.tolist())
-    for active in sorted({1, 4, max(num_experts // 8, 1)}):
+    for active in sorted({min(a, num_experts) for a in (1, 4, max(num_experts // 8, 1))}):
         for tiles in (1, 2, 4, 8, 16, 32):
             for extra in (0, 1):
                 c = np.zeros(num_experts, dtype=np.int64)

@@ -169,6 +169,8 @@ class GemPolicy(PlacementPolicy):
     # ----------------------------------------------------------------- entry point
     def place(self, problem: PlacementProblem) -> np.ndarray:
         p = self.params
+        # time_budget bounds the whole plan: the local search stops at this deadline
+        deadline = time.perf_counter() + p["time_budget"] if p["time_budget"] else float("inf")
         loads = sample_steps(problem.loads.astype(np.float64), p["max_steps"], p["seed"])
         loads = augment_steps(loads, p["min_steps"], p["seed"])
         steps, layers, experts = loads.shape
@@ -207,7 +209,7 @@ class GemPolicy(PlacementPolicy):
                 old_hold = np.zeros((layers, group.num_ranks, experts), dtype=bool)
                 old_hold[np.arange(layers)[:, None], rank_of, item_log] = True
             rank_of, swaps = self._local_search(feat, item_log, rank_of, group, experts,
-                                                old_hold, p["migration_weight"] or 0.0)
+                                                old_hold, p["migration_weight"] or 0.0, deadline)
             self.report["local_search_swaps"] = swaps
         after = _rank_times(feat, rank_of, group).max(-1).mean()
         self.report.update(construct_us=float(before), final_us=float(after))
@@ -256,15 +258,13 @@ class GemPolicy(PlacementPolicy):
     # ----------------------------------------------------------------- local search
     def _local_search(self, feat: np.ndarray, item_log: np.ndarray, rank_of: np.ndarray,
                       group: GroupModel, experts: int, old_hold: np.ndarray | None,
-                      migration_weight: float) -> tuple[np.ndarray, int]:
+                      migration_weight: float, deadline: float) -> tuple[np.ndarray, int]:
         layers, steps, num_items, _ = feat.shape
         slots = num_items // group.num_ranks
         cand = min(slots, self.params["candidates"])
         chunk = max(1, _CHUNK_ELEMS // (cand * steps * (num_items - slots)))
         rank_of = rank_of.copy()
         swaps = 0
-        budget = self.params["time_budget"]
-        deadline = time.perf_counter() + budget if budget else float("inf")
         for a in range(0, layers, chunk):
             sl = slice(a, min(layers, a + chunk))
             oh = old_hold[sl] if old_hold is not None else None
