@@ -316,7 +316,7 @@ def test_a_move_that_mixes_up_experts_is_caught():
 
 
 # ---------------------------------------------------------------- a worker's start-up placement
-def _place_worker(rank, world, init, cfg, fail_rank, out):
+def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None):
     import torch
     import torch.distributed as dist
 
@@ -335,6 +335,10 @@ def _place_worker(rank, world, init, cfg, fail_rank, out):
             return example_profile(f"gpu{rank}", 1.0 + 0.3 * rank, num_experts=12)
         w.local_profile = local_profile
     runtime._WORKER = w
+    if rank == inactive_rank:  # GEM could not attach on this rank
+        from vllm.distributed import parallel_state
+        parallel_state.get_ep_group = lambda: ep
+        runtime._WORKER = None
     try:
         report = runtime.place_at_start(None)
     except Exception as e:
@@ -344,11 +348,12 @@ def _place_worker(rank, world, init, cfg, fail_rank, out):
     dist.destroy_process_group()
 
 
-def _run_place(cfg, fail_rank=None, world=2):
+def _run_place(cfg, fail_rank=None, world=2, inactive_rank=None):
     import torch
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_place_worker, args=(world, f"file://{tmp}/rdv", cfg, fail_rank, tmp), nprocs=world)
+        mp.spawn(_place_worker, args=(world, f"file://{tmp}/rdv", cfg, fail_rank, tmp, inactive_rank),
+                 nprocs=world)
         return [torch.load(f"{tmp}/rank{r}.pt") for r in range(world)]
 
 
@@ -417,6 +422,13 @@ def test_a_trace_of_another_model_keeps_vllm_placement_or_fails_in_strict(inputs
     res = _run_place({**cfg, "strict": True})
     assert all(r["report"]["raised"].startswith("PlacementError: planning on EP rank 0 failed: ")
                for r in res)
+
+
+def test_a_rank_where_gem_did_not_attach_stops_the_others_without_a_hang(inputs):
+    res = _run_place({"profiles": inputs["profiles"], "trace": inputs["trace"]}, inactive_rank=1)
+    for r in res:
+        assert r["report"] == {"applied": False, "why": "rank 1: GEM is not active on this worker"}
+        assert r["holds"]
 
 
 def test_a_calibration_failing_on_one_rank_is_named_on_every_rank(inputs):

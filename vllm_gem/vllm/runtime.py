@@ -196,7 +196,8 @@ class GemWorker:
             "rank_us_after": [round(x, 2) for x in decision.rank_us_after],
             "gpus": [f"{p.gpu.name} #{p.gpu.index}" + (f" ({p.emulation})" if p.emulation else "")
                      for p in self.profiles],
-            "planner": self.cfg.planner, **{f"plan_{k}": v for k, v in decision.info.items()},
+            "planner": self.cfg.recalibrate_planner if horizon_steps else self.cfg.planner,
+            **{f"plan_{k}": v for k, v in decision.info.items()},
         }
         if decision.apply:
             new = torch.from_numpy(decision.phys_to_log)
@@ -309,10 +310,23 @@ def _request_dump(signum, frame) -> None:
 
 
 def place_at_start(worker: Any) -> dict[str, Any]:
-    """collective_rpc target: the one placement before the first request."""
+    """collective_rpc target: the one placement before the first request.
+
+    The ranks first agree that all of them can place: a rank whose GemWorker could not be
+    built must not leave the others waiting in a collective it never joins.
+    """
     w = _WORKER
-    if w is None:
-        return {"applied": False, "why": "GEM is not active on this worker"}
+    if w is not None:
+        group = w.ep.cpu_group
+    else:
+        from vllm.distributed.parallel_state import get_ep_group
+        group = get_ep_group().cpu_group
+    why = "" if w is not None else "GEM is not active on this worker"
+    states: list = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(states, why, group=group)
+    missing = [f"rank {r}: {s}" for r, s in enumerate(states) if s]
+    if missing:
+        return {"applied": False, "why": "; ".join(missing)}
     if not w.cfg.place:
         w.started = True
         return {"applied": False, "why": "place=false: recording only"}
