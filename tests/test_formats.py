@@ -100,3 +100,9 @@ def test_placement_checks():
         validate_placement(placement(), "x", num_layers=48)
     with pytest.raises(GemInputError, match=r"num_logical_experts: is 4; expected 128"):
         validate_placement(placement(), "x", num_logical_experts=128)
+
+
+def test_invalid_utf8_inside_msgpack_is_a_clear_error(tmp_path):
+    # found by tests/test_fuzz.py: msgspec raised UnicodeDecodeError, not a GemInputError
+    raw = msgspec.msgpack.encode(trace()).replace(b"test", b"\xff\xfe\xfd\xfc")
+    assert "c.msgpack: file: is not valid msgpack" in _err(tmp_path, "c.msgpack", raw, RoutingTrace)

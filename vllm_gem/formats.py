@@ -211,9 +211,10 @@ def decode(raw: bytes, cls: type[T], source: str, json: bool) -> T:
     if not raw.strip():
         raise GemInputError(source, "file", "is empty", f"a {_KIND[cls]} in {fmt}")
     mod = msgspec.json if json else msgspec.msgpack
+    corrupt = (msgspec.DecodeError, UnicodeDecodeError)  # msgpack strings are not re-checked
     try:
         head = mod.decode(raw, type=_Header)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except (*corrupt, msgspec.ValidationError) as e:
         raise GemInputError(source, "file", f"is not valid {fmt} ({e}); truncated or corrupt?",
                             f"a {_KIND[cls]} in {fmt}") from None
     if head.kind != _KIND[cls]:
@@ -223,6 +224,9 @@ def decode(raw: bytes, cls: type[T], source: str, json: bool) -> T:
                             f"{SCHEMA_VERSION} (this vllm-gem reads schema {SCHEMA_VERSION})")
     try:
         obj = mod.decode(raw, type=cls)
+    except corrupt as e:  # the header decoded, something after it did not
+        raise GemInputError(source, "file", f"is not valid {fmt} ({e}); truncated or corrupt?",
+                            f"a {_KIND[cls]} in {fmt}") from None
     except msgspec.ValidationError as e:
         # msgspec says e.g. "Expected `int`, got `str` - at `$.points[0].median_us`"
         text = str(e)

@@ -1,0 +1,126 @@
+"""Hypothesis fuzzing of every file loader, GEM's vLLM settings and the plugin's decision:
+whatever the input, the only failure is the documented GemInputError."""
+
+import msgspec
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import random_group
+from vllm_gem.errors import GemInputError
+from vllm_gem.formats import GpuProfile, NdArray, Placement, RoutingTrace, decode, encode
+from vllm_gem.profiles import example_profile
+
+
+def valid_files():
+    trace = RoutingTrace(model="m", source="t",
+                         counts=NdArray.from_numpy(np.arange(24, dtype=np.int32).reshape(2, 3, 4)))
+    place = Placement(num_logical_experts=4, num_ranks=2, phys_to_log=[[0, 1, 2, 3]],
+                      rank_of_slot=[0, 0, 1, 1], planner="t")
+    return [(example_profile("g", num_experts=8), GpuProfile), (trace, RoutingTrace), (place, Placement)]
+
+
+FILES = valid_files()
+
+
+@st.composite
+def mutated(draw):
+    obj, cls = draw(st.sampled_from(FILES))
+    as_json = draw(st.booleans())
+    raw = bytearray(encode(obj, json=as_json))
+    for _ in range(draw(st.integers(0, 4))):
+        op = draw(st.sampled_from(["flip", "cut", "insert", "delete"]))
+        if not raw:
+            break
+        i = draw(st.integers(0, len(raw) - 1))
+        if op == "flip":
+            raw[i] ^= 1 << draw(st.integers(0, 7))
+        elif op == "cut":
+            del raw[i:]
+        elif op == "insert":
+            raw[i:i] = draw(st.binary(min_size=1, max_size=8))
+        else:
+            del raw[i:i + draw(st.integers(1, 16))]
+    return bytes(raw), cls, as_json
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated())
+def test_corrupted_files_give_one_clear_error_or_a_valid_object(case):
+    raw, cls, as_json = case
+    try:
+        obj = decode(raw, cls, "fuzz.file", json=as_json)
+    except GemInputError as e:
+        assert str(e).startswith("fuzz.file: ")
+        return
+    assert isinstance(obj, cls)  # a mutation that kept the file valid: it was validated
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200), st.sampled_from([GpuProfile, RoutingTrace, Placement]), st.booleans())
+def test_random_bytes_are_rejected_clearly(raw, cls, as_json):
+    with pytest.raises(GemInputError, match=r"^fuzz\.file: "):
+        decode(raw, cls, "fuzz.file", json=as_json)
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+                           lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+                           max_leaves=6)
+GEM_FIELDS = ["trace", "profiles", "strict", "place", "planner", "min_gain", "record_capacity",
+              "recalibrate_steps", "emulate_slowdown", "warmup_prompts", "state_dir", "bogus"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(json_values, st.dictionaries(st.sampled_from(GEM_FIELDS), json_values, max_size=4)))
+def test_any_gem_setting_parses_or_names_the_field(raw):
+    pytest.importorskip("vllm")  # only to keep the vllm_gem.vllm package import honest
+    from vllm_gem.vllm.config import GemConfig, parse
+    try:
+        cfg = parse(raw)
+    except GemInputError as e:
+        assert str(e).startswith("--additional-config gem: ")
+        return
+    assert isinstance(cfg, GemConfig)
+
+
+@st.composite
+def decisions(draw):
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    ranks = draw(st.integers(1, 8))
+    experts = draw(st.integers(1, 20))
+    phys = max(experts + draw(st.integers(0, 6)), ranks)
+    phys += (-phys) % ranks
+    steps, layers = draw(st.integers(1, 6)), draw(st.integers(1, 3))
+    kind = draw(st.sampled_from(["random", "zeros", "hot", "one-step"]))
+    loads = rng.poisson(rng.uniform(0, 80), (steps, layers, experts)).astype(float)
+    if kind == "zeros":
+        loads[:] = 0
+    elif kind == "hot":
+        loads[:] = 0
+        loads[..., rng.integers(experts)] = 5000
+    elif kind == "one-step":
+        loads = loads[:1]
+    old = np.tile(np.arange(phys) % experts, (layers, 1))
+    return loads, random_group(rng, ranks), old, draw(st.sampled_from([4, 10**6]))
+
+
+@settings(max_examples=80, deadline=None)
+@given(decisions())
+def test_the_plugin_decision_on_any_load(case):
+    # any shapes, zero loads, one hot expert, more GPUs than experts, replicas, and GEM's
+    # many-ranks construction forced on small groups
+    pytest.importorskip("vllm")
+    from vllm_gem.vllm.planning import decide
+    loads, group, old, construct_ranks = case
+    profiles = [example_profile(f"g{r}", 1 + 0.1 * r, num_experts=max(1, old.shape[1] // group.num_ranks))
+                for r in range(group.num_ranks)]
+    try:
+        d = decide(loads, profiles, old, planner_params={"construct_ranks": construct_ranks})
+    except GemInputError as e:
+        assert loads.sum() == 0 and "holds no routed tokens" in str(e)
+        return
+    assert d.phys_to_log.shape == old.shape
+    for row in d.phys_to_log:
+        assert set(row.tolist()) == set(range(loads.shape[2]))
+    assert np.isfinite([d.predicted_before_us, d.predicted_after_us]).all()
+    msgspec.json.encode(d.rank_us_after)
