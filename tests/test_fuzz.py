@@ -4,11 +4,19 @@ whatever the input, the only failure is the documented GemInputError."""
 import msgspec
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from conftest import random_group
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from vllm_gem.errors import GemInputError
-from vllm_gem.formats import GpuProfile, NdArray, Placement, RoutingTrace, decode, encode
+from vllm_gem.formats import (
+    GpuProfile,
+    NdArray,
+    Placement,
+    RoutingTrace,
+    decode,
+    encode,
+)
 from vllm_gem.profiles import example_profile
 
 
@@ -63,9 +71,10 @@ def test_random_bytes_are_rejected_clearly(raw, cls, as_json):
         decode(raw, cls, "fuzz.file", json=as_json)
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
-                           lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
-                           max_leaves=6)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+    max_leaves=6)
 GEM_FIELDS = ["trace", "profiles", "strict", "place", "planner", "min_gain", "record_capacity",
               "recalibrate_steps", "emulate_slowdown", "warmup_prompts", "state_dir", "bogus"]
 
