@@ -199,3 +199,28 @@ def test_replica_choice_in_rounds_for_many_redundant_slots():
     assert (cnt.sum(1) == 216).all() and (cnt >= 1).all()
     hot = loads.sum(0).argmax(1)
     assert (cnt[np.arange(2), hot] == cnt.max(1)).all()  # the hottest expert got the most
+
+
+def test_two_nodes_keep_expert_moves_inside_a_node():
+    # 4 ranks on 2 nodes; replicas give each node copies to fetch locally
+    loads = het_trace(2)
+    g = GroupModel.tokens_over_speed(np.array([1.0, 0.7, 1.0, 1.0]))
+    old = make("gem").place(PlacementProblem(het_trace(5), g, 40))
+
+    def cross_node_fetches(p2l):
+        per, n = p2l.shape[1] // 4, 0
+        for ly in range(p2l.shape[0]):
+            for r in range(4):
+                node = slice((r // 2) * 2 * per, (r // 2 + 1) * 2 * per)
+                n += len(set(p2l[ly, r * per:(r + 1) * per]) - set(old[ly, node]))
+        return n
+
+    res = {}
+    for nodes in (1, 2):
+        p2l = make("gem", migration_weight=3.0).place(
+            PlacementProblem(loads, g, 40, num_nodes=nodes, old_phys_to_log=old))
+        check_valid(p2l, PlacementProblem(loads, g, 40))
+        res[nodes] = cross_node_fetches(p2l)
+    assert res[2] < res[1], res  # node-aware costs move fewer experts across nodes
+    with pytest.raises(GemInputError, match="num_nodes: is 3; expected a divisor of the 4 ranks"):
+        PlacementProblem(loads, g, 40, num_nodes=3)

@@ -47,6 +47,9 @@ class PlacementProblem:
         if self.num_physical < e or self.num_physical % g:
             raise GemInputError("planner", "num_physical", f"is {self.num_physical}",
                                 f"a multiple of the {g} ranks and >= the {e} experts")
+        if self.num_nodes < 1 or g % self.num_nodes:
+            raise GemInputError("planner", "num_nodes", f"is {self.num_nodes}",
+                                f"a divisor of the {g} ranks (equal GPUs per node)")
         if self.old_phys_to_log is not None and self.old_phys_to_log.shape != (
                 self.num_layers, self.num_physical):
             raise GemInputError("planner", "old_phys_to_log", f"has shape {self.old_phys_to_log.shape}",

@@ -158,12 +158,12 @@ class GemPolicy(PlacementPolicy):
                  local_search: bool = True, max_iters: int = 200, candidates: int = 16,
                  min_gain: float = 1e-4, time_budget: float | None = None,
                  migration_weight: float | None = None, seed: int = 0,
-                 construct_ranks: int = 64, **params: Any) -> None:
+                 construct_ranks: int = 64, node_move_cost: float = 0.25, **params: Any) -> None:
         super().__init__(max_steps=max_steps, min_steps=min_steps, stepwise=stepwise,
                          local_search=local_search, max_iters=max_iters, candidates=candidates,
                          min_gain=min_gain, time_budget=time_budget,
                          migration_weight=migration_weight, seed=seed,
-                         construct_ranks=construct_ranks, **params)
+                         construct_ranks=construct_ranks, node_move_cost=node_move_cost, **params)
         self.report: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- entry point
@@ -204,12 +204,12 @@ class GemPolicy(PlacementPolicy):
                                       experts, p["stepwise"])
         before = _rank_times(feat, rank_of, group).max(-1).mean()
         if p["local_search"] and p["stepwise"] and group.num_ranks > 1:
-            old_hold = None
+            fetch = None
             if migrate:
-                old_hold = np.zeros((layers, group.num_ranks, experts), dtype=bool)
-                old_hold[np.arange(layers)[:, None], rank_of, item_log] = True
+                fetch = fetch_costs(item_log, rank_of, group.num_ranks, experts,
+                                    problem.num_nodes, p["node_move_cost"])
             rank_of, swaps = self._local_search(feat, item_log, rank_of, group, experts,
-                                                old_hold, p["migration_weight"] or 0.0, deadline)
+                                                fetch, p["migration_weight"] or 0.0, deadline)
             self.report["local_search_swaps"] = swaps
         after = _rank_times(feat, rank_of, group).max(-1).mean()
         self.report.update(construct_us=float(before), final_us=float(after))
@@ -257,7 +257,7 @@ class GemPolicy(PlacementPolicy):
 
     # ----------------------------------------------------------------- local search
     def _local_search(self, feat: np.ndarray, item_log: np.ndarray, rank_of: np.ndarray,
-                      group: GroupModel, experts: int, old_hold: np.ndarray | None,
+                      group: GroupModel, experts: int, fetch: np.ndarray | None,
                       migration_weight: float, deadline: float) -> tuple[np.ndarray, int]:
         layers, steps, num_items, _ = feat.shape
         slots = num_items // group.num_ranks
@@ -267,13 +267,13 @@ class GemPolicy(PlacementPolicy):
         swaps = 0
         for a in range(0, layers, chunk):
             sl = slice(a, min(layers, a + chunk))
-            oh = old_hold[sl] if old_hold is not None else None
+            oh = fetch[sl] if fetch is not None else None
             rank_of[sl], n = self._search_chunk(feat[sl], item_log[sl], rank_of[sl], group,
                                                 experts, cand, oh, migration_weight, deadline)
             swaps += n
         return rank_of, swaps
 
-    def _search_chunk(self, feat, item_log, rank_of, group, experts, cand, old_hold, mw, deadline):
+    def _search_chunk(self, feat, item_log, rank_of, group, experts, cand, fetch, mw, deadline):
         layers, steps, num_items, _ = feat.shape
         ranks, coef = group.num_ranks, group.slot_coef.astype(np.float32)
         slots = num_items // ranks
@@ -325,13 +325,12 @@ class GemPolicy(PlacementPolicy):
             dup = (hold[rows[:, None, None], h[:, None, :], log_i[:, :, None]] > 0) \
                 | (hold[rows[:, None], g1[:, None], log_j] > 0)[:, None, :] \
                 | (log_i[:, :, None] == log_j[:, None, :])
-            if old_hold is not None:
-                oi = old_hold[rows[:, None, None], h[:, None, :], log_i[:, :, None]]
-                oj = old_hold[rows[:, None], g1[:, None], log_j][:, None, :]
-                oi1 = old_hold[rows[:, None], g1[:, None], log_i][:, :, None]
-                ojh = old_hold[rows[:, None], h, log_j][:, None, :]
-                moved = [(~x).astype(np.float32) for x in (oi, oj, oi1, ojh)]
-                val = val + mw * (moved[0] + moved[1] - moved[2] - moved[3])
+            if fetch is not None:  # what each rank pays to get each expert (0: it has it)
+                fi = fetch[rows[:, None, None], h[:, None, :], log_i[:, :, None]]
+                fj = fetch[rows[:, None], g1[:, None], log_j][:, None, :]
+                fi1 = fetch[rows[:, None], g1[:, None], log_i][:, :, None]
+                fjh = fetch[rows[:, None], h, log_j][:, None, :]
+                val = val + mw * (fi + fj - fi1 - fjh)
             val = np.where(dup, np.inf, val)
             flat = val.reshape(layers, -1).argmin(1)
             ci, pj = np.divmod(flat, num_items - slots)
@@ -353,6 +352,25 @@ class GemPolicy(PlacementPolicy):
                 rank_of[layer, i], rank_of[layer, j] = gb, ga
                 swaps += 1
         return rank_of, swaps
+
+
+def fetch_costs(item_log: np.ndarray, rank_of: np.ndarray, ranks: int, experts: int,
+                num_nodes: int, node_move_cost: float) -> np.ndarray:
+    """What it costs each rank to obtain each expert, relative to a cross-node copy.
+
+    item_log, rank_of: [L, P] the current placement -> [L, ranks, experts] float32: 0 where
+    the rank holds the expert, `node_move_cost` where another rank of its node does (a copy
+    over NVLink), 1 otherwise. Ranks are grouped into nodes contiguously, as vLLM lays out
+    EP ranks. With one node this is 0/1: "does the rank hold it".
+    """
+    layers = item_log.shape[0]
+    hold = np.zeros((layers, ranks, experts), dtype=bool)
+    hold[np.arange(layers)[:, None], rank_of, item_log] = True
+    node_of = np.arange(ranks) // (ranks // num_nodes)
+    in_node = np.zeros((layers, num_nodes, experts), dtype=bool)
+    np.logical_or.at(in_node, (slice(None), node_of), hold)
+    cost = np.where(in_node[:, node_of], node_move_cost, 1.0)
+    return np.where(hold, 0.0, cost).astype(np.float32)
 
 
 def _construct_large(feat: np.ndarray, item_log: np.ndarray, consistent: np.ndarray,

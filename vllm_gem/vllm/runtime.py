@@ -53,20 +53,22 @@ class GemWorker:
                                 "(Qwen3-MoE, Mixtral, DeepSeek-V2/V3; not Qwen2-MoE or OLMoE)")
         ms = next(iter(self.eplb.model_states.values()))
         self._init_parts(cfg, ms, get_ep_group(), worker.vllm_config.parallel_config.data_parallel_size,
-                         worker.vllm_config.model_config.model)
+                         worker.vllm_config.model_config.model, num_nodes=_node_count())
         self._hook_eplb()
 
     @classmethod
     def from_parts(cls, cfg: GemConfig, model_state: Any, ep_group: Any, dp_size: int = 1,
-                   model_name: str = "") -> "GemWorker":
+                   model_name: str = "", num_nodes: int = 1) -> "GemWorker":
         """A GemWorker over an EPLB model state and EP group, without a vLLM worker (tests)."""
         self = cls.__new__(cls)
         self.worker = self.eplb = None
-        self._init_parts(cfg, model_state, ep_group, dp_size, model_name)
+        self._init_parts(cfg, model_state, ep_group, dp_size, model_name, num_nodes)
         return self
 
-    def _init_parts(self, cfg: GemConfig, ms: Any, ep: Any, dp_size: int, model_name: str) -> None:
+    def _init_parts(self, cfg: GemConfig, ms: Any, ep: Any, dp_size: int, model_name: str,
+                    num_nodes: int = 1) -> None:
         self.cfg = cfg
+        self.num_nodes = num_nodes  # EP ranks are laid out node by node
         self.ms = ms
         self.model = ms.model
         self.ep = ep
@@ -170,7 +172,7 @@ class GemWorker:
                 old = self.ms.physical_to_logical_map.cpu().numpy()
                 planner = self.cfg.recalibrate_planner if horizon_steps else self.cfg.planner
                 history = self.routing_history(live=bool(horizon_steps), last=horizon_steps)
-                decision = decide(history, self.profiles, old,
+                decision = decide(history, self.profiles, old, num_nodes=self.num_nodes,
                                   num_groups=self.model.num_expert_groups, planner=planner,
                                   planner_params=self.cfg.planner_params,
                                   min_gain=self.cfg.min_gain)
@@ -264,6 +266,14 @@ class GemWorker:
         save(tr, path)
         logger.info("vllm-gem: wrote %d recorded steps to %s", tr.counts.shape[0], path)
         return path
+
+
+def _node_count() -> int:
+    try:
+        from vllm.distributed.parallel_state import get_node_count
+        return int(get_node_count())
+    except Exception:  # an older or stripped vLLM: plan as one node
+        return 1
 
 
 class PlacementError(RuntimeError):
