@@ -64,7 +64,7 @@ def test_corrupted_files_give_one_clear_error_or_a_valid_object(case):
     assert isinstance(obj, cls)  # a mutation that kept the file valid: it was validated
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=200), st.sampled_from([GpuProfile, RoutingTrace, Placement]), st.booleans())
 def test_random_bytes_are_rejected_clearly(raw, cls, as_json):
     with pytest.raises(GemInputError, match=r"^fuzz\.file: "):
@@ -79,7 +79,7 @@ GEM_FIELDS = ["trace", "profiles", "strict", "place", "planner", "min_gain", "re
               "recalibrate_steps", "emulate_slowdown", "warmup_prompts", "state_dir", "bogus"]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(json_values, st.dictionaries(st.sampled_from(GEM_FIELDS), json_values, max_size=4)))
 def test_any_gem_setting_parses_or_names_the_field(raw):
     pytest.importorskip("vllm")  # only to keep the vllm_gem.vllm package import honest
@@ -113,7 +113,7 @@ def decisions(draw):
     return loads, random_group(rng, ranks), old, draw(st.sampled_from([4, 10**6]))
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(decisions())
 def test_the_plugin_decision_on_any_load(case):
     # any shapes, zero loads, one hot expert, more GPUs than experts, replicas, and GEM's
