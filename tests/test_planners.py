@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import random_group
 from vllm_gem.errors import GemInputError
@@ -39,7 +39,7 @@ def problems(draw):
     return PlacementProblem(loads, random_group(rng, ranks), phys)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems(), st.sampled_from(OFFLINE))
 def test_every_planner_places_every_expert(problem, name):
     try:

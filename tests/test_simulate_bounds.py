@@ -1,7 +1,7 @@
 import itertools
 
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import random_group
 from vllm_gem.bounds import lower_bounds
@@ -47,7 +47,7 @@ def case(draw, max_experts=6):
     return loads, p2l, random_group(rng, ranks), phys
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case())
 def test_simulator_matches_brute_force(c):
     loads, p2l, group, _ = c
@@ -61,7 +61,7 @@ def all_placements(experts, ranks, phys):
             yield np.array(row)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case(max_experts=4))
 def test_bounds_never_above_any_placement(c):
     loads, _, group, phys = c
