@@ -82,13 +82,16 @@ def stop_server(proc: subprocess.Popen) -> None:
             continue
 
 
-def bench(model: str, port: int, shape: tuple[int, int], rate: str, n: int, out: Path, seed: int) -> dict:
+def bench(model: str, port: int, shape: tuple[int, int], rate: str, n: int, out: Path, seed: int,
+          max_concurrency: int | None = None) -> dict:
     cmd = [*VLLM, "bench", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
            "--dataset-name", "random", "--random-input-len", str(shape[0]),
            "--random-output-len", str(shape[1]), "--num-prompts", str(n), "--request-rate", rate,
            "--ignore-eos", "--seed", str(seed), "--percentile-metrics", ",".join(METRICS),
            "--metric-percentiles", "50,90,99", "--save-result", "--result-dir", str(out.parent),
            "--result-filename", out.name]
+    if max_concurrency:  # a steady batch size: far less run-to-run spread than a burst at rate inf
+        cmd += ["--max-concurrency", str(max_concurrency)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **SAFE_ENV})
     return json.loads(out.read_text())
 
@@ -125,6 +128,28 @@ def summarize(rows: list[dict], base: str) -> tuple[list[dict], str]:
     return table, "\n".join(lines)
 
 
+def plot(table: list[dict], path: Path) -> None:
+    """TTFT / TPOT / ITL P50-P90-P99 per configuration, one panel row per (shape, rate)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = list(dict.fromkeys((r["shape"], r["rate"]) for r in table))
+    fig, axes = plt.subplots(len(keys), 3, figsize=(13, 3.2 * len(keys)), squeeze=False)
+    for row, (shape, rate) in enumerate(keys):
+        rs = [r for r in table if (r["shape"], r["rate"]) == (shape, rate)]
+        for col, m in enumerate(METRICS):
+            ax = axes[row][col]
+            for k, q in enumerate((50, 90, 99)):
+                ax.bar([i + 0.27 * k for i in range(len(rs))], [r[f"{m}_p{q}"] for r in rs], 0.27,
+                       label=f"p{q}")
+            ax.set_xticks([i + 0.27 for i in range(len(rs))], [r["config"] for r in rs],
+                          rotation=20, fontsize=7)
+            ax.set_title(f"{m.upper()} ms, {shape}, rate {rate}", fontsize=9)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
@@ -137,6 +162,7 @@ def main() -> int:
     p.add_argument("--rates", default="inf")
     p.add_argument("--num-prompts", type=int, default=1000,
                    help="200 prompts at rate inf last under 2 s on 2xH200: too short to measure")
+    p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--warmup-prompts", type=int, default=32)
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--startup-limit", type=float, default=400)
@@ -168,7 +194,7 @@ def main() -> int:
                         for rate in rates:
                             tag = f"{name}-{shape[0]}x{shape[1]}-r{rate}-rep{rep}.{brep}"
                             res = bench(a.model, a.port, shape, rate, a.num_prompts,
-                                        raw / f"{tag}.json", 100 * rep + brep)
+                                        raw / f"{tag}.json", 100 * rep + brep, a.max_concurrency)
                             rows.append({"config": name, "shape": f"{shape[0]}x{shape[1]}",
                                          "rate": rate, "rep": f"{rep}.{brep}", "result": res})
                             print(f"[{tag}] TPOT p50 {res['median_tpot_ms']:.2f} ms, TTFT p50 "
@@ -185,6 +211,7 @@ def main() -> int:
     (a.out / "summary.json").write_text(json.dumps({"rows": table, "startup": starts,
                                                     "argv": sys.argv[1:]}, indent=1))
     (a.out / "summary.md").write_text(md + "\n")
+    plot(table, a.out / "summary.png")
     print(md)
     print(json.dumps(starts))
     return 0

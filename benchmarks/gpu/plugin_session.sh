@@ -14,7 +14,7 @@ export PYTHONPATH=/tmp/vllm-site:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 dest=${OUT:?set OUT}
 pkill -9 -f "vllm.entrypoints" 2>/dev/null; sleep 1  # a server left over from a killed call
 out=/tmp/gem-results; mkdir -p "$out" /tmp/gem
-E2E="--shapes ${SHAPES:-512x128} --rates ${RATES:-inf} --num-prompts ${NUM_PROMPTS:-1000} --bench-repeats ${BENCH_REPEATS:-3}"
+E2E="--shapes ${SHAPES:-512x128} --rates ${RATES:-inf} --num-prompts ${NUM_PROMPTS:-1000} --bench-repeats ${BENCH_REPEATS:-3}${MAX_CONCURRENCY:+ --max-concurrency $MAX_CONCURRENCY}"
 for s in "$@"; do
   t0=$SECONDS
   case $s in
