@@ -155,6 +155,11 @@ def test_decision_is_a_valid_vllm_map_and_respects_min_gain():
     assert d.rank_us_after[1] < d.rank_us_before[1]
     keep = decide(loads, profiles, d.phys_to_log, min_gain=0.5)
     assert not keep.apply  # hysteresis: no move for a small predicted gain
+    # experts that stay on their rank keep their slot: only rank changes are copied
+    for r in range(2):
+        part = slice(12 * r, 12 * (r + 1))
+        stay = np.array([[e in set(d.phys_to_log[ly, part]) for e in old[ly, part]] for ly in range(layers)])
+        assert (d.phys_to_log[:, part][stay] == old[:, part][stay]).all()
 
 
 def test_recalibration_moves_only_when_the_saving_beats_the_move():

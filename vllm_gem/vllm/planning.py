@@ -59,6 +59,16 @@ def check_profiles_match(profiles: list[GpuProfile], sources: list[str], num_ran
                                 f"the model's expert shape {hidden} x {intermediate}")
 
 
+def keep_slots(new: np.ndarray, old: np.ndarray, num_ranks: int) -> np.ndarray:
+    """Experts that stay on a rank keep their old slot, so the move copies only what changes
+    rank (vLLM's own DefaultEplbPolicy.preserve_intragpu_slots; each rank's set is unchanged).
+
+    new, old: [layers, num_physical] -> [layers, num_physical]
+    """
+    from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
+    return DefaultEplbPolicy.preserve_intragpu_slots(new, num_ranks, old)
+
+
 def decide(loads: np.ndarray, profiles: list[GpuProfile], old_phys_to_log: np.ndarray, *,
            num_groups: int = 1, num_nodes: int = 1, planner: str = "gem",
            planner_params: dict[str, Any] | None = None, min_gain: float = 0.0) -> PlanDecision:
@@ -78,7 +88,7 @@ def decide(loads: np.ndarray, profiles: list[GpuProfile], old_phys_to_log: np.nd
                                num_nodes=num_nodes, old_phys_to_log=old_phys_to_log)
     policy = make(planner, **(planner_params or {}))
     t0 = time.perf_counter()
-    new = policy.place(problem)
+    new = keep_slots(policy.place(problem), old_phys_to_log, group.num_ranks)
     seconds = time.perf_counter() - t0
     before = simulate(problem.loads, old_phys_to_log, group)
     after = simulate(problem.loads, new, group)
