@@ -28,13 +28,15 @@ PROMPTS = [
 ]
 
 
-def run(model: str, mode: str, slowdown: float, max_tokens: int, out: str) -> None:
+def run(model: str, mode: str, slowdown: float, max_tokens: int, out: str, planner: str) -> None:
     from vllm import LLM, SamplingParams
     kwargs = dict(model=model, tensor_parallel_size=2, enable_expert_parallel=True,
                   max_model_len=1024, gpu_memory_utilization=0.6, seed=0)
     if mode == "gem":
+        # planner vllm-default: vLLM's own EPLB policy moves the experts (the control run)
         kwargs["additional_config"] = {"gem": {"emulate_slowdown": {1: slowdown}, "strict": True,
-                                               "warmup_prompts": 32}}
+                                               "warmup_prompts": 32, "planner": planner,
+                                               "min_gain": -1}}
     t0 = time.time()
     llm = LLM(**kwargs)
     start = time.time() - t0
@@ -85,13 +87,15 @@ def main() -> int:
     p.add_argument("out")
     p.add_argument("--slowdown", type=float, default=0.3)
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--planner", default="gem",
+                   help="who plans the moved placement: gem, or vllm-default (vLLM's policy)")
     p.add_argument("--reuse-baseline", action="store_true",
                    help="keep an existing OUT.baseline.json from an earlier run")
     p.add_argument("--run", choices=["baseline", "gem"], help=argparse.SUPPRESS)
     p.add_argument("--part", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.run:
-        run(a.model, a.run, a.slowdown, a.max_tokens, a.part)
+        run(a.model, a.run, a.slowdown, a.max_tokens, a.part, a.planner)
         return 0
     parts = {}
     for mode in ("baseline", "gem"):
@@ -103,7 +107,8 @@ def main() -> int:
         # the GEM run asks the workers for their state through LLM.collective_rpc(function)
         env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"} if mode == "gem" else None
         rc = subprocess.call([sys.executable, __file__, a.model, a.out, "--run", mode, "--part", part,
-                              "--slowdown", str(a.slowdown), "--max-tokens", str(a.max_tokens)], env=env)
+                              "--slowdown", str(a.slowdown), "--max-tokens", str(a.max_tokens),
+                              "--planner", a.planner], env=env)
         if rc:
             print(f"{mode} run failed with exit code {rc}")
             return 1
@@ -111,7 +116,7 @@ def main() -> int:
             parts[mode] = json.load(f)
     rep = compare(parts["baseline"], parts["gem"])
     rep.update(workers=parts["gem"]["workers"], startup_s={m: parts[m]["startup_s"] for m in parts},
-               slowdown=a.slowdown, max_tokens=a.max_tokens)
+               slowdown=a.slowdown, max_tokens=a.max_tokens, planner=a.planner)
     with open(a.out, "w") as f:
         json.dump(rep, f, indent=1)
     print(json.dumps({k: v for k, v in rep.items() if k != "rows"}, indent=1))

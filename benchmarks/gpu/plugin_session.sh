@@ -4,9 +4,13 @@
 #   usage: OUT=dir bash benchmarks/gpu/plugin_session.sh STAGE...
 #   stages: setup      install msgspec + this project, make the models and the routing trace
 #           identity   greedy outputs with and without GEM (random-weight model, compiled mode)
+#           identity-vllm  the control: the same with vLLM's own EPLB policy moving the experts
 #           equal      serving matrix, equal GPUs: vllm / GEM recorder only / GEM
 #           slow20     serving matrix, GPU 1 emulated 20% slower: linear / vLLM EPLB policy / GEM
 #           slow10     the same at 10%
+#           mix20      slow20 on a Mixtral-like model (8 experts, top-2)
+#           soak       4000 requests, GPU 1 20% slower, recalibration every 500 steps
+#   env: NUM_PROMPTS (1000), BENCH_REPEATS (3), SHAPES, RATES, MAX_CONCURRENCY
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export VLLM_ALLREDUCE_USE_SYMM_MEM=0 VLLM_USE_FLASHINFER_SAMPLER=0
@@ -24,6 +28,10 @@ for s in "$@"; do
     python3 benchmarks/e2e/make_moe_model.py /tmp/gem/model-rand --layers 6 --experts 32 --top-k 4 \
       --hidden 1024 --moe-intermediate 512 --heads 16 --random-weights 0
     python3 benchmarks/e2e/make_moe_model.py /tmp/gem/model-q3 --layers 12 --experts 128 --top-k 8
+    python3 benchmarks/e2e/make_moe_model.py /tmp/gem/model-mix --layers 12 --experts 8 --top-k 2 \
+      --moe-intermediate 5632
+    python3 -m vllm_gem.cli import-trace --format synthetic benchmarks/e2e/skewed-8x12.json \
+      -o /tmp/gem/trace-mix.msgpack --model mixtral-like-8x12
     python3 -m vllm_gem.cli import-trace --format synthetic benchmarks/e2e/skewed-128x12.json \
       -o /tmp/gem/trace-skewed.msgpack --model qwen3-moe-128x12
     python3 -c "import importlib.metadata as m; print([e.value for e in m.entry_points(group='vllm.general_plugins')])" ;;
@@ -31,11 +39,21 @@ for s in "$@"; do
     python3 benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity.json" --reuse-baseline \
       > "$out/greedy-identity.log" 2>&1; echo "identity exit $?"
     grep -E "vllm-gem|identical|Error|error" "$out/greedy-identity.log" | grep -v "^$" | tail -25 ;;
-  equal|slow20|slow10)
-    python3 benchmarks/e2e/serve_matrix.py /tmp/gem/model-q3 "$out/e2e-$s" \
-      --configs "benchmarks/e2e/configs/$( [ $s = equal ] && echo equal-gpus || echo $s ).json" $E2E \
+  identity-vllm)
+    cp "$out/greedy-identity.json.baseline.json" "$out/greedy-identity-vllm.json.baseline.json" 2>/dev/null
+    python3 benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity-vllm.json" \
+      --reuse-baseline --planner vllm-default > "$out/greedy-identity-vllm.log" 2>&1; echo "identity-vllm exit $?"
+    grep -E "vllm-gem|identical|Error|error" "$out/greedy-identity-vllm.log" | tail -8 ;;
+  equal|slow20|slow10|mix20)
+    case $s in equal) cfg=equal-gpus model=q3 ;; mix20) cfg=mix-slow20 model=mix ;; *) cfg=$s model=q3 ;; esac
+    python3 benchmarks/e2e/serve_matrix.py /tmp/gem/model-$model "$out/e2e-$s" \
+      --configs "benchmarks/e2e/configs/$cfg.json" $E2E \
       2>&1 | tee "$out/e2e-$s.log" | tail -30
     grep -h "vllm-gem" "$out/e2e-$s"/raw/serve-*.log | cut -c1-600 | tail -12 ;;
+  soak)
+    VLLM_GEM_RECALIBRATE=${RECALIBRATE:-500} python3 benchmarks/e2e/soak.py /tmp/gem/model-q3 "$out/soak" \
+      --num-prompts "${SOAK_PROMPTS:-4000}" --gem '{"emulate_slowdown": {"1": 0.2}}' 2>&1 | tail -20
+    grep -h "vllm-gem" "$out/soak/serve-soak.log" | cut -c1-400 | tail -6 ;;
   esac
   echo "[stage $s: $((SECONDS - t0)) s]"
   tar czf "$dest/results.tgz" -C "$out" .  # after every stage: a timeout keeps what is done

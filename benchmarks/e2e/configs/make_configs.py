@@ -1,0 +1,52 @@
+"""Write the serving-matrix configurations of benchmarks/gpu/plugin_session.sh.
+
+    python3 benchmarks/e2e/configs/make_configs.py
+
+equal-gpus: vLLM / GEM recorder only / GEM, on the two GPUs as they are.
+slow10, slow20: GPU 1 does 10% / 20% extra expert work (emulated in-process); vLLM's
+placement / vLLM's EPLB policy applied once after the same warm-up / GEM, 16 redundant slots.
+mix-slow20: the same on the Mixtral-like model (8 experts, top-2), 2 redundant slots.
+Routing is replayed from a skewed trace (gem_trace) in every configuration.
+"""
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def env(trace: str) -> dict:
+    return {"VLLM_MOE_ROUTING_SIMULATION_STRATEGY": "gem_trace", "VLLM_GEM_ROUTING_TRACE": trace}
+
+
+def gem(**settings) -> list[str]:
+    return ["--plugin", "gem", "--additional-config", json.dumps({"gem": settings})]
+
+
+def slow(fraction: float, trace: str, redundant: int, prefix: str = "") -> list[dict]:
+    tag, e = f"{prefix}slow{round(fraction * 100)}", {"1": fraction}
+    red = ["--eplb-config", json.dumps({"num_redundant_experts": redundant})]
+    return [
+        {"name": f"vllm-linear-{tag}", "args": gem(place=False, emulate_slowdown=e) + red, "env": env(trace)},
+        {"name": f"vllm-eplb-{tag}", "args": gem(planner="vllm-default", min_gain=-1, emulate_slowdown=e) + red,
+         "env": env(trace)},
+        {"name": f"gem-{tag}", "args": gem(emulate_slowdown=e) + red, "env": env(trace)},
+    ]
+
+
+def main() -> None:
+    q3, mix = "/tmp/gem/trace-skewed.msgpack", "/tmp/gem/trace-mix.msgpack"
+    sets = {
+        "equal-gpus": [{"name": "vllm", "args": [], "env": env(q3)},
+                       {"name": "gem-recorder-only", "args": gem(place=False), "env": env(q3)},
+                       {"name": "gem", "args": gem(), "env": env(q3)}],
+        "slow20": slow(0.2, q3, 16),
+        "slow10": slow(0.1, q3, 16),
+        "mix-slow20": slow(0.2, mix, 2, prefix="mix-"),
+    }
+    for name, configs in sets.items():
+        (HERE / f"{name}.json").write_text(json.dumps(configs, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Soak: thousands of requests against `vllm serve --plugin gem` with recalibration on (GPU).
+
+Starts one server (the serving matrix's start-up: TP = EP over all GPUs, compiled mode),
+runs `vllm bench serve` with many prompts while sampling every GPU's used memory and the
+server processes' resident memory, then checks: every request completed, none failed,
+memory did not grow after the first minute, and how often GEM recalibrated and re-placed.
+
+    VLLM_GEM_RECALIBRATE=500 python3 benchmarks/e2e/soak.py MODEL OUT [--num-prompts 4000]
+        [--rate 40] [--gem '{"emulate_slowdown": {"1": 0.2}}'] [--trace /tmp/gem/trace.msgpack]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_matrix import bench, scrape_gem_metrics, start_server, stop_server  # noqa: E402
+
+
+def gpu_used_mib() -> list[float]:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True).stdout
+    return [float(x) for x in out.split()]
+
+
+def group_rss_mib(pgid: int) -> float:
+    out = subprocess.run(["ps", "-o", "pgid=,rss="], capture_output=True, text=True, check=True).stdout
+    return sum(int(r) for g, r in (ln.split() for ln in out.splitlines() if ln.strip())
+               if int(g) == pgid) / 1024
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("out", type=Path)
+    p.add_argument("--num-prompts", type=int, default=4000)
+    p.add_argument("--rate", default="40")
+    p.add_argument("--shape", default="256x128")
+    p.add_argument("--gem", default="{}", help="GEM settings (JSON) besides --plugin gem")
+    p.add_argument("--trace", default="/tmp/gem/trace-skewed.msgpack", help="routing to replay")
+    p.add_argument("--port", type=int, default=8000)
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    cfg = {"name": "soak", "args": ["--plugin", "gem", "--additional-config",
+                                    json.dumps({"gem": json.loads(a.gem)})],
+           "env": {"VLLM_MOE_ROUTING_SIMULATION_STRATEGY": "gem_trace", "VLLM_GEM_ROUTING_TRACE": a.trace}}
+    log = a.out / "serve-soak.log"
+    proc, ready = start_server(a.model, cfg, a.port, log, 400)
+    samples, stop = [], threading.Event()
+
+    def sample() -> None:
+        t0 = time.time()
+        while not stop.is_set():
+            samples.append({"t": time.time() - t0, "gpu_mib": gpu_used_mib(),
+                            "rss_mib": group_rss_mib(proc.pid)})
+            stop.wait(5)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        shape = tuple(int(x) for x in a.shape.split("x"))
+        t0 = time.time()
+        res = bench(a.model, a.port, shape, a.rate, a.num_prompts, a.out / "bench-soak.json", 0)
+        wall = time.time() - t0
+        metrics = scrape_gem_metrics(a.port)
+    finally:
+        stop.set()
+        th.join()
+        stop_server(proc)
+    text = log.read_text(errors="replace")
+    late = [s for s in samples if s["t"] >= 60] or samples
+    report = {
+        "num_prompts": a.num_prompts, "completed": res["completed"], "failed": res.get("failed", 0),
+        "bench_seconds": wall, "ready_seconds": ready,
+        "recalibrations": len(re.findall(r"vllm-gem recalibration:", text)),
+        "recalibration_failures": len(re.findall(r"recalibration failed", text)),
+        "recalibration_moves": len(re.findall(r"recalibration: .*'applied': True", text)),
+        "gpu_mib_growth_after_1min": [b - a_ for a_, b in
+                                      zip(late[0]["gpu_mib"], late[-1]["gpu_mib"], strict=True)],
+        "rss_mib_growth_after_1min": late[-1]["rss_mib"] - late[0]["rss_mib"],
+        "median_tpot_ms": res["median_tpot_ms"], "metrics": metrics, "samples": samples,
+    }
+    (a.out / "soak.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("samples", "metrics")}, indent=1))
+    ok = report["completed"] == a.num_prompts and not report["failed"]
+    return 0 if ok else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
