@@ -228,9 +228,7 @@ class GemPolicy(PlacementPolicy):
         fill = np.zeros((layers, ranks), dtype=np.int64)
         hold = np.zeros((layers, ranks, experts), dtype=bool)
         rank_of = np.full((layers, num_items), -1, dtype=np.int64)
-        mean_cost = feat.mean(1) @ group.slot_coef.mean(0)  # [L, P]
-        is_cons = np.take_along_axis(consistent, item_log, axis=1)
-        order = np.lexsort((-mean_cost, ~is_cons), axis=1) if layers else None
+        order = _placement_order(feat.mean(1), item_log, consistent, group)
         gidx = np.arange(ranks)
         for k in range(num_items):
             i = order[:, k]
@@ -245,9 +243,7 @@ class GemPolicy(PlacementPolicy):
             else:
                 score = new_t.mean(1)
             lg = item_log[rows, i]
-            full = fill >= slots
-            bad = full | hold[rows, :, lg]
-            bad = np.where(bad.all(1, keepdims=True), full, bad)
+            bad = _blocked_ranks(fill, slots, hold[rows, :, lg])
             g = np.where(bad, np.inf, score).argmin(1)
             rank_of[rows, i] = g
             fill[rows, g] += 1
@@ -354,6 +350,29 @@ class GemPolicy(PlacementPolicy):
         return rank_of, swaps
 
 
+def _placement_order(feat_mean: np.ndarray, item_log: np.ndarray, consistent: np.ndarray,
+                     group: GroupModel) -> np.ndarray:
+    """The order both constructions place items in: consistent experts first, then by mean
+    cost on an average rank, heaviest first.
+
+    feat_mean: [L, P, 3] per-item features averaged over steps -> order: [L, P]
+    """
+    mean_cost = feat_mean @ group.slot_coef.mean(0)  # [L, P]
+    is_cons = np.take_along_axis(consistent, item_log, axis=1)
+    return np.lexsort((-mean_cost, ~is_cons), axis=1)
+
+
+def _blocked_ranks(fill: np.ndarray, slots: int, holds_expert: np.ndarray) -> np.ndarray:
+    """Ranks an item may not go to: full ones, and ones that already hold its expert unless
+    every rank with room does (then a second replica on one rank is allowed).
+
+    fill: [L, G] items per rank; holds_expert: [L, G] -> blocked: [L, G] bool
+    """
+    full = fill >= slots
+    bad = full | holds_expert
+    return np.where(bad.all(1, keepdims=True), full, bad)
+
+
 def fetch_costs(item_log: np.ndarray, rank_of: np.ndarray, ranks: int, experts: int,
                 num_nodes: int, node_move_cost: float) -> np.ndarray:
     """What it costs each rank to obtain each expert, relative to a cross-node copy.
@@ -398,14 +417,11 @@ def _construct_large(feat: np.ndarray, item_log: np.ndarray, consistent: np.ndar
     hold = np.zeros((layers, ranks, experts), dtype=bool)
     rank_of = np.full((layers, num_items), -1, dtype=np.int64)
     feat_mean = feat.mean(1)  # [L, P, 3]
-    mean_cost = feat_mean @ coef.mean(0)  # [L, P]
-    is_cons = np.take_along_axis(consistent, item_log, axis=1)
-    order = np.lexsort((-mean_cost, ~is_cons), axis=1)
+    order = _placement_order(feat_mean, item_log, consistent, group)
     for k in range(num_items):
         i = order[:, k]
         lg = item_log[rows, i]
-        blocked = (fill >= slots) | hold[rows, :, lg]  # [L, G]
-        blocked = np.where(blocked.all(1, keepdims=True), fill >= slots, blocked)
+        blocked = _blocked_ranks(fill, slots, hold[rows, :, lg])  # [L, G]
         finish = np.where(blocked, np.inf, t_mean + feat_mean[rows, i] @ coef.T)
         cand = np.argpartition(finish, num_cand - 1, axis=1)[:, :num_cand]  # [L, C]
         ok = np.isfinite(finish[rows[:, None], cand])
