@@ -111,8 +111,12 @@ def apply_placement(model_state, new_phys_to_log: torch.Tensor, ep_group, verify
                 f"after the move, layer {layer} slot {slot} (and {int(bad.sum()) - 1} more) does "
                 f"not hold the weights of logical expert {int(new[layer, slot])}; expected a copy "
                 "of that expert's weights from before the move")
-    bytes_per_slot = sum(w[0].numel() * w.element_size() for w in model.expert_weights[0])
-    return MoveReport(seconds, int((old != new).sum()), bytes_per_slot)
+    return MoveReport(seconds, int((old != new).sum()), slot_bytes(model.expert_weights))
+
+
+def slot_bytes(expert_weights: list[list[torch.Tensor]]) -> int:
+    """Bytes one physical expert slot holds: its row of every parameter (one layer)."""
+    return sum(w[0].numel() * w.element_size() for w in expert_weights[0])
 
 
 def _synchronize() -> None:

@@ -110,5 +110,3 @@ def place_before_serving(engine_core: Any) -> None:
                     rep["planning_seconds"], rep["gpus"])
     else:
         logger.warning("vllm-gem: kept vLLM's placement: %s", rep.get("why", rep))
-    engine_core._gem_report = {**rep, "warmup_steps": warm,
-                               "startup_seconds": round(time.perf_counter() - t0, 3)}

@@ -6,11 +6,13 @@ current map); output is the new map plus the predictions that are logged and exp
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from ..bounds import lower_bounds
 from ..errors import GemInputError
 from ..formats import GpuProfile, RoutingTrace
 from ..planners import PlacementProblem, make
@@ -77,7 +79,6 @@ def decide(loads: np.ndarray, profiles: list[GpuProfile], old_phys_to_log: np.nd
     old_phys_to_log: [layers, num_physical] the map in use; the result keeps its shape.
     apply is False when the predicted gain is below min_gain (hysteresis).
     """
-    import time
     if loads.shape[0] == 0 or loads.sum() == 0:
         raise GemInputError("routing history", "counts", "holds no routed tokens",
                             "at least one recorded step with tokens")
@@ -90,8 +91,9 @@ def decide(loads: np.ndarray, profiles: list[GpuProfile], old_phys_to_log: np.nd
     t0 = time.perf_counter()
     new = keep_slots(policy.place(problem), old_phys_to_log, group.num_ranks)
     seconds = time.perf_counter() - t0
-    before = simulate(problem.loads, old_phys_to_log, group)
-    after = simulate(problem.loads, new, group)
+    bounds = lower_bounds(problem.loads, group, num_physical)  # same slots: one bound for both
+    before = simulate(problem.loads, old_phys_to_log, group, bounds)
+    after = simulate(problem.loads, new, group, bounds)
     gain = 1.0 - after.mean / before.mean
     return PlanDecision(
         phys_to_log=new.astype(np.int64), apply=bool(gain > min_gain),

@@ -23,7 +23,7 @@ from ..calibrate import (
 )
 from ..errors import GemInputError
 from ..formats import GpuProfile, RoutingTrace, load, save
-from .apply import apply_placement
+from .apply import apply_placement, slot_bytes
 from .config import GemConfig, from_additional
 from .metrics import RankState, write_state
 from .planning import PlanDecision, check_profiles_match, check_trace_matches, decide, worth_moving
@@ -177,10 +177,9 @@ class GemWorker:
                                   planner_params=self.cfg.planner_params,
                                   min_gain=self.cfg.min_gain)
                 if horizon_steps:
-                    bytes_per_slot = sum(w[0].numel() * w.element_size()
-                                         for w in self.model.expert_weights[0])
                     decision.apply, decision.info["move_check"] = worth_moving(
-                        decision, old, bytes_per_slot, self.move_bandwidth, horizon_steps)
+                        decision, old, slot_bytes(self.model.expert_weights), self.move_bandwidth,
+                        horizon_steps)
             except Exception as e:
                 error = f"{type(e).__name__}: {e}"
         box = [(decision, error)]
