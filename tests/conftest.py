@@ -2,6 +2,7 @@ import importlib.util
 
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
 from vllm_gem.latency import GroupModel
 
@@ -32,3 +33,27 @@ def random_group(rng: np.random.Generator, ranks: int, block_m: int = 4) -> Grou
     coef = np.column_stack([rng.uniform(0, 5, ranks), rng.uniform(0, 3, ranks),
                             rng.uniform(0, 2, ranks), rng.uniform(0.01, 0.5, ranks)])
     return GroupModel(coef, block_m, [f"r{i}" for i in range(ranks)])
+
+
+@st.composite
+def load_cases(draw, max_ranks: int, max_experts: int, max_redundant: int, max_steps: int,
+               rate: float, hot: float, kinds: tuple[str, ...] = ("random", "zeros", "hot")):
+    """(loads [steps, layers, experts], group, num_physical) for fuzzing planners: any
+    shapes, replicas, more ranks than experts, and the kinds asked for: random loads, all
+    zeros, one hot expert holding every token, or a single step."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    ranks = draw(st.integers(1, max_ranks))
+    experts = draw(st.integers(1, max_experts))
+    phys = experts + draw(st.integers(0, max_redundant))
+    phys += (-phys) % ranks  # a multiple of the ranks, so at least one slot each
+    steps, layers = draw(st.integers(1, max_steps)), draw(st.integers(1, 3))
+    kind = draw(st.sampled_from(kinds))
+    loads = rng.poisson(rng.uniform(0, rate), (steps, layers, experts)).astype(float)
+    if kind == "zeros":
+        loads[:] = 0
+    elif kind == "hot":
+        loads[:] = 0
+        loads[..., rng.integers(experts)] = hot
+    elif kind == "one-step":
+        loads = loads[:1]
+    return loads, random_group(rng, ranks), phys

@@ -4,7 +4,7 @@ whatever the input, the only failure is the documented GemInputError."""
 import msgspec
 import numpy as np
 import pytest
-from conftest import random_group
+from conftest import load_cases
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -94,23 +94,11 @@ def test_any_gem_setting_parses_or_names_the_field(raw):
 
 @st.composite
 def decisions(draw):
-    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
-    ranks = draw(st.integers(1, 8))
-    experts = draw(st.integers(1, 20))
-    phys = max(experts + draw(st.integers(0, 6)), ranks)
-    phys += (-phys) % ranks
-    steps, layers = draw(st.integers(1, 6)), draw(st.integers(1, 3))
-    kind = draw(st.sampled_from(["random", "zeros", "hot", "one-step"]))
-    loads = rng.poisson(rng.uniform(0, 80), (steps, layers, experts)).astype(float)
-    if kind == "zeros":
-        loads[:] = 0
-    elif kind == "hot":
-        loads[:] = 0
-        loads[..., rng.integers(experts)] = 5000
-    elif kind == "one-step":
-        loads = loads[:1]
-    old = np.tile(np.arange(phys) % experts, (layers, 1))
-    return loads, random_group(rng, ranks), old, draw(st.sampled_from([4, 10**6]))
+    loads, group, phys = draw(load_cases(max_ranks=8, max_experts=20, max_redundant=6,
+                                         max_steps=6, rate=80, hot=5000,
+                                         kinds=("random", "zeros", "hot", "one-step")))
+    old = np.tile(np.arange(phys) % loads.shape[2], (loads.shape[1], 1))
+    return loads, group, old, draw(st.sampled_from([4, 10**6]))
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import random_group
+from conftest import load_cases, random_group
 from vllm_gem.errors import GemInputError
 from vllm_gem.evaluate import compare
 from vllm_gem.latency import GroupModel
@@ -22,21 +22,9 @@ def check_valid(p2l, problem):
 
 @st.composite
 def problems(draw):
-    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
-    ranks = draw(st.integers(1, 6))
-    experts = draw(st.integers(1, 24))
-    redundant = draw(st.integers(0, 8))
-    phys = experts + redundant
-    phys += (-phys) % ranks
-    steps, layers = draw(st.integers(1, 12)), draw(st.integers(1, 3))
-    kind = draw(st.sampled_from(["random", "zeros", "hot"]))
-    loads = rng.poisson(rng.uniform(0, 50), (steps, layers, experts)).astype(float)
-    if kind == "zeros":
-        loads[:] = 0
-    elif kind == "hot":
-        loads[:] = 0
-        loads[..., rng.integers(experts)] = 1000
-    return PlacementProblem(loads, random_group(rng, ranks), phys)
+    loads, group, phys = draw(load_cases(max_ranks=6, max_experts=24, max_redundant=8,
+                                         max_steps=12, rate=50, hot=1000))
+    return PlacementProblem(loads, group, phys)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -378,6 +378,7 @@ def inputs(tmp_path_factory):
 
 
 def test_start_up_placement_from_files_moves_experts_and_exports(inputs):
+    import torch
     from vllm_gem.formats import Placement, load
     from vllm_gem.vllm.metrics import read_states
     state = inputs["dir"] + "/state"
@@ -387,21 +388,11 @@ def test_start_up_placement_from_files_moves_experts_and_exports(inputs):
     rep = [r["report"] for r in res]
     assert all(r.get("applied") for r in rep), rep
     assert rep[0]["predicted_gain"] > 0.05 and rep[0]["rank_us_after"][1] < rep[0]["rank_us_before"][1]
-    assert all(r["holds"] for r in res) and torch_equal(res[0]["map"], res[1]["map"])
-    assert (res[0]["map"][:, :12] != torch_tensor(np.tile(np.arange(24) % 16, (3, 1)))[:, :12]).any()
+    assert all(r["holds"] for r in res) and torch.equal(res[0]["map"], res[1]["map"])
+    assert (res[0]["map"][:, :12] != torch.as_tensor(np.tile(np.arange(24) % 16, (3, 1)))[:, :12]).any()
     assert [s.generation for s in read_states(state)] == [1, 1]
     saved = load(inputs["dir"] + "/placement-gen1.json", Placement)
     assert saved.phys_to_log == res[0]["map"].tolist()
-
-
-def torch_equal(a, b):
-    import torch
-    return torch.equal(a, b)
-
-
-def torch_tensor(a):
-    import torch
-    return torch.as_tensor(a)
 
 
 def test_four_ranks_like_two_nodes_of_two_agree_on_one_placement(inputs, tmp_path):
@@ -412,7 +403,7 @@ def test_four_ranks_like_two_nodes_of_two_agree_on_one_placement(inputs, tmp_pat
         save(example_profile(f"gpu{r}", slow, num_experts=6), profiles[-1])
     res = _run_place({"profiles": profiles, "trace": inputs["trace"]}, world=4)
     assert all(r["report"].get("applied") and r["holds"] for r in res), [r["report"] for r in res]
-    assert all(torch_equal(r["map"], res[0]["map"]) for r in res)
+    assert all(r["map"].equal(res[0]["map"]) for r in res)
     us = res[0]["report"]["rank_us_after"]
     assert us[3] <= max(us[:2]) * 1.05  # the slowest GPU is not left as the straggler
 

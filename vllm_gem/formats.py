@@ -212,11 +212,14 @@ def decode(raw: bytes, cls: type[T], source: str, json: bool) -> T:
         raise GemInputError(source, "file", "is empty", f"a {_KIND[cls]} in {fmt}")
     mod = msgspec.json if json else msgspec.msgpack
     corrupt = (msgspec.DecodeError, UnicodeDecodeError)  # msgpack strings are not re-checked
+
+    def not_valid(e: Exception) -> GemInputError:
+        return GemInputError(source, "file", f"is not valid {fmt} ({e}); truncated or corrupt?",
+                             f"a {_KIND[cls]} in {fmt}")
     try:
         head = mod.decode(raw, type=_Header)
     except (*corrupt, msgspec.ValidationError) as e:
-        raise GemInputError(source, "file", f"is not valid {fmt} ({e}); truncated or corrupt?",
-                            f"a {_KIND[cls]} in {fmt}") from None
+        raise not_valid(e) from None
     if head.kind != _KIND[cls]:
         raise GemInputError(source, "kind", f"is {head.kind!r}", repr(_KIND[cls]))
     if head.schema_version != SCHEMA_VERSION:
@@ -225,8 +228,7 @@ def decode(raw: bytes, cls: type[T], source: str, json: bool) -> T:
     try:
         obj = mod.decode(raw, type=cls)
     except corrupt as e:  # the header decoded, something after it did not
-        raise GemInputError(source, "file", f"is not valid {fmt} ({e}); truncated or corrupt?",
-                            f"a {_KIND[cls]} in {fmt}") from None
+        raise not_valid(e) from None
     except msgspec.ValidationError as e:
         # msgspec says e.g. "Expected `int`, got `str` - at `$.points[0].median_us`"
         text = str(e)
