@@ -43,8 +43,6 @@ def current() -> "GemWorker | None":
 class GemWorker:
     def __init__(self, worker: Any, cfg: GemConfig) -> None:
         from vllm.distributed.parallel_state import get_ep_group
-        self.cfg = cfg
-        self.worker = worker
         runner = worker.model_runner
         self.eplb = getattr(runner, "eplb_state", None)
         if self.eplb is None or not self.eplb.model_states:
@@ -61,7 +59,7 @@ class GemWorker:
                    model_name: str = "", num_nodes: int = 1) -> "GemWorker":
         """A GemWorker over an EPLB model state and EP group, without a vLLM worker (tests)."""
         self = cls.__new__(cls)
-        self.worker = self.eplb = None
+        self.eplb = None
         self._init_parts(cfg, model_state, ep_group, dp_size, model_name, num_nodes)
         return self
 
