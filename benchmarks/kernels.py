@@ -1,10 +1,12 @@
 """Our Triton MoE kernel next to vLLM's fused_moe Triton kernel and a torch bmm reference.
 
-    python benchmarks/kernels.py [--json out.json]      (on a GPU; vLLM optional)
+    python benchmarks/kernels.py [--json out.json] [--search]    (on a GPU; vLLM optional)
 
 Same inputs for all three (the bmm reference pads every expert to the largest count, untimed), bf16, CUDA-graph replays timed with CUDA events (median of
 triton.testing.do_bench_cudagraph). TFLOP/s counts 2 * rows * 3 * hidden * intermediate.
 Ratio = ours / vLLM (goal: within 10% at every size, since calibration must predict serving).
+--search also times every tile in SEARCH_TILES at every size and prints the fastest: the
+evidence behind the kernel's TILE_TABLE.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ import sys
 import torch
 import triton
 
-from vllm_gem.kernels.moe_gemm import moe_ffn
+from vllm_gem.kernels.moe_gemm import TILE_TABLE, TileConfig, moe_ffn, select_config
 
 SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8), "deepseek-v3": (7168, 2048, 32, 8),
           "mixtral": (4096, 14336, 8, 2)}
 TOKENS = [1, 16, 64, 256, 1024, 4096]
+SEARCH_TILES = list(dict.fromkeys([cfg for _, cfg in TILE_TABLE] + [
+    TileConfig(16, 64, 64, 1, 4, 4), TileConfig(16, 64, 256, 1, 4, 2), TileConfig(32, 128, 128, 1, 4, 3),
+    TileConfig(64, 256, 64, 16, 8, 3), TileConfig(128, 128, 64, 16, 8, 3)]))
 
 
 def vllm_fused_experts():
@@ -57,6 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
+    ap.add_argument("--search", action="store_true", help="also time every tile in SEARCH_TILES")
     a = ap.parse_args()
     fused = vllm_fused_experts()
     rows = []
@@ -78,9 +84,16 @@ def main() -> None:
             xin = bmm_inputs(x, ids, e)
             bmm = bench(lambda: bmm_experts(xin, w13, w2))
             tflops = 2 * t * k * 3 * h * i / (ours * 1e-6) / 1e12
-            rows.append(dict(shape=name, tokens=t, ours_us=ours, vllm_us=ref_v, bmm_us=bmm,
-                             ours_tflops=tflops, ours_over_vllm=ours / ref_v))
-            print(f"{name:14s} {t:6d} {ours:8.1f} {ref_v:8.1f} {bmm:8.1f} {tflops:9.1f} {ours / ref_v:9.3f}")
+            row = dict(shape=name, tokens=t, ours_us=ours, vllm_us=ref_v, bmm_us=bmm,
+                       ours_tflops=tflops, ours_over_vllm=ours / ref_v, tile=str(select_config(t, k, e)))
+            line = f"{name:14s} {t:6d} {ours:8.1f} {ref_v:8.1f} {bmm:8.1f} {tflops:9.1f} {ours / ref_v:9.3f}"
+            if a.search:
+                times = {str(c): bench(lambda c=c: moe_ffn(x, w13, w2, w, ids, c)) for c in SEARCH_TILES}
+                best = min(times, key=times.get)
+                row.update(search_us=times, best_tile=best)
+                line += f"  best {times[best]:8.1f} us ({best[len('TileConfig'):]})"
+            rows.append(row)
+            print(line, flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)

@@ -6,7 +6,10 @@ compiled mode (torch.compile + CUDA graphs): plain vLLM with expert parallelism,
 `additional_config={"gem": ...}` (what `--plugin gem` sets) with one rank emulated slower so
 the plan moves experts across ranks. Compares the token ids; writes a JSON report.
 
-    python3 benchmarks/e2e/greedy_identity.py MODEL_DIR OUT.json [--slowdown 0.3]
+    python3 benchmarks/e2e/greedy_identity.py MODEL_DIR OUT.json [--slowdown 0.3] [--dtype float32]
+
+--dtype float32 serves the model in fp32: each rank's partial MoE sum then keeps 24 mantissa
+bits instead of bf16's 8, which tells a placement bug from bf16 rounding of partial sums.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ PROMPTS = [
 ]
 
 
-def run(model: str, mode: str, slowdown: float, max_tokens: int, out: str, planner: str) -> None:
+def run(model: str, mode: str, slowdown: float, max_tokens: int, out: str, planner: str,
+        dtype: str) -> None:
     from vllm import LLM, SamplingParams
     kwargs = dict(model=model, tensor_parallel_size=2, enable_expert_parallel=True,
-                  max_model_len=1024, gpu_memory_utilization=0.6, seed=0)
+                  max_model_len=1024, gpu_memory_utilization=0.6, seed=0, dtype=dtype)
     if mode == "gem":
         # planner vllm-default: vLLM's own EPLB policy moves the experts (the control run)
         kwargs["additional_config"] = {"gem": {"emulate_slowdown": {1: slowdown}, "strict": True,
@@ -89,13 +93,14 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--planner", default="gem",
                    help="who plans the moved placement: gem, or vllm-default (vLLM's policy)")
+    p.add_argument("--dtype", default="auto", help="vLLM's --dtype for both runs (auto: the model's)")
     p.add_argument("--reuse-baseline", action="store_true",
                    help="keep an existing OUT.baseline.json from an earlier run")
     p.add_argument("--run", choices=["baseline", "gem"], help=argparse.SUPPRESS)
     p.add_argument("--part", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.run:
-        run(a.model, a.run, a.slowdown, a.max_tokens, a.part, a.planner)
+        run(a.model, a.run, a.slowdown, a.max_tokens, a.part, a.planner, a.dtype)
         return 0
     parts = {}
     for mode in ("baseline", "gem"):
@@ -108,7 +113,7 @@ def main() -> int:
         env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"} if mode == "gem" else None
         rc = subprocess.call([sys.executable, __file__, a.model, a.out, "--run", mode, "--part", part,
                               "--slowdown", str(a.slowdown), "--max-tokens", str(a.max_tokens),
-                              "--planner", a.planner], env=env)
+                              "--planner", a.planner, "--dtype", a.dtype], env=env)
         if rc:
             print(f"{mode} run failed with exit code {rc}")
             return 1
@@ -116,7 +121,8 @@ def main() -> int:
             parts[mode] = json.load(f)
     rep = compare(parts["baseline"], parts["gem"])
     rep.update(workers=parts["gem"]["workers"], startup_s={m: parts[m]["startup_s"] for m in parts},
-               slowdown=a.slowdown, max_tokens=a.max_tokens, planner=a.planner)
+               slowdown=a.slowdown, max_tokens=a.max_tokens, planner=a.planner,
+               dtype=a.dtype)
     with open(a.out, "w") as f:
         json.dump(rep, f, indent=1)
     print(json.dumps({k: v for k, v in rep.items() if k != "rows"}, indent=1))

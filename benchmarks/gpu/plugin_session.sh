@@ -5,10 +5,12 @@
 #   stages: setup      install msgspec + this project, make the models and the routing trace
 #           identity   greedy outputs with and without GEM (random-weight model, compiled mode)
 #           identity-vllm  the control: the same with vLLM's own EPLB policy moving the experts
+#           identity-fp32  GEM again, the model served in fp32 (partial MoE sums keep 24 bits)
 #           equal      serving matrix, equal GPUs: vllm / GEM recorder only / GEM
 #           slow20     serving matrix, GPU 1 emulated 20% slower: linear / vLLM EPLB policy / GEM
 #           slow10     the same at 10%
 #           mix20      slow20 on a Mixtral-like model (8 experts, top-2)
+#           kernels    the GPU tests (kernel vs reference, calibration) and benchmarks/kernels.py --search
 #           soak       4000 requests, GPU 1 20% slower, recalibration every 500 steps
 #   env: NUM_PROMPTS (1000), BENCH_REPEATS (3), SHAPES, RATES, MAX_CONCURRENCY
 set -u
@@ -44,12 +46,20 @@ for s in "$@"; do
     python3 benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity-vllm.json" \
       --reuse-baseline --planner vllm-default > "$out/greedy-identity-vllm.log" 2>&1; echo "identity-vllm exit $?"
     grep -E "vllm-gem|identical|Error|error" "$out/greedy-identity-vllm.log" | tail -8 ;;
+  identity-fp32)
+    python3 benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity-fp32.json" \
+      --reuse-baseline --dtype float32 > "$out/greedy-identity-fp32.log" 2>&1; echo "identity-fp32 exit $?"
+    grep -E "vllm-gem|identical|Error|error" "$out/greedy-identity-fp32.log" | tail -8 ;;
   equal|slow20|slow10|mix20)
     case $s in equal) cfg=equal-gpus model=q3 ;; mix20) cfg=mix-slow20 model=mix ;; *) cfg=$s model=q3 ;; esac
     python3 benchmarks/e2e/serve_matrix.py /tmp/gem/model-$model "$out/e2e-$s" \
       --configs "benchmarks/e2e/configs/$cfg.json" $E2E \
       2>&1 | tee "$out/e2e-$s.log" | tail -30
     grep -h "vllm-gem" "$out/e2e-$s"/raw/serve-*.log | cut -c1-600 | tail -12 ;;
+  kernels)
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py > "$out/gpu-tests.log" 2>&1
+    tail -3 "$out/gpu-tests.log"
+    python3 benchmarks/kernels.py --search --json "$out/kernels.json" 2>&1 | tee "$out/kernels.txt" | tail -20 ;;
   soak)
     VLLM_GEM_RECALIBRATE=${RECALIBRATE:-500} python3 benchmarks/e2e/soak.py /tmp/gem/model-q3 "$out/soak" \
       --num-prompts "${SOAK_PROMPTS:-4000}" --gem '{"emulate_slowdown": {"1": 0.2}}' 2>&1 | tail -20
