@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool), repo root, vLLM overlay on PYTHONPATH: the plugin's checks
-# and the serving matrix. Results go to /tmp/gem-results, tarred into $OUT per call.
+# and the serving matrix. Results go to $OUT/gem-results.
 #   usage: OUT=dir bash benchmarks/gpu/plugin_session.sh STAGE...
 #   stages: setup      install msgspec + this project, make the models and the routing trace
 #           identity   greedy outputs with and without GEM (random-weight model, compiled mode)
@@ -12,15 +12,16 @@
 #           mix20      slow20 on a Mixtral-like model (8 experts, top-2)
 #           kernels    the GPU tests (kernel vs reference, calibration) and benchmarks/kernels.py --search
 #           soak       4000 requests, GPU 1 20% slower, recalibration every 500 steps
-#   env: NUM_PROMPTS (1000), BENCH_REPEATS (3), SHAPES, RATES, MAX_CONCURRENCY
+#   env: NUM_PROMPTS (1000), BENCH_REPEATS (3), SHAPES, RATES, MAX_CONCURRENCY, ONLY (config names)
+# Results are written straight under $OUT/gem-results: a call cut by its time limit keeps them.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export VLLM_ALLREDUCE_USE_SYMM_MEM=0 VLLM_USE_FLASHINFER_SAMPLER=0
 export PYTHONPATH=/tmp/vllm-site:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 dest=${OUT:?set OUT}
-pkill -9 -f "vllm.entrypoints" 2>/dev/null; sleep 1  # a server left over from a killed call
-out=/tmp/gem-results; mkdir -p "$out" /tmp/gem
-E2E="--shapes ${SHAPES:-512x128} --rates ${RATES:-inf} --num-prompts ${NUM_PROMPTS:-1000} --bench-repeats ${BENCH_REPEATS:-3}${MAX_CONCURRENCY:+ --max-concurrency $MAX_CONCURRENCY}"
+pkill -9 -f "[v]llm.entrypoints" 2>/dev/null; sleep 1  # a server left over from a killed call
+out=$dest/gem-results; mkdir -p "$out" /tmp/gem
+E2E="--shapes ${SHAPES:-512x128} --rates ${RATES:-inf} --num-prompts ${NUM_PROMPTS:-1000} --bench-repeats ${BENCH_REPEATS:-3}${MAX_CONCURRENCY:+ --max-concurrency $MAX_CONCURRENCY}${ONLY:+ --only $ONLY}"
 for s in "$@"; do
   t0=$SECONDS
   case $s in
@@ -66,6 +67,5 @@ for s in "$@"; do
     grep -h "vllm-gem" "$out/soak/serve-soak.log" | cut -c1-400 | tail -6 ;;
   esac
   echo "[stage $s: $((SECONDS - t0)) s]"
-  tar czf "$dest/results.tgz" -C "$out" .  # after every stage: a timeout keeps what is done
 done
 ls "$out"
