@@ -25,8 +25,8 @@ SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8), "deepseek-v3": (7168, 2048, 32, 
           "mixtral": (4096, 14336, 8, 2)}
 TOKENS = [1, 16, 64, 256, 1024, 4096]
 SEARCH_TILES = list(dict.fromkeys([cfg for _, cfg in TILE_TABLE] + [
-    TileConfig(16, 64, 64, 1, 4, 4), TileConfig(16, 64, 256, 1, 4, 2), TileConfig(32, 128, 128, 1, 4, 3),
-    TileConfig(64, 256, 64, 16, 8, 3), TileConfig(128, 128, 64, 16, 8, 3)]))
+    TileConfig(16, 64, 64, 1, 4, 4), TileConfig(16, 64, 256, 1, 4, 2), TileConfig(16, 128, 128, 1, 4, 2),
+    TileConfig(32, 256, 128, 16, 4, 2), TileConfig(64, 256, 64, 16, 8, 3), TileConfig(128, 128, 64, 16, 8, 3)]))
 
 
 def vllm_fused_experts():

@@ -35,15 +35,16 @@ class TileConfig:
 
 # Autotune table for H100/H200 (bf16), keyed by the mean rows per expert of the call
 # (tokens * top_k / experts): that, not the token count, decides how full a BLOCK_M tile gets
-# for any expert count. For Qwen3-30B-A3B (128 experts, top-8) it reproduces vLLM 0.26's
-# tuned H200 table (fused_moe/configs/E=128,N=768,device_name=NVIDIA_H200.json): a few rows
-# per expert stream weights (short, tall-K tiles), many rows per expert are compute-bound.
+# for any expert count. Each tile is the fastest of `benchmarks/kernels.py --search` on H200
+# (docs/results/kernels-h200x2-2026-11-23.json) at every measured point of its range, for
+# Qwen3-30B-A3B, DeepSeek-V3 and Mixtral shapes alike (r = 0.06-1, 4-16, 64-1024). No point
+# was measured between 16 and 64 rows: that entry is vLLM's tuned H200 tile for Qwen3-30B-A3B
+# at 512 tokens (fused_moe/configs/E=128,N=768,device_name=NVIDIA_H200.json).
 TILE_TABLE: list[tuple[float, TileConfig]] = [
-    (1, TileConfig(16, 64, 128, 1, 4, 3)),
-    (8, TileConfig(16, 128, 128, 1, 4, 2)),
-    (16, TileConfig(32, 256, 128, 16, 4, 2)),
+    (1, TileConfig(16, 64, 128, 1, 4, 3)),       # a row or less per expert: stream the weights
+    (16, TileConfig(32, 128, 128, 1, 4, 3)),
     (32, TileConfig(64, 128, 64, 1, 4, 3)),
-    (float("inf"), TileConfig(128, 256, 64, 16, 8, 4)),
+    (float("inf"), TileConfig(128, 256, 64, 16, 8, 4)),  # compute-bound
 ]
 # Calibration times every load with one fixed tile, so the latency model has one BLOCK_M.
 CALIBRATION_TILE = TileConfig(64, 128, 64, 1, 4, 3)
