@@ -251,7 +251,7 @@ def _holds_its_experts(ms, rank, world, copies=(0.0,)):
                for ly in range(layers) for s in range(local))
 
 
-def _move_worker(rank, world, init, new_map, corrupt, out, distinct_replicas=False):
+def _move_worker(rank, world, init, new_map, fault, out, distinct_replicas=False):
     import torch
     import torch.distributed as dist
 
@@ -260,68 +260,96 @@ def _move_worker(rank, world, init, new_map, corrupt, out, distinct_replicas=Fal
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     layers, num_physical = new_map.shape
     ms = _fake_model_state(rank, world, layers, num_physical, distinct_replicas=distinct_replicas)
-    if corrupt:  # a transfer that delivers the wrong expert
+    old = ms.physical_to_logical_map.clone()
+    if fault:  # one faulty call of vLLM's transfer (one per layer); the restore's calls are sound
         from vllm.distributed.eplb import rebalance_execute
-        real = rebalance_execute.rearrange_expert_weights_inplace
+        real, calls = rebalance_execute.rearrange_expert_weights_inplace, []
 
-        def broken(*a, **k):
+        def faulty(*a, **k):
+            calls.append(1)
+            if fault == "interrupt-all" and len(calls) == 2:
+                raise RuntimeError("CUDA out of memory")  # every rank, before the layer moves
             real(*a, **k)
             w = a[2][0][0]
-            w[[0, 1]] = w[[1, 0]]
-        rebalance_execute.rearrange_expert_weights_inplace = broken
+            if fault == "swap" and len(calls) == 1:  # delivers the wrong expert
+                w[[0, 1]] = w[[1, 0]]
+            if fault == "interrupt-one" and len(calls) == 2 and rank == 1:
+                raise RuntimeError("illegal memory access")  # one rank, after the exchange
+            if fault == "lose" and len(calls) == 1 and rank == 0:
+                w.zero_()  # every slot of this rank in layer 0
+        rebalance_execute.rearrange_expert_weights_inplace = faulty
     group = types.SimpleNamespace(device_group=dist.group.WORLD)
+    report = None
     try:
         report = gem_apply.apply_placement(ms, torch.from_numpy(new_map), group)
         status = "ok"
     except gem_apply.WeightIntegrityError as e:
-        report, status = None, f"integrity: {e}"
+        status = f"integrity: {e}"
+    except gem_apply.WeightsLostError as e:
+        status = f"lost: {e}"
     new = torch.from_numpy(new_map)
     exact = _holds_its_experts(ms, rank, world, (0.0, 1.0) if distinct_replicas else (0.0,))
-    maps_ok = torch.equal(ms.physical_to_logical_map, new) and bool((ms.expert_load_pass == 0).all())
-    torch.save({"status": status, "exact": exact, "maps_ok": maps_ok,
+    committed = ms.physical_to_logical_map
+    maps_ok = torch.equal(committed, new) and bool((ms.expert_load_pass == 0).all())
+    torch.save({"status": status, "exact": exact, "maps_ok": maps_ok, "maps_old": torch.equal(committed, old),
                 "changed": report.slots_changed if report else -1}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def _run_move(new_map, corrupt=False, distinct_replicas=False):
+def _run_move(new_map, fault=None, distinct_replicas=False):
     import torch
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_move_worker, args=(2, f"file://{tmp}/rdv", new_map, corrupt, tmp, distinct_replicas),
+        mp.spawn(_move_worker, args=(2, f"file://{tmp}/rdv", new_map, fault, tmp, distinct_replicas),
                  nprocs=2)
         return [torch.load(f"{tmp}/rank{r}.pt") for r in range(2)]
 
 
-def test_weight_move_across_two_ranks_keeps_every_expert():
+def _cross_rank_plan():
     from vllm_gem.vllm.planning import decide
     profiles = [example_profile("fast", 1.0, num_experts=12), example_profile("slow", 1.3, num_experts=12)]
     old = np.tile(np.arange(24) % 16, (3, 1))
     d = decide(skewed_loads(), profiles, old)
     assert (d.phys_to_log[:, :12] != old[:, :12]).any()  # experts really cross ranks
-    res = _run_move(d.phys_to_log)
+    assert (d.phys_to_log != old).any(1).all()  # every layer moves: a fault at layer 1 is mid-move
+    return d.phys_to_log
+
+
+def test_weight_move_across_two_ranks_keeps_every_expert():
+    res = _run_move(_cross_rank_plan())
     assert all(r["status"] == "ok" and r["exact"] and r["maps_ok"] for r in res), res
     assert res[0]["changed"] > 0
 
 
 def test_replicas_that_differ_before_the_move_are_not_an_error():
     # seen on 2xH200 with --load-format dummy and redundant experts: each slot is random
-    from vllm_gem.vllm.planning import decide
-    profiles = [example_profile("fast", 1.0, num_experts=12), example_profile("slow", 1.3, num_experts=12)]
-    d = decide(skewed_loads(), profiles, np.tile(np.arange(24) % 16, (3, 1)))
-    res = _run_move(d.phys_to_log, distinct_replicas=True)
+    res = _run_move(_cross_rank_plan(), distinct_replicas=True)
     assert all(r["status"] == "ok" and r["exact"] for r in res), res
 
 
-def test_a_move_that_mixes_up_experts_is_caught():
-    from vllm_gem.vllm.planning import decide
-    profiles = [example_profile("fast", 1.0, num_experts=12), example_profile("slow", 1.3, num_experts=12)]
-    d = decide(skewed_loads(), profiles, np.tile(np.arange(24) % 16, (3, 1)))
-    res = _run_move(d.phys_to_log, corrupt=True)
-    assert all(r["status"].startswith("integrity: after the move, layer 0 slot 0") for r in res), res
+@pytest.mark.parametrize("fault, message", [
+    ("swap", "integrity: after the move, layer 0 slot 0 (and 3 more) did not hold the weights of "),
+    ("interrupt-all", "integrity: the move was interrupted at layer 1 on EP rank 0: RuntimeError: CUDA out"),
+    ("interrupt-one", "integrity: the move was interrupted at layer 1 on EP rank 1: RuntimeError: illegal"),
+])
+def test_a_failed_move_is_undone_and_the_old_placement_verified(fault, message):
+    res = _run_move(_cross_rank_plan(), fault=fault)
+    for r in res:  # same verdict on every rank; old weights back in every slot, old maps kept
+        assert r["status"].startswith(message), r["status"]
+        assert r["status"].endswith("restored the old placement (every slot verified)")
+        assert r["maps_old"] and r["exact"], r
+
+
+def test_a_move_that_destroys_the_only_copy_of_an_expert_says_so():
+    res = _run_move(_cross_rank_plan(), fault="lose")
+    for r in res:
+        assert r["status"].startswith("lost: after the move, layer 0 slot 0"), r["status"]
+        assert "no intact copy is left of (layer, expert) [(0, " in r["status"]
+        assert r["status"].endswith("restart the server") and r["maps_old"]
 
 
 # ---------------------------------------------------------------- a worker's start-up placement
-def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None):
+def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lose=False):
     import torch
     import torch.distributed as dist
 
@@ -329,6 +357,16 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None):
     from vllm_gem.vllm.config import parse
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    if lose:  # the first layer's transfer wipes rank 0's slots: experts only it held are gone
+        from vllm.distributed.eplb import rebalance_execute
+        real = rebalance_execute.rearrange_expert_weights_inplace
+
+        def wiping(*a, **k):
+            real(*a, **k)
+            if rank == 0:
+                a[2][0][0].zero_()
+            rebalance_execute.rearrange_expert_weights_inplace = real
+        rebalance_execute.rearrange_expert_weights_inplace = wiping
     ms = _fake_model_state(rank, world, layers=3, num_physical=24)
     ep = types.SimpleNamespace(rank_in_group=rank, world_size=world, ranks=list(range(world)),
                                cpu_group=dist.group.WORLD, device_group=dist.group.WORLD)
@@ -353,11 +391,11 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None):
     dist.destroy_process_group()
 
 
-def _run_place(cfg, fail_rank=None, world=2, inactive_rank=None):
+def _run_place(cfg, fail_rank=None, world=2, inactive_rank=None, lose=False):
     import torch
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_place_worker, args=(world, f"file://{tmp}/rdv", cfg, fail_rank, tmp, inactive_rank),
+        mp.spawn(_place_worker, args=(world, f"file://{tmp}/rdv", cfg, fail_rank, tmp, inactive_rank, lose),
                  nprocs=world)
         return [torch.load(f"{tmp}/rank{r}.pt") for r in range(world)]
 
@@ -433,6 +471,20 @@ def test_a_calibration_failing_on_one_rank_is_named_on_every_rank(inputs):
         assert r["report"]["applied"] is False and r["holds"]
         assert r["report"]["why"].startswith("CalibrationError: calibration failed on rank 1: ")
         assert "illegal memory access" in r["report"]["why"]
+
+
+def test_lost_weights_are_reported_by_every_rank_and_stop_the_engine_even_without_strict(inputs):
+    res = _run_place({"profiles": inputs["profiles"], "trace": inputs["trace"]}, lose=True)
+    for r in res:
+        assert r["report"]["applied"] is False, r["report"]
+        assert "no intact copy is left" in r["report"]["weights_lost"]
+
+    from vllm_gem.vllm import engine
+    core = types.SimpleNamespace(
+        vllm_config=types.SimpleNamespace(additional_config={"gem": {"trace": inputs["trace"]}}),
+        collective_rpc=lambda fn: [r["report"] for r in res])
+    with pytest.raises(RuntimeError, match="vllm-gem: .*no intact copy is left"):
+        engine.place_before_serving(core)
 
 
 # ---------------------------------------------------------------- recorder, replay, metrics

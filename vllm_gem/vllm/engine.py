@@ -98,6 +98,9 @@ def place_before_serving(engine_core: Any) -> None:
             raise
         logger.warning("vllm-gem: start-up placement failed, serving on vLLM's own placement: %s", e)
         return
+    lost = next((r["weights_lost"] for r in reports if r and r.get("weights_lost")), None)
+    if lost:  # never swallowed, strict or not: the model's weights are no longer whole
+        raise RuntimeError(f"vllm-gem: {lost}")
     rep = next((r for r in reports if r), {})
     if rep.get("applied"):
         logger.info("vllm-gem: placed experts before serving in %.1f s (warm-up %d steps): "

@@ -23,7 +23,7 @@ from ..calibrate import (
 )
 from ..errors import GemInputError
 from ..formats import GpuProfile, RoutingTrace, load, save
-from .apply import apply_placement, slot_bytes
+from .apply import WeightsLostError, apply_placement, slot_bytes
 from .config import GemConfig, from_additional
 from .metrics import RankState, write_state
 from .planning import PlanDecision, check_profiles_match, check_trace_matches, decide, worth_moving
@@ -245,6 +245,8 @@ class GemWorker:
             report = self.place("recalibration", quick_profile=True, horizon_steps=horizon_steps)
             if self.rank == 0:
                 logger.info("vllm-gem recalibration: %s", report)
+        except WeightsLostError:  # serving on would give wrong outputs: stop the worker
+            raise
         except Exception as e:  # keep serving on the last good placement
             if self.cfg.strict:
                 raise
@@ -339,6 +341,8 @@ def place_at_start(worker: Any) -> dict[str, Any]:
         return {"applied": False, "why": "place=false: recording only"}
     try:
         report = w.place("start")
+    except WeightsLostError as e:  # the engine core refuses to serve on it (engine.py)
+        report = {"applied": False, "weights_lost": str(e)}
     except Exception as e:
         if w.cfg.strict:
             raise
