@@ -56,6 +56,17 @@ def gather_slot_checksums(local: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
+def all_slot_checksums(model, group) -> torch.Tensor:
+    """Fingerprints of every slot of every rank: [layers, num_physical, F] (collective)."""
+    return gather_slot_checksums(expert_checksums(model.expert_weights), group)
+
+
+def matching_slots(after: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """after: [layers, P, F], before: [layers, Q, F] fingerprints -> [layers, P, Q] bool:
+    slot p now holds the weights slot q held before the move."""
+    return torch.isclose(after[:, :, None, :], before[:, None, :, :], rtol=RTOL, atol=0.0).all(-1)
+
+
 def misplaced_slots(before: torch.Tensor, old: torch.Tensor, after: torch.Tensor, new: torch.Tensor
                     ) -> torch.Tensor:
     """Slots whose weights after the move are no copy of their logical expert before it.
@@ -65,8 +76,7 @@ def misplaced_slots(before: torch.Tensor, old: torch.Tensor, after: torch.Tensor
     slot that held the same logical expert before the move. Replicas need not be identical
     (vLLM's dummy weights fill every slot differently); with a real checkpoint they are.
     """
-    same = torch.isclose(after[:, :, None, :], before[:, None, :, :], rtol=RTOL, atol=0.0).all(-1)
-    same &= new[:, :, None] == old[:, None, :]  # [L, P_new, P_old]
+    same = matching_slots(after, before) & (new[:, :, None] == old[:, None, :])  # [L, P_new, P_old]
     return ~same.any(-1)
 
 
@@ -77,7 +87,7 @@ def identify_slots(before: torch.Tensor, old: torch.Tensor, after: torch.Tensor)
     the phys->log map before the move -> [layers, num_physical] (vLLM's transfer never reads
     a slot marked -1 and fills it when the target map names an expert for it).
     """
-    same = torch.isclose(after[:, :, None, :], before[:, None, :, :], rtol=RTOL, atol=0.0).all(-1)
+    same = matching_slots(after, before)
     src = same.to(torch.int8).argmax(-1)  # any matching pre-move slot: all hold the same expert
     return torch.where(same.any(-1), old.gather(1, src), torch.full_like(old, -1))
 
@@ -106,8 +116,7 @@ class MoveReport:
     bytes_per_slot: int
 
 
-def apply_placement(model_state, new_phys_to_log: torch.Tensor, ep_group, verify: bool = True
-                    ) -> MoveReport:
+def apply_placement(model_state, new_phys_to_log: torch.Tensor, ep_group) -> MoveReport:
     """Rearrange this rank's expert weights and commit the new maps (collective over EP).
 
     model_state: vLLM's EplbModelState; new_phys_to_log: [layers, num_physical] (CPU, long),
@@ -121,23 +130,21 @@ def apply_placement(model_state, new_phys_to_log: torch.Tensor, ep_group, verify
     old = model_state.physical_to_logical_map.cpu().clone()
     new = new_phys_to_log.to(dtype=old.dtype).cpu()  # vLLM computes the logical maps on CPU
     group = ep_group.device_group
-    if verify:
-        before = gather_slot_checksums(expert_checksums(model.expert_weights), group)
+    before = all_slot_checksums(model, group)
     _synchronize()
     t0 = time.perf_counter()
     failure = transfer(old, new, model_state, group)
     _synchronize()
     seconds = time.perf_counter() - t0
-    if verify:
-        after = gather_slot_checksums(expert_checksums(model.expert_weights), group)
-        dev = after.device
-        bad = misplaced_slots(before, old.to(dev), after, new.to(dev))
-        if bad.any() and not failure:
-            layer, slot = (int(i) for i in bad.nonzero()[0])
-            failure = (f"after the move, layer {layer} slot {slot} (and {int(bad.sum()) - 1} more) "
-                       f"did not hold the weights of logical expert {int(new[layer, slot])}")
+    after = all_slot_checksums(model, group)
+    dev = after.device
+    bad = misplaced_slots(before, old.to(dev), after, new.to(dev))
+    if bad.any() and not failure:
+        layer, slot = (int(i) for i in bad.nonzero()[0])
+        failure = (f"after the move, layer {layer} slot {slot} (and {int(bad.sum()) - 1} more) "
+                   f"did not hold the weights of logical expert {int(new[layer, slot])}")
     if failure:
-        restore(before, old, after.cpu() if verify else None, model_state, group, failure)
+        restore(before.cpu(), old, after.cpu(), model_state, group, failure)
     _commit_eplb_maps(model_state, new)
     model_state.expert_load_pass.zero_()
     model_state.expert_load_window.zero_()
@@ -174,25 +181,21 @@ def transfer(old: torch.Tensor, new: torch.Tensor, model_state, group) -> str:
     return ""
 
 
-def restore(before: torch.Tensor, old: torch.Tensor, after: torch.Tensor | None, model_state, group,
+def restore(before: torch.Tensor, old: torch.Tensor, after: torch.Tensor, model_state, group,
             failure: str) -> None:
     """Move every slot back to the old placement after a failed move, verify it, and raise
     WeightIntegrityError (restored) or WeightsLostError (an expert has no copy left).
 
-    before/after: [layers, num_physical, F] fingerprints (after None: move not verified, so
-    nothing can be identified); old: [layers, num_physical] the map that is still committed.
+    before/after: [layers, num_physical, F] fingerprints (CPU); old: [layers, num_physical]
+    the map that is still committed.
     """
-    if after is None:
-        raise WeightsLostError(f"{failure}; the move was not verified, so the old placement cannot be "
-                               "restored: restart the server")
-    before = before.cpu()
     actual = identify_slots(before, old, after)
     lost = lost_experts(actual, old)
     if lost:
         raise WeightsLostError(f"{failure}; no intact copy is left of (layer, expert) {lost[:5]}"
                                f"{' and more' if len(lost) > 5 else ''}: restart the server")
     again = transfer(actual, old, model_state, group)
-    now = gather_slot_checksums(expert_checksums(model_state.model.expert_weights), group).cpu()
+    now = all_slot_checksums(model_state.model, group).cpu()
     bad = misplaced_slots(before, old, now, old)
     if again or bad.any():
         raise WeightsLostError(f"{failure}; restoring the old placement failed too "
