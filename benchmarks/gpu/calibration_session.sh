@@ -6,7 +6,7 @@
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 dest=${OUT:?set OUT}
-out=/tmp/gem-results; mkdir -p "$out"
+out=$dest/gem-results; mkdir -p "$out"  # straight under $OUT: a call cut by its time limit keeps it
 stages=${*:-tests calib slow kernels}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -33,6 +33,6 @@ slow)
   done
   python3 benchmarks/gpu/summarize_calibration.py "$out" | tee "$out/calibration-summary-$tag.txt" ;;
 kernels)
-  python3 benchmarks/kernels.py --json "$out/kernels-$tag.json" 2> "$out/kernels-$tag.err" | tee "$out/kernels-$tag.txt" ;;
+  python3 benchmarks/kernels.py --search --json "$out/kernels-$tag.json" 2> "$out/kernels-$tag.err" | tee "$out/kernels-$tag.txt" ;;
 esac; done
-tar czf "$dest/results-$tag-$(echo $stages | tr ' ' '-').tgz" -C "$out" . && ls -R "$out" | head -40
+ls -R "$out" | head -40

@@ -10,7 +10,6 @@
 #           slow20     serving matrix, GPU 1 emulated 20% slower: linear / vLLM EPLB policy / GEM
 #           slow10     the same at 10%
 #           mix20      slow20 on a Mixtral-like model (8 experts, top-2)
-#           kernels    the GPU tests (kernel vs reference, calibration) and benchmarks/kernels.py --search
 #           soak       4000 requests, GPU 1 20% slower, recalibration every 500 steps
 #   env: NUM_PROMPTS (1000), BENCH_REPEATS (3), SHAPES, RATES, MAX_CONCURRENCY, ONLY (config names)
 # Results are written straight under $OUT/gem-results: a call cut by its time limit keeps them.
@@ -57,10 +56,6 @@ for s in "$@"; do
       --configs "benchmarks/e2e/configs/$cfg.json" $E2E \
       2>&1 | tee "$out/e2e-$s.log" | tail -30
     grep -h "vllm-gem" "$out/e2e-$s"/raw/serve-*.log | cut -c1-600 | tail -12 ;;
-  kernels)
-    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py > "$out/gpu-tests.log" 2>&1
-    tail -3 "$out/gpu-tests.log"
-    python3 benchmarks/kernels.py --search --json "$out/kernels.json" 2>&1 | tee "$out/kernels.txt" | tail -20 ;;
   soak)
     VLLM_GEM_RECALIBRATE=${RECALIBRATE:-500} python3 benchmarks/e2e/soak.py /tmp/gem/model-q3 "$out/soak" \
       --num-prompts "${SOAK_PROMPTS:-4000}" --gem '{"emulate_slowdown": {"1": 0.2}}' 2>&1 | tail -20
