@@ -118,6 +118,47 @@ class Alignment:
     block_m: int
 
 
+# Up to this many (token, k) rows, align is one program (one launch: decode batches); above
+# it, three kernels spread the counting and the scatter over the GPU.
+ONE_PROGRAM_ALIGN_ROWS = 1024
+
+
+@triton.jit
+def _pad_and_map_tiles(counts, e, e_ok, cursor_ptr, block_expert_ptr, num_padded_ptr, num_experts,
+                       num_tiles, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
+    """counts: [BLOCK_E] rows per expert -> each expert's first padded row (cursor_ptr, the
+    scatter's cursor), the expert of every row tile, and the padded length."""
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, 0)
+    tl.store(cursor_ptr + e, end - padded, mask=e_ok)
+    tl.store(num_padded_ptr, tl.sum(padded, 0))
+    for t0 in range(0, num_tiles, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        # tile t belongs to the first expert whose padded rows end after t * BLOCK_M
+        before = tl.sum(((end[None, :] <= t[:, None] * BLOCK_M) & e_ok[None, :]).to(tl.int32), 1)
+        tl.store(block_expert_ptr + t, tl.minimum(before, num_experts - 1), mask=t < num_tiles)
+
+
+@triton.jit
+def align_one_program_kernel(ids_ptr, cursor_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
+                             num_valid, num_experts, max_padded, num_tiles, BLOCK_M: tl.constexpr,
+                             BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+                             BLOCK_P: tl.constexpr):
+    """All of align in one program, for at most BLOCK_R rows: count, pad, map tiles, scatter."""
+    r = tl.arange(0, BLOCK_R)
+    ok = r < num_valid
+    expert = tl.load(ids_ptr + r, mask=ok, other=0).to(tl.int32)
+    e = tl.arange(0, BLOCK_E)
+    _pad_and_map_tiles(tl.histogram(expert, BLOCK_E, mask=ok), e, e < num_experts, cursor_ptr,
+                       block_expert_ptr, num_padded_ptr, num_experts, num_tiles, BLOCK_M, BLOCK_T)
+    for p0 in range(0, max_padded, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        tl.store(sorted_ids_ptr + p, num_valid, mask=p < max_padded)
+    tl.debug_barrier()  # cursors and padding markers are written before any row is placed
+    pos = tl.atomic_add(cursor_ptr + expert, 1, mask=ok)
+    tl.store(sorted_ids_ptr + pos, r, mask=ok)
+
+
 @triton.jit
 def count_rows_kernel(ids_ptr, counts_ptr, sorted_ids_ptr, num_valid, max_padded, BLOCK: tl.constexpr):
     """counts[e] += rows routed to e; sorted_ids[:] = num_valid (the padding marker)."""
@@ -131,19 +172,11 @@ def count_rows_kernel(ids_ptr, counts_ptr, sorted_ids_ptr, num_valid, max_padded
 @triton.jit
 def expert_tiles_kernel(counts_ptr, block_expert_ptr, num_padded_ptr, num_experts, num_tiles,
                         BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
-    """One program: each expert's first padded row (written over its count, as the scatter's
-    cursor), the expert of every row tile, and the padded length."""
+    """One program: pad the counts, map the tiles (the counts become the scatter's cursors)."""
     e = tl.arange(0, BLOCK_E)
     e_ok = e < num_experts
-    padded = (tl.load(counts_ptr + e, mask=e_ok, other=0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    end = tl.cumsum(padded, 0)
-    tl.store(counts_ptr + e, end - padded, mask=e_ok)
-    tl.store(num_padded_ptr, tl.sum(padded, 0))
-    for t0 in range(0, num_tiles, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        # tile t belongs to the first expert whose padded rows end after t * BLOCK_M
-        before = tl.sum(((end[None, :] <= t[:, None] * BLOCK_M) & e_ok[None, :]).to(tl.int32), 1)
-        tl.store(block_expert_ptr + t, tl.minimum(before, num_experts - 1), mask=t < num_tiles)
+    _pad_and_map_tiles(tl.load(counts_ptr + e, mask=e_ok, other=0), e, e_ok, counts_ptr,
+                       block_expert_ptr, num_padded_ptr, num_experts, num_tiles, BLOCK_M, BLOCK_T)
 
 
 @triton.jit
@@ -158,27 +191,34 @@ def scatter_rows_kernel(ids_ptr, cursor_ptr, sorted_ids_ptr, num_valid, BLOCK: t
 
 
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
-    """topk_ids: [tokens, top_k] expert of each (token, k) -> Alignment.
+    """topk_ids: [tokens, top_k] expert of each (token, k), int32 or int64 -> Alignment.
 
-    Three small kernels and no host sync (CUDA-graph safe), like vLLM's moe_align_block_size.
+    No host sync (CUDA-graph safe), like vLLM's moe_align_block_size: one kernel for up to
+    ONE_PROGRAM_ALIGN_ROWS rows, else three.
     """
-    flat = topk_ids.reshape(-1).to(torch.int32)
+    flat = topk_ids.reshape(-1)  # the kernels read int32 or int64 ids: no conversion launch
     num_valid = flat.numel()
     max_padded = triton.cdiv(num_valid + num_experts * (block_m - 1), block_m) * block_m
     num_tiles = max_padded // block_m
     dev = flat.device
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=dev)  # then each expert's cursor
     sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=dev)
     block_expert = torch.empty(num_tiles, dtype=torch.int32, device=dev)
     num_padded = torch.empty(1, dtype=torch.int32, device=dev)
+    block_e = triton.next_power_of_2(num_experts)
+    if num_valid <= ONE_PROGRAM_ALIGN_ROWS:
+        cursor = torch.empty(num_experts, dtype=torch.int32, device=dev)  # written before use
+        align_one_program_kernel[(1,)](flat, cursor, sorted_ids, block_expert, num_padded, num_valid,
+                                       num_experts, max_padded, num_tiles, BLOCK_M=block_m,
+                                       BLOCK_R=triton.next_power_of_2(max(num_valid, 16)),
+                                       BLOCK_E=block_e, BLOCK_T=64, BLOCK_P=1024)
+        return Alignment(sorted_ids, block_expert, num_padded, block_m)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=dev)  # then each expert's cursor
     block = 1024
     count_rows_kernel[(triton.cdiv(max_padded, block),)](flat, counts, sorted_ids, num_valid, max_padded,
                                                          BLOCK=block)
     expert_tiles_kernel[(1,)](counts, block_expert, num_padded, num_experts, num_tiles, BLOCK_M=block_m,
-                              BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_T=64)
-    if num_valid:  # Triton refuses an empty grid
-        scatter_rows_kernel[(triton.cdiv(num_valid, block),)](flat, counts, sorted_ids, num_valid,
-                                                              BLOCK=block)
+                              BLOCK_E=block_e, BLOCK_T=64)
+    scatter_rows_kernel[(triton.cdiv(num_valid, block),)](flat, counts, sorted_ids, num_valid, BLOCK=block)
     return Alignment(sorted_ids, block_expert, num_padded, block_m)
 
 

@@ -35,20 +35,22 @@ INTERPRET_CHECK = textwrap.dedent("""
     al = align(cases["one hot expert"], E, 16)
     assert al.num_padded.item() == 32  # experts 3 and 1: 13 rows each, one 16-row tile each
     assert al.block_expert[:2].tolist() == [1, 3]
-    # several programs, experts not a power of two, some idle: every row once, in its expert's tiles
+    # the one-program path (<= 1024 rows: 1, 300 tokens) and the three-kernel path (2100 rows);
+    # experts not a power of two, some idle, int32 and int64 ids: every row once, in its expert's tiles
     E2, B = 37, 16
-    ids = torch.randint(0, E2 - 5, (700, 3))
-    al = align(ids, E2, B)
-    counts = torch.bincount(ids.reshape(-1), minlength=E2)
-    assert al.num_padded.item() == int(((counts + B - 1) // B * B).sum())
-    seen = []
-    for t in range(al.num_padded.item() // B):
-        rows = al.sorted_ids[t * B:(t + 1) * B]
-        rows = rows[rows < ids.numel()].long()
-        assert (ids.reshape(-1)[rows] == al.block_expert[t]).all(), t
-        seen += rows.tolist()
-    assert sorted(seen) == list(range(ids.numel()))
-    assert (al.sorted_ids[al.num_padded.item():] == ids.numel()).all()
+    for tokens, dtype in ((1, torch.int64), (300, torch.int32), (700, torch.int64)):
+        ids = torch.randint(0, E2 - 5, (tokens, 3)).to(dtype)
+        al = align(ids, E2, B)
+        counts = torch.bincount(ids.reshape(-1), minlength=E2)
+        assert al.num_padded.item() == int(((counts + B - 1) // B * B).sum()), tokens
+        seen = []
+        for t in range(al.num_padded.item() // B):
+            rows = al.sorted_ids[t * B:(t + 1) * B]
+            rows = rows[rows < ids.numel()].long()
+            assert (ids.reshape(-1)[rows] == al.block_expert[t]).all(), (tokens, t)
+            seen += rows.tolist()
+        assert sorted(seen) == list(range(ids.numel())), tokens
+        assert (al.sorted_ids[al.num_padded.item():] == ids.numel()).all(), tokens
     print("ok")
 """)
 

@@ -2,6 +2,7 @@
 the decision's map format, the weight move (two gloo ranks), recorder, routing replay, metrics."""
 
 import importlib.metadata
+import json
 import os
 import tempfile
 import types
@@ -349,7 +350,7 @@ def test_a_move_that_destroys_the_only_copy_of_an_expert_says_so():
 
 
 # ---------------------------------------------------------------- a worker's start-up placement
-def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lose=False):
+def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lose=False, switches=()):
     import torch
     import torch.distributed as dist
 
@@ -386,17 +387,24 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
         report = runtime.place_at_start(None)
     except Exception as e:
         report = {"raised": f"{type(e).__name__}: {e}"}
+    start_map = ms.physical_to_logical_map.clone()
+    after = []  # A/B switches on request, after the start-up placement
+    for planner in switches:
+        after.append({"report": runtime.switch_placement(None, planner),
+                      "holds": _holds_its_experts(ms, rank, world),
+                      "map": ms.physical_to_logical_map.clone()})
     torch.save({"report": report, "holds": _holds_its_experts(ms, rank, world),
-                "map": ms.physical_to_logical_map.clone()}, f"{out}/rank{rank}.pt")
+                "map": ms.physical_to_logical_map.clone(), "switches": after,
+                "start_map": start_map}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def _run_place(cfg, fail_rank=None, world=2, inactive_rank=None, lose=False):
+def _run_place(cfg, fail_rank=None, world=2, inactive_rank=None, lose=False, switches=()):
     import torch
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_place_worker, args=(world, f"file://{tmp}/rdv", cfg, fail_rank, tmp, inactive_rank, lose),
-                 nprocs=world)
+        mp.spawn(_place_worker, nprocs=world, args=(world, f"file://{tmp}/rdv", cfg, fail_rank, tmp,
+                                                    inactive_rank, lose, tuple(switches)))
         return [torch.load(f"{tmp}/rank{r}.pt") for r in range(world)]
 
 
@@ -444,6 +452,34 @@ def test_four_ranks_like_two_nodes_of_two_agree_on_one_placement(inputs, tmp_pat
     assert all(r["map"].equal(res[0]["map"]) for r in res)
     us = res[0]["report"]["rank_us_after"]
     assert us[3] <= max(us[:2]) * 1.05  # the slowest GPU is not left as the straggler
+
+
+def test_switching_placements_on_request_restores_the_start_map_and_keeps_every_expert(inputs):
+    # the A/B benchmark's path: start-up GEM, then vLLM's start map, vLLM's policy, GEM again
+    res = _run_place({"profiles": inputs["profiles"], "trace": inputs["trace"]},
+                     switches=["initial", "initial", "vllm-default", "gem", "no-such-planner"])
+    initial = np.tile(np.arange(24) % 16, (3, 1)).tolist()
+    start = res[0]["report"]
+
+    def per_rank(m):  # [layers, 24] -> sorted experts of each rank's 12 slots
+        return np.sort(m.numpy().reshape(3, 2, 12), axis=-1).tolist()
+
+    for r in res:
+        assert r["report"]["applied"] and all(s["holds"] for s in r["switches"])
+        to_initial, again, vllm_policy, gem, bad = r["switches"]
+        assert to_initial["report"]["applied"] and to_initial["map"].tolist() == initial
+        # planned from the start's inputs: going back predicts what GEM's plan started from
+        assert to_initial["report"]["predicted_layer_us_after"] == start["predicted_layer_us_before"]
+        assert again["report"] == {**again["report"], "applied": False, "why": "the plan is the map in use"}
+        assert vllm_policy["report"]["applied"] and vllm_policy["report"]["planner"] == "vllm-default"
+        # same inputs, same plan: each rank holds the same experts (slots follow the map before)
+        assert gem["report"]["applied"] and per_rank(gem["map"]) == per_rank(r["start_map"])
+        assert not vllm_policy["map"].equal(gem["map"])
+        assert gem["report"]["predicted_layer_us_after"] == start["predicted_layer_us_after"]
+        assert bad["report"]["applied"] is False and "no-such-planner" in bad["report"]["why"]
+        assert bad["map"].equal(gem["map"])
+        json.dumps([s["report"] for s in r["switches"]])  # what /collective_rpc sends back
+    assert all(a["map"].equal(b["map"]) for a, b in zip(res[0]["switches"], res[1]["switches"], strict=True))
 
 
 def test_a_trace_of_another_model_keeps_vllm_placement_or_fails_in_strict(inputs):

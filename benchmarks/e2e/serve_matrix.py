@@ -11,11 +11,19 @@ a summary (medians over repeats, ratios against the first configuration) go to O
         [--repeats 1] [--bench-repeats 3] [--shapes 512x128,2048x16] [--rates 16,inf]
 
 CONFIGS.json: [{"name": ..., "args": [extra `vllm serve` args], "env": {...}}, ...]
+
+--switch initial,vllm-default,gem (GEM configurations): inside each server start, switch the
+placement before every benchmark run through GEM's `gem_place` worker method (vLLM's dev-mode
+POST /collective_rpc), rotating the order every round. Every placement then runs on the same
+compiled model, CUDA graphs and GPUs, planned from the same profiles and routing history;
+only the placement differs, and one server start serves all of them. `PLANNER:norecord` also
+turns GEM's routing recorder off for that entry (its overhead).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -87,16 +95,43 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def bench(model: str, port: int, shape: tuple[int, int], rate: str, n: int, out: Path, seed: int,
           max_concurrency: int | None = None) -> dict:
-    cmd = [*VLLM, "bench", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
-           "--dataset-name", "random", "--random-input-len", str(shape[0]),
-           "--random-output-len", str(shape[1]), "--num-prompts", str(n), "--request-rate", rate,
-           "--ignore-eos", "--seed", str(seed), "--percentile-metrics", ",".join(METRICS),
-           "--metric-percentiles", "50,90,99", "--save-result", "--result-dir", str(out.parent),
-           "--result-filename", out.name]
+    """One `vllm bench serve` run, in this process (vLLM is imported once, not per run)."""
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.benchmarks.serve import main as bench_main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    argv = ["--model", model, "--host", "127.0.0.1", "--port", str(port),
+            "--dataset-name", "random", "--random-input-len", str(shape[0]),
+            "--random-output-len", str(shape[1]), "--num-prompts", str(n), "--request-rate", rate,
+            "--ignore-eos", "--seed", str(seed), "--percentile-metrics", ",".join(METRICS),
+            "--metric-percentiles", "50,90,99", "--save-result", "--result-dir", str(out.parent),
+            "--result-filename", out.name]
     if max_concurrency:  # a steady batch size: far less run-to-run spread than a burst at rate inf
-        cmd += ["--max-concurrency", str(max_concurrency)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **SAFE_ENV})
+        argv += ["--max-concurrency", str(max_concurrency)]
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    with out.with_suffix(".log").open("w") as log, contextlib.redirect_stdout(log):
+        bench_main(parser.parse_args(argv))
     return json.loads(out.read_text())
+
+
+def worker_rpc(port: int, method: str, **kwargs: str) -> list[dict]:
+    """Call a worker method on every rank (vLLM's dev-mode POST /collective_rpc)."""
+    body = json.dumps({"method": method, "kwargs": kwargs}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/collective_rpc", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        return json.loads(resp.read())["results"]
+
+
+def switch(port: int, entry: str) -> dict:
+    """entry 'PLANNER[:norecord]' -> rank 0's report of the switch (raises if a rank failed)."""
+    planner, _, flag = entry.partition(":")
+    worker_rpc(port, "gem_record", on=str(flag != "norecord"))
+    reports = worker_rpc(port, "gem_place", planner=planner)
+    rep = reports[0] or {}
+    if not rep.get("applied") and rep.get("why") != "the plan is the map in use":
+        raise RuntimeError(f"switch to {planner} failed: {rep.get('why', rep)}")
+    return rep
 
 
 def scrape_gem_metrics(port: int) -> list[str]:
@@ -168,17 +203,23 @@ def main() -> int:
     p.add_argument("--max-concurrency", type=int, default=None,
                    help="also the servers' --max-num-seqs: every request is in the batch at once")
     p.add_argument("--warmup-prompts", type=int, default=32)
+    p.add_argument("--switch", default="",
+                   help="placements to alternate inside each GEM server start, e.g. initial,vllm-default,gem")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--startup-limit", type=float, default=400)
     a = p.parse_args()
+    os.environ.update(SAFE_ENV)
     configs = json.loads(a.configs.read_text())
     if a.only:
         configs = [c for c in configs if c["name"] in a.only.split(",")]
+    entries = [e for e in a.switch.split(",") if e]
+    if entries:  # the switch goes through vLLM's dev-mode /collective_rpc endpoint
+        configs = [{**c, "env": {**c.get("env", {}), "VLLM_SERVER_DEV_MODE": "1"}} for c in configs]
     shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
     rates = a.rates.split(",")
     raw = a.out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    rows, starts = [], []
+    rows, starts, switches = [], [], []
     for rep in range(a.repeats):
         for cfg in configs:
             name = cfg["name"]
@@ -194,25 +235,39 @@ def main() -> int:
             try:
                 bench(a.model, a.port, (256, 16), "inf", a.warmup_prompts, raw / f"warmup-{name}.json", 99)
                 for brep in range(a.bench_repeats):
-                    for shape in shapes:
-                        for rate in rates:
-                            tag = f"{name}-{shape[0]}x{shape[1]}-r{rate}-rep{rep}.{brep}"
-                            res = bench(a.model, a.port, shape, rate, a.num_prompts,
-                                        raw / f"{tag}.json", 100 * rep + brep, a.max_concurrency)
-                            rows.append({"config": name, "shape": f"{shape[0]}x{shape[1]}",
-                                         "rate": rate, "rep": f"{rep}.{brep}", "result": res})
-                            print(f"[{tag}] TPOT p50 {res['median_tpot_ms']:.2f} ms, TTFT p50 "
-                                  f"{res['median_ttft_ms']:.1f} ms, {res['completed']} done", flush=True)
+                    # one entry per run without --switch; with it, every entry in a rotated order
+                    order = entries[brep % len(entries):] + entries[:brep % len(entries)] or [""]
+                    for entry in order:
+                        label = f"{name}/{entry}" if entry else name
+                        if entry:
+                            t0 = time.time()
+                            rep_ = switch(a.port, entry)
+                            switches.append({"config": label, "rep": f"{rep}.{brep}",
+                                             "seconds": round(time.time() - t0, 2), "report": rep_})
+                            print(f"[{label}] switched in {time.time() - t0:.1f} s: predicted "
+                                  f"{rep_.get('predicted_layer_us_after')} us/layer, moved "
+                                  f"{rep_.get('slots_changed', 0)} slots", flush=True)
+                        for shape in shapes:
+                            for rate in rates:
+                                tag = (f"{label.replace('/', '.').replace(':', '-')}-"
+                                       f"{shape[0]}x{shape[1]}-r{rate}-rep{rep}.{brep}")
+                                res = bench(a.model, a.port, shape, rate, a.num_prompts,
+                                            raw / f"{tag}.json", 100 * rep + brep, a.max_concurrency)
+                                rows.append({"config": label, "shape": f"{shape[0]}x{shape[1]}",
+                                             "rate": rate, "rep": f"{rep}.{brep}", "result": res})
+                                print(f"[{tag}] TPOT p50 {res['median_tpot_ms']:.2f} ms, TTFT p50 "
+                                      f"{res['median_ttft_ms']:.1f} ms, {res['completed']} done", flush=True)
                 (raw / f"metrics-{name}-rep{rep}.txt").write_text("\n".join(scrape_gem_metrics(a.port)))
-            except subprocess.CalledProcessError as e:
-                print(f"[{name} rep{rep}] bench failed: {e.stderr[-2000:]}", flush=True)
+            except Exception as e:  # a failed run or switch: the next configuration still runs
+                print(f"[{name} rep{rep}] {type(e).__name__}: {str(e)[-2000:]}", flush=True)
             finally:
                 stop_server(proc)
     if not rows:
         print("no results")
         return 1
-    table, md = summarize(rows, configs[0]["name"])
-    (a.out / "summary.json").write_text(json.dumps({"rows": table, "startup": starts,
+    base = f"{configs[0]['name']}/{entries[0]}" if entries else configs[0]["name"]
+    table, md = summarize(rows, base)
+    (a.out / "summary.json").write_text(json.dumps({"rows": table, "startup": starts, "switches": switches,
                                                     "argv": sys.argv[1:]}, indent=1))
     (a.out / "summary.md").write_text(md + "\n")
     plot(table, a.out / "summary.png")

@@ -10,6 +10,11 @@
 #           slow20     serving matrix, GPU 1 emulated 20% slower: linear / vLLM EPLB policy / GEM
 #           slow10     the same at 10%
 #           mix20      slow20 on a Mixtral-like model (8 experts, top-2)
+#           ab-slow20  ONE GEM server, GPU 1 20% slower: switch vLLM's start map / vLLM's EPLB policy /
+#                      GEM before every benchmark run, BENCH_REPEATS rounds in rotated order
+#           ab-slow10, ab-mix20   the same at 10%, and on the Mixtral-like model
+#           ab-equal   the same on the GPUs as they are, plus GEM with its recorder off
+#           ab-dummy   ab-equal's placements with vLLM's dummy-weight routing (no trace replay)
 #           soak       4000 requests, GPU 1 20% slower, recalibration every 500 steps
 #   env: NUM_PROMPTS (1000), BENCH_REPEATS (3), SHAPES, RATES, MAX_CONCURRENCY, ONLY (config names)
 # Results are written straight under $OUT/gem-results: a call cut by its time limit keeps them.
@@ -20,7 +25,8 @@ export PYTHONPATH=/tmp/vllm-site:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 dest=${OUT:?set OUT}
 pkill -9 -f "[v]llm.entrypoints" 2>/dev/null; sleep 1  # a server left over from a killed call
 out=$dest/gem-results; mkdir -p "$out" /tmp/gem
-E2E="--shapes ${SHAPES:-512x128} --rates ${RATES:-inf} --num-prompts ${NUM_PROMPTS:-1000} --bench-repeats ${BENCH_REPEATS:-3}${MAX_CONCURRENCY:+ --max-concurrency $MAX_CONCURRENCY}${ONLY:+ --only $ONLY}"
+E2E_AB="--shapes ${SHAPES:-512x128} --rates ${RATES:-inf} --num-prompts ${NUM_PROMPTS:-1000} --bench-repeats ${BENCH_REPEATS:-3}${MAX_CONCURRENCY:+ --max-concurrency $MAX_CONCURRENCY}"
+E2E="$E2E_AB${ONLY:+ --only $ONLY}"
 for s in "$@"; do
   t0=$SECONDS
   case $s in
@@ -56,6 +62,19 @@ for s in "$@"; do
       --configs "benchmarks/e2e/configs/$cfg.json" $E2E \
       2>&1 | tee "$out/e2e-$s.log" | tail -30
     grep -h "vllm-gem" "$out/e2e-$s"/raw/serve-*.log | cut -c1-600 | tail -12 ;;
+  ab-*)
+    sw=initial,vllm-default,gem model=q3
+    case $s in
+      ab-slow20|ab-slow10) cfg=${s#ab-} only=gem-${s#ab-} ;;
+      ab-mix20) cfg=mix-slow20 only=gem-mix-slow20 model=mix ;;
+      ab-equal) cfg=equal-gpus only=gem-r16 sw=$sw,gem:norecord ;;
+      ab-dummy) cfg=equal-gpus only=gem-r16-dummy ;;
+      *) echo "unknown stage $s"; continue ;;
+    esac
+    python3 benchmarks/e2e/serve_matrix.py /tmp/gem/model-$model "$out/e2e-$s" \
+      --configs "benchmarks/e2e/configs/$cfg.json" --only $only --switch $sw $E2E_AB \
+      2>&1 | tee "$out/e2e-$s.log" | tail -32
+    grep -h "vllm-gem" "$out/e2e-$s"/raw/serve-*.log | cut -c1-500 | tail -8 ;;
   soak)
     VLLM_GEM_RECALIBRATE=${RECALIBRATE:-500} python3 benchmarks/e2e/soak.py /tmp/gem/model-q3 "$out/soak" \
       --num-prompts "${SOAK_PROMPTS:-4000}" --gem '{"emulate_slowdown": {"1": 0.2}}' 2>&1 | tail -20

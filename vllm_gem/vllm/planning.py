@@ -73,10 +73,13 @@ def keep_slots(new: np.ndarray, old: np.ndarray, num_ranks: int) -> np.ndarray:
 
 def decide(loads: np.ndarray, profiles: list[GpuProfile], old_phys_to_log: np.ndarray, *,
            num_groups: int = 1, num_nodes: int = 1, planner: str = "gem",
-           planner_params: dict[str, Any] | None = None, min_gain: float = 0.0) -> PlanDecision:
+           planner_params: dict[str, Any] | None = None, min_gain: float = 0.0,
+           target: np.ndarray | None = None) -> PlanDecision:
     """Plan a placement for `loads` [steps, layers, experts] on GPUs with these profiles.
 
     old_phys_to_log: [layers, num_physical] the map in use; the result keeps its shape.
+    target: [layers, num_physical] a given map to assess instead of a planner's (vLLM's start
+    map, for A/B switching); it is kept slot for slot.
     apply is False when the predicted gain is below min_gain (hysteresis).
     """
     if loads.shape[0] == 0 or loads.sum() == 0:
@@ -87,9 +90,16 @@ def decide(loads: np.ndarray, profiles: list[GpuProfile], old_phys_to_log: np.nd
     problem = PlacementProblem(loads=loads.astype(np.float64), group=group,
                                num_physical=num_physical, num_groups=num_groups,
                                num_nodes=num_nodes, old_phys_to_log=old_phys_to_log)
-    policy = make(planner, **(planner_params or {}))
     t0 = time.perf_counter()
-    new = keep_slots(policy.place(problem), old_phys_to_log, group.num_ranks)
+    if target is None:
+        policy = make(planner, **(planner_params or {}))
+        new = keep_slots(policy.place(problem), old_phys_to_log, group.num_ranks)
+        info = getattr(policy, "report", {})
+    else:
+        if target.shape != old_phys_to_log.shape:
+            raise GemInputError("target map", "phys_to_log", f"has shape {target.shape}",
+                                f"the map in use's shape {old_phys_to_log.shape}")
+        new, info = target, {}
     seconds = time.perf_counter() - t0
     bounds = lower_bounds(problem.loads, group, num_physical)  # same slots: one bound for both
     before = simulate(problem.loads, old_phys_to_log, group, bounds)
@@ -100,7 +110,7 @@ def decide(loads: np.ndarray, profiles: list[GpuProfile], old_phys_to_log: np.nd
         predicted_before_us=before.mean, predicted_after_us=after.mean,
         rank_us_before=before.rank_mean, rank_us_after=after.rank_mean,
         straggler_before=before.straggler_ratio, straggler_after=after.straggler_ratio,
-        planning_seconds=seconds, info=dict(getattr(policy, "report", {})))
+        planning_seconds=seconds, info=dict(info or {}))
 
 
 def worth_moving(d: PlanDecision, old_phys_to_log: np.ndarray, bytes_per_slot: int,

@@ -116,6 +116,10 @@ def _patch_worker_class(module) -> None:
 
     Worker.shutdown = shutdown_with_gem
 
+    # reachable by name through collective_rpc (and vLLM's dev-mode POST /collective_rpc)
+    Worker.gem_place = lambda self, planner: runtime.switch_placement(self, planner)
+    Worker.gem_record = lambda self, on: runtime.set_recording(self, on)
+
 
 def _patch_engine_core() -> None:
     from vllm.v1.engine.core import DPEngineCoreProc, EngineCore, EngineCoreProc

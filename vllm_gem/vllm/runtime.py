@@ -77,6 +77,10 @@ class GemWorker:
         self.recorder = RoutingRecorder(self.model.num_moe_layers, self.model.num_logical_experts,
                                         cfg.record_capacity, self.device, model=model_name)
         self.profiles: list[GpuProfile] | None = None
+        # vLLM's start map and the start-up's routing history (rank 0): what an A/B switch
+        # re-plans from, so every placement compared is planned from the same inputs
+        self.initial_map = ms.physical_to_logical_map.cpu().numpy().copy()  # [layers, physical]
+        self.start_history: np.ndarray | None = None  # [steps, layers, experts]
         self.generation = 0
         self.steps = 0
         self.last_move_seconds = 0.0
@@ -153,27 +157,36 @@ class GemWorker:
         return hist.cpu().numpy().astype(np.float64)
 
     # ------------------------------------------------------------------ placement
-    def place(self, reason: str, quick_profile: bool = False, horizon_steps: int | None = None
-              ) -> dict[str, Any]:
+    def place(self, reason: str, quick_profile: bool = False, horizon_steps: int | None = None,
+              switch_to: str | None = None) -> dict[str, Any]:
         """Profile, plan on rank 0, broadcast, move. Collective: every EP rank calls it.
 
         horizon_steps (recalibration): also require the predicted saving over that many steps
         to beat the move's cost (planning.worth_moving).
+        switch_to (an A/B switch on request): plan with this planner ('initial': vLLM's start
+        map) from the start-up's profiles and routing history, and apply it whatever its gain.
         """
         t0 = time.perf_counter()
-        self.profiles = self.gather_profiles(quick_profile)
+        if switch_to is None or self.profiles is None:
+            self.profiles = self.gather_profiles(quick_profile)
         t_prof = time.perf_counter() - t0
+        planner = switch_to or (self.cfg.recalibrate_planner if horizon_steps else self.cfg.planner)
         decision: PlanDecision | None = None
         error = ""
         if self.rank == 0:
             try:
                 old = self.ms.physical_to_logical_map.cpu().numpy()
-                planner = self.cfg.recalibrate_planner if horizon_steps else self.cfg.planner
-                history = self.routing_history(live=bool(horizon_steps), last=horizon_steps)
+                if switch_to is not None and self.start_history is not None:
+                    history = self.start_history
+                else:
+                    history = self.routing_history(live=bool(horizon_steps), last=horizon_steps)
+                if not horizon_steps and self.start_history is None:
+                    self.start_history = history
                 decision = decide(history, self.profiles, old, num_nodes=self.num_nodes,
                                   num_groups=self.model.num_expert_groups, planner=planner,
                                   planner_params=self.cfg.planner_params,
-                                  min_gain=self.cfg.min_gain)
+                                  min_gain=-1.0 if switch_to else self.cfg.min_gain,
+                                  target=self.initial_map if switch_to == "initial" else None)
                 if horizon_steps:
                     decision.apply, decision.info["move_check"] = worth_moving(
                         decision, old, slot_bytes(self.model.expert_weights), self.move_bandwidth,
@@ -195,9 +208,13 @@ class GemWorker:
             "rank_us_after": [round(x, 2) for x in decision.rank_us_after],
             "gpus": [f"{p.gpu.name} #{p.gpu.index}" + (f" ({p.emulation})" if p.emulation else "")
                      for p in self.profiles],
-            "planner": self.cfg.recalibrate_planner if horizon_steps else self.cfg.planner,
+            "planner": planner,
             **{f"plan_{k}": v for k, v in decision.info.items()},
         }
+        in_use = np.array_equal(decision.phys_to_log, self.ms.physical_to_logical_map.cpu().numpy())
+        if decision.apply and in_use:
+            decision.apply = False
+            decision.info["move_check"] = "the plan is the map in use"
         if decision.apply:
             new = torch.from_numpy(decision.phys_to_log)
             move = apply_placement(self.ms, new, self.ep)
@@ -209,7 +226,7 @@ class GemWorker:
                           slots_changed=move.slots_changed,
                           moved_mib=round(move.slots_changed * move.bytes_per_slot / 2**20, 1))
             if self.rank == 0 and self.cfg.trace_dir:
-                self.save_placement(decision)
+                self.save_placement(decision, planner)
         else:
             report.update(applied=False, why=decision.info.get("move_check") or
                           f"predicted gain {decision.gain:.2%} is below min_gain {self.cfg.min_gain:.2%}")
@@ -220,12 +237,12 @@ class GemWorker:
         report["total_seconds"] = round(time.perf_counter() - t0, 3)
         return report
 
-    def save_placement(self, d: PlanDecision) -> None:
+    def save_placement(self, d: PlanDecision, planner: str) -> None:
         from ..formats import Placement, rank_of_slots
         p = Placement(model=self.recorder.model, num_logical_experts=self.model.num_logical_experts,
                       num_ranks=self.size, phys_to_log=d.phys_to_log.tolist(),
                       rank_of_slot=rank_of_slots(d.phys_to_log.shape[1], self.size),
-                      planner=self.cfg.planner, predicted={"layer_us": d.predicted_after_us,
+                      planner=planner, predicted={"layer_us": d.predicted_after_us,
                                                           "layer_us_before": d.predicted_before_us})
         save(p, Path(self.cfg.trace_dir) / f"placement-gen{self.generation}.json")
 
@@ -318,11 +335,11 @@ def _request_dump(signum, frame) -> None:
         _WORKER.dump_requested = True  # written after the current step, not inside a handler
 
 
-def place_at_start(worker: Any) -> dict[str, Any]:
-    """collective_rpc target: the one placement before the first request.
+def _inactive_ranks() -> str:
+    """'' when GEM is active on every EP rank, else which ranks it is not active on.
 
-    The ranks first agree that all of them can place: a rank whose GemWorker could not be
-    built must not leave the others waiting in a collective it never joins.
+    Collective: a rank whose GemWorker could not be built must not leave the others waiting
+    in a collective it never joins, so all ranks first agree.
     """
     w = _WORKER
     if w is not None:
@@ -333,9 +350,15 @@ def place_at_start(worker: Any) -> dict[str, Any]:
     why = "" if w is not None else "GEM is not active on this worker"
     states: list = [None] * torch.distributed.get_world_size(group)
     torch.distributed.all_gather_object(states, why, group=group)
-    missing = [f"rank {r}: {s}" for r, s in enumerate(states) if s]
+    return "; ".join(f"rank {r}: {s}" for r, s in enumerate(states) if s)
+
+
+def place_at_start(worker: Any) -> dict[str, Any]:
+    """collective_rpc target: the one placement before the first request."""
+    missing = _inactive_ranks()
     if missing:
-        return {"applied": False, "why": "; ".join(missing)}
+        return {"applied": False, "why": missing}
+    w = _WORKER
     if not w.cfg.place:
         w.started = True
         return {"applied": False, "why": "place=false: recording only"}
@@ -349,6 +372,35 @@ def place_at_start(worker: Any) -> dict[str, Any]:
         report = {"applied": False, "why": f"{type(e).__name__}: {e}"}
     w.started = True
     return report
+
+
+def switch_placement(worker: Any, planner: str) -> dict[str, Any]:
+    """collective_rpc target `gem_place` (HTTP: POST /collective_rpc with VLLM_SERVER_DEV_MODE=1):
+    re-place now with `planner`, from the start-up's GPU profiles and routing history;
+    'initial' restores vLLM's start map. For A/B benchmarks inside one server: every placement
+    runs on the same compiled model, CUDA graphs and GPUs. Not a serving feature."""
+    missing = _inactive_ranks()
+    if missing:
+        return {"applied": False, "why": missing}
+    w = _WORKER
+    try:
+        report = w.place("switch", switch_to=planner)
+    except WeightsLostError:  # serving on would give wrong outputs: stop the worker
+        raise
+    except Exception as e:  # the placement in use stays (apply_placement undoes a failed move)
+        return {"applied": False, "planner": planner, "why": f"{type(e).__name__}: {e}"}
+    if w.rank == 0:
+        logger.info("vllm-gem switch to %s: %s", planner, report)
+    return report
+
+
+def set_recording(worker: Any, on: str | bool) -> dict[str, Any]:
+    """collective_rpc target `gem_record`: turn the routing recorder on or off (its overhead,
+    measured inside one server). `on` is a string when it comes over HTTP."""
+    if _WORKER is None:
+        return {"recording": False, "why": "GEM is not active on this worker"}
+    _WORKER.cfg.record = on if isinstance(on, bool) else on.strip().lower() in ("1", "true", "on", "yes")
+    return {"recording": _WORKER.cfg.record}
 
 
 def detach(worker: Any) -> None:

@@ -2,7 +2,9 @@
 
     python3 benchmarks/e2e/configs/make_configs.py
 
-equal-gpus: vLLM / GEM recorder only / GEM, on the two GPUs as they are.
+equal-gpus: vLLM / GEM recorder only / GEM, on the two GPUs as they are; gem-r16: GEM with
+16 redundant slots (the A/B switching server: --switch initial,vllm-default,gem); gem-r16-dummy:
+the same with vLLM's own dummy-weight routing instead of the trace replay.
 slow10, slow20: GPU 1 does 10% / 20% extra expert work (emulated in-process); vLLM's
 placement / vLLM's EPLB policy applied once after the same warm-up / GEM, 16 redundant slots.
 mix-slow20: the same on the Mixtral-like model (8 experts, top-2), 2 redundant slots.
@@ -23,9 +25,13 @@ def gem(**settings) -> list[str]:
     return ["--plugin", "gem", "--additional-config", json.dumps({"gem": settings})]
 
 
-def slow(fraction: float, trace: str, redundant: int, prefix: str = "") -> list[dict]:
+def redundant(slots: int) -> list[str]:
+    return ["--eplb-config", json.dumps({"num_redundant_experts": slots})]
+
+
+def slow(fraction: float, trace: str, slots: int, prefix: str = "") -> list[dict]:
     tag, e = f"{prefix}slow{round(fraction * 100)}", {"1": fraction}
-    red = ["--eplb-config", json.dumps({"num_redundant_experts": redundant})]
+    red = redundant(slots)
     return [
         {"name": f"vllm-linear-{tag}", "args": gem(place=False, emulate_slowdown=e) + red, "env": env(trace)},
         {"name": f"vllm-eplb-{tag}", "args": gem(planner="vllm-default", min_gain=-1, emulate_slowdown=e) + red,
@@ -39,7 +45,9 @@ def main() -> None:
     sets = {
         "equal-gpus": [{"name": "vllm", "args": [], "env": env(q3)},
                        {"name": "gem-recorder-only", "args": gem(place=False), "env": env(q3)},
-                       {"name": "gem", "args": gem(), "env": env(q3)}],
+                       {"name": "gem", "args": gem(), "env": env(q3)},
+                       {"name": "gem-r16", "args": gem() + redundant(16), "env": env(q3)},
+                       {"name": "gem-r16-dummy", "args": gem() + redundant(16), "env": {}}],
         "slow20": slow(0.2, q3, 16),
         "slow10": slow(0.1, q3, 16),
         "mix-slow20": slow(0.2, mix, 2, prefix="mix-"),
