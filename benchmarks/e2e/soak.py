@@ -21,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_matrix import bench, scrape_gem_metrics, start_server, stop_server  # noqa: E402
 
@@ -35,6 +37,22 @@ def group_rss_mib(pgid: int) -> float:
     out = subprocess.run(["ps", "-o", "pgid=,rss="], capture_output=True, text=True, check=True).stdout
     return sum(int(r) for g, r in (ln.split() for ln in out.splitlines() if ln.strip())
                if int(g) == pgid) / 1024
+
+
+def memory_growth(samples: list[dict], settle_s: float = 60) -> dict:
+    """Growth after the first minute. GPU memory swings by a GB as recalibration allocates and
+    frees its buffers, so a GPU grows only if its floor rises: the minimum of the second half
+    of the samples against the first half's. Host memory: the fitted slope of the server
+    processes' summed RSS."""
+    late = [s for s in samples if s["t"] >= settle_s] or samples
+    half = max(1, len(late) // 2)
+    gpu = np.array([s["gpu_mib"] for s in late])  # [samples, gpus]
+    t = np.array([s["t"] for s in late])
+    rss = np.array([s["rss_mib"] for s in late])
+    slope = float(np.polyfit(t, rss, 1)[0] * 60) if len(late) > 1 else 0.0
+    return {"gpu_mib_floor_growth": (gpu[half:].min(0) - gpu[:half].min(0)).tolist(),
+            "gpu_mib_swing": (gpu.max(0) - gpu.min(0)).tolist(),
+            "rss_mib_per_min": round(slope, 2), "rss_mib_growth": float(rss[-1] - rss[0])}
 
 
 def main() -> int:
@@ -76,16 +94,13 @@ def main() -> int:
         th.join()
         stop_server(proc)
     text = log.read_text(errors="replace")
-    late = [s for s in samples if s["t"] >= 60] or samples
     report = {
         "num_prompts": a.num_prompts, "completed": res["completed"], "failed": res.get("failed", 0),
         "bench_seconds": wall, "ready_seconds": ready,
         "recalibrations": len(re.findall(r"vllm-gem recalibration:", text)),
         "recalibration_failures": len(re.findall(r"recalibration failed", text)),
         "recalibration_moves": len(re.findall(r"recalibration: .*'applied': True", text)),
-        "gpu_mib_growth_after_1min": [b - a_ for a_, b in
-                                      zip(late[0]["gpu_mib"], late[-1]["gpu_mib"], strict=True)],
-        "rss_mib_growth_after_1min": late[-1]["rss_mib"] - late[0]["rss_mib"],
+        **memory_growth(samples),
         "median_tpot_ms": res["median_tpot_ms"], "metrics": metrics, "samples": samples,
     }
     (a.out / "soak.json").write_text(json.dumps(report, indent=1))
