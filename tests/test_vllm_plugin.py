@@ -294,6 +294,7 @@ def _move_worker(rank, world, init, new_map, fault, out, distinct_replicas=False
     maps_ok = torch.equal(committed, new) and bool((ms.expert_load_pass == 0).all())
     torch.save({"status": status, "exact": exact, "maps_ok": maps_ok, "maps_old": torch.equal(committed, old),
                 "changed": report.slots_changed if report else -1}, f"{out}/rank{rank}.pt")
+    dist.barrier()  # no rank tears gloo down while a peer still uses it (an abort on 2-core CI)
     dist.destroy_process_group()
 
 
@@ -396,6 +397,7 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
     torch.save({"report": report, "holds": _holds_its_experts(ms, rank, world),
                 "map": ms.physical_to_logical_map.clone(), "switches": after,
                 "start_map": start_map}, f"{out}/rank{rank}.pt")
+    dist.barrier()  # no rank tears gloo down while a peer still uses it (an abort on 2-core CI)
     dist.destroy_process_group()
 
 
