@@ -8,6 +8,7 @@ memory did not grow after the first minute, and how often GEM recalibrated and r
 
     VLLM_GEM_RECALIBRATE=500 python3 benchmarks/e2e/soak.py MODEL OUT [--num-prompts 4000]
         [--rate 40] [--gem '{"emulate_slowdown": {"1": 0.2}}'] [--trace /tmp/gem/trace.msgpack]
+        [--no-gem]   (the control: plain vLLM, same load)
 """
 
 from __future__ import annotations
@@ -33,10 +34,22 @@ def gpu_used_mib() -> list[float]:
     return [float(x) for x in out.split()]
 
 
-def group_rss_mib(pgid: int) -> float:
-    out = subprocess.run(["ps", "-o", "pgid=,rss="], capture_output=True, text=True, check=True).stdout
-    return sum(int(r) for g, r in (ln.split() for ln in out.splitlines() if ln.strip())
-               if int(g) == pgid) / 1024
+def group_rss_mib(pgid: int) -> dict[str, float]:
+    """RSS (MiB) of the server's processes by name: the API server (the group leader), vLLM's
+    titled processes (VLLM::EngineCore, VLLM::Worker_TP0_EP0, when setproctitle is
+    installed), else pid<N>."""
+    out = subprocess.run(["ps", "-e", "-o", "pgid=,pid=,rss=,args="], capture_output=True, text=True,
+                         check=True).stdout
+    by_name: dict[str, float] = {}
+    for ln in out.splitlines():
+        parts = ln.split(maxsplit=3)
+        if len(parts) < 3 or not parts[0].isdigit() or int(parts[0]) != pgid:
+            continue
+        pid, args = int(parts[1]), parts[3] if len(parts) > 3 else ""
+        name = ("api-server" if pid == pgid else
+                args.split()[0] if args.startswith("VLLM::") else f"pid{pid}")
+        by_name[name] = by_name.get(name, 0.0) + int(parts[2]) / 1024
+    return by_name
 
 
 def memory_growth(samples: list[dict], settle_s: float = 60) -> dict:
@@ -48,11 +61,19 @@ def memory_growth(samples: list[dict], settle_s: float = 60) -> dict:
     half = max(1, len(late) // 2)
     gpu = np.array([s["gpu_mib"] for s in late])  # [samples, gpus]
     t = np.array([s["t"] for s in late])
-    rss = np.array([s["rss_mib"] for s in late])
-    slope = float(np.polyfit(t, rss, 1)[0] * 60) if len(late) > 1 else 0.0
+    def rss(s: dict) -> dict[str, float]:  # older samples hold one summed number
+        return s["rss_mib"] if isinstance(s["rss_mib"], dict) else {"all": s["rss_mib"]}
+
+    def per_min(values: np.ndarray) -> float:
+        return round(float(np.polyfit(t, values, 1)[0] * 60), 2) if len(late) > 1 else 0.0
+
+    names = sorted(set().union(*(rss(s) for s in late)))
+    by_name = {n: np.array([rss(s).get(n, 0.0) for s in late]) for n in names}
+    total = sum(by_name.values())
     return {"gpu_mib_floor_growth": (gpu[half:].min(0) - gpu[:half].min(0)).tolist(),
             "gpu_mib_swing": (gpu.max(0) - gpu.min(0)).tolist(),
-            "rss_mib_per_min": round(slope, 2), "rss_mib_growth": float(rss[-1] - rss[0])}
+            "rss_mib_per_min": per_min(total), "rss_mib_growth": float(total[-1] - total[0]),
+            "rss_mib_per_min_by_process": {n: per_min(v) for n, v in by_name.items()}}
 
 
 def main() -> int:
@@ -63,12 +84,14 @@ def main() -> int:
     p.add_argument("--rate", default="40")
     p.add_argument("--shape", default="256x128")
     p.add_argument("--gem", default="{}", help="GEM settings (JSON) besides --plugin gem")
+    p.add_argument("--no-gem", action="store_true",
+                   help="the control: the same server and load without --plugin gem")
     p.add_argument("--trace", default="/tmp/gem/trace-skewed.msgpack", help="routing to replay")
     p.add_argument("--port", type=int, default=8000)
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    cfg = {"name": "soak", "args": ["--plugin", "gem", "--additional-config",
-                                    json.dumps({"gem": json.loads(a.gem)})],
+    gem_args = ["--plugin", "gem", "--additional-config", json.dumps({"gem": json.loads(a.gem)})]
+    cfg = {"name": "soak", "args": [] if a.no_gem else gem_args,
            "env": {"VLLM_MOE_ROUTING_SIMULATION_STRATEGY": "gem_trace", "VLLM_GEM_ROUTING_TRACE": a.trace}}
     log = a.out / "serve-soak.log"
     proc, ready = start_server(a.model, cfg, a.port, log, 400)

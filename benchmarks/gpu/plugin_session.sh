@@ -16,6 +16,7 @@
 #           ab-equal   the same on the GPUs as they are, plus GEM with its recorder off
 #           ab-dummy   ab-equal's placements with vLLM's dummy-weight routing (no trace replay)
 #           soak       4000 requests, GPU 1 20% slower, recalibration every 500 steps
+#           soak-plain the same load on plain vLLM (the control for memory growth)
 #   env: NUM_PROMPTS (1000), BENCH_REPEATS (3), SHAPES, RATES, MAX_CONCURRENCY, ONLY (config names)
 # Results are written straight under $OUT/gem-results: a call cut by its time limit keeps them.
 set -u
@@ -75,6 +76,9 @@ for s in "$@"; do
       --configs "benchmarks/e2e/configs/$cfg.json" --only $only --switch $sw $E2E_AB \
       2>&1 | tee "$out/e2e-$s.log" | tail -32
     grep -h "vllm-gem" "$out/e2e-$s"/raw/serve-*.log | cut -c1-500 | tail -8 ;;
+  soak-plain)
+    python3 benchmarks/e2e/soak.py /tmp/gem/model-q3 "$out/soak-plain" --num-prompts "${SOAK_PROMPTS:-4000}" \
+      --no-gem 2>&1 | tail -20 ;;
   soak)
     VLLM_GEM_RECALIBRATE=${RECALIBRATE:-500} python3 benchmarks/e2e/soak.py /tmp/gem/model-q3 "$out/soak" \
       --num-prompts "${SOAK_PROMPTS:-4000}" --gem '{"emulate_slowdown": {"1": 0.2}}' 2>&1 | tail -20
