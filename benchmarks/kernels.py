@@ -6,7 +6,9 @@ Same inputs for all three (the bmm reference pads every expert to the largest co
 triton.testing.do_bench_cudagraph). TFLOP/s counts 2 * rows * 3 * hidden * intermediate.
 Ratio = ours / vLLM (goal: within 10% at every size, since calibration must predict serving).
 --search also times every tile in SEARCH_TILES at every size and prints the fastest: the
-evidence behind the kernel's TILE_TABLE.
+evidence behind the kernel's TILE_TABLE. --stages times each of our five launches alone
+(align, gate/up GEMM, SiLU-and-mul, down GEMM, sum over top-k) and vLLM's moe_align_block_size
+at the same BLOCK_M: where a fixed-cost gap comes from.
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ import sys
 import torch
 import triton
 
-from vllm_gem.kernels.moe_gemm import TILE_TABLE, TileConfig, moe_ffn, select_config
+from vllm_gem.kernels.moe_gemm import (
+    TILE_TABLE,
+    TileConfig,
+    align,
+    grouped_gemm,
+    moe_ffn,
+    select_config,
+    silu_and_mul,
+)
 
 SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8), "deepseek-v3": (7168, 2048, 32, 8),
           "mixtral": (4096, 14336, 8, 2)}
@@ -58,11 +68,38 @@ def bmm_experts(xin, w13, w2):
     return torch.bmm(torch.nn.functional.silu(h[..., :inter]) * h[..., inter:], w2.transpose(1, 2))
 
 
+def stage_times(bench, x, w13, w2, w, ids) -> dict[str, float]:
+    """us of each launch of moe_ffn alone, at its table tile, plus vLLM's align at that BLOCK_M."""
+    tokens, k = ids.shape
+    e, rows = w13.shape[0], ids.numel()
+    cfg = select_config(tokens, k, e)
+    al = align(ids, e, cfg.block_m)
+    h = torch.empty(rows, w13.shape[1], device=x.device, dtype=x.dtype)
+    grouped_gemm(x, w13, al, k, rows, cfg, h)
+    act = silu_and_mul(h)
+    y = torch.empty(rows, w2.shape[1], device=x.device, dtype=x.dtype)
+    times = {
+        "align": bench(lambda: align(ids, e, cfg.block_m)),
+        "gate_up": bench(lambda: grouped_gemm(x, w13, al, k, rows, cfg, h)),
+        "silu_mul": bench(lambda: silu_and_mul(h)),
+        "down": bench(lambda: grouped_gemm(act, w2, al, 1, rows, cfg, y, weights=w.reshape(-1))),
+        "sum": bench(lambda: y.view(tokens, k, -1).sum(1)),
+    }
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            from vllm.model_executor.layers.fused_moe.moe_align_block_size import moe_align_block_size
+        times["vllm_align"] = bench(lambda: moe_align_block_size(ids, cfg.block_m, e))
+    except Exception as exc:  # vLLM absent or its CUDA op not built
+        print(f"(vLLM align unavailable: {exc})", file=sys.stderr)
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
     ap.add_argument("--search", action="store_true", help="also time every tile in SEARCH_TILES")
+    ap.add_argument("--stages", action="store_true", help="also time each launch alone")
     a = ap.parse_args()
     fused = vllm_fused_experts()
     rows = []
@@ -92,6 +129,9 @@ def main() -> None:
                 best = min(times, key=times.get)
                 row.update(search_us=times, best_tile=best)
                 line += f"  best {times[best]:8.1f} us ({best[len('TileConfig'):]})"
+            if a.stages:
+                row["stages_us"] = stage_times(bench, x, w13, w2, w, ids)
+                line += "  stages " + " ".join(f"{n} {us:.1f}" for n, us in row["stages_us"].items())
             rows.append(row)
             print(line, flush=True)
     if a.json:

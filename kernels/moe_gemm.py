@@ -234,6 +234,16 @@ def silu_and_mul_kernel(h_ptr, out_ptr, inter, stride_h, stride_out, BLOCK: tl.c
              mask=ok)
 
 
+def silu_and_mul(h: torch.Tensor) -> torch.Tensor:
+    """h: [rows, 2 * inter] -> silu(h[:, :inter]) * h[:, inter:]: [rows, inter]."""
+    rows, inter = h.shape[0], h.shape[1] // 2
+    act = torch.empty((rows, inter), dtype=h.dtype, device=h.device)
+    block = min(1024, triton.next_power_of_2(inter))
+    silu_and_mul_kernel[(rows, triton.cdiv(inter, block))](h, act, inter, h.stride(0), act.stride(0),
+                                                           BLOCK=block)
+    return act
+
+
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, al: Alignment, top_k: int, num_valid: int,
                  cfg: TileConfig, out: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """out[row] = a[row // top_k] @ w[expert(row)].T (x weights[row]).
@@ -268,10 +278,7 @@ def moe_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: 
     inter = w2.shape[2]
     h = torch.empty((num_valid, 2 * inter), dtype=x.dtype, device=x.device)
     grouped_gemm(x, w13, al, top_k, num_valid, cfg, h)
-    act = torch.empty((num_valid, inter), dtype=x.dtype, device=x.device)
-    block = min(1024, triton.next_power_of_2(inter))
-    silu_and_mul_kernel[(num_valid, triton.cdiv(inter, block))](h, act, inter, h.stride(0), act.stride(0),
-                                                                BLOCK=block)
+    act = silu_and_mul(h)
     y = torch.empty((num_valid, w2.shape[1]), dtype=x.dtype, device=x.device)
     # router weights stay float32: the kernel scales its float32 accumulator, as vLLM's does
     grouped_gemm(act, w2, al, 1, num_valid, cfg, y, weights=topk_weights.reshape(-1))

@@ -3,7 +3,8 @@
 # GPU (all at once, twice for run-to-run spread), emulated slower GPUs (green contexts),
 # and, when vLLM is importable, the kernel benchmark against vLLM's fused_moe.
 #   usage: OUT=dir bash benchmarks/gpu/calibration_session.sh [stage...]   stages: tests calib slow kernels
-#   env: SEARCH=0 times the tile table only (kernels), not every tile of the search
+#   env: SEARCH=0 times the tile table only (kernels), not every tile of the search;
+#        STAGES=1 also times each launch alone (kernels --stages)
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 dest=${OUT:?set OUT}
@@ -34,6 +35,6 @@ slow)
   done
   python3 benchmarks/gpu/summarize_calibration.py "$out" | tee "$out/calibration-summary-$tag.txt" ;;
 kernels)
-  python3 benchmarks/kernels.py $([ "${SEARCH:-1}" = 0 ] || echo --search) --json "$out/kernels-$tag.json" 2> "$out/kernels-$tag.err" | tee "$out/kernels-$tag.txt" ;;
+  python3 benchmarks/kernels.py $([ "${SEARCH:-1}" = 0 ] || echo --search) $([ "${STAGES:-0}" = 1 ] && echo --stages) --json "$out/kernels-$tag.json" 2> "$out/kernels-$tag.err" | tee "$out/kernels-$tag.txt" ;;
 esac; done
 ls -R "$out" | head -40
