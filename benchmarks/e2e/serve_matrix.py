@@ -18,6 +18,10 @@ POST /collective_rpc), rotating the order every round. Every placement then runs
 compiled model, CUDA graphs and GPUs, planned from the same profiles and routing history;
 only the placement differs, and one server start serves all of them. `PLANNER:norecord` also
 turns GEM's routing recorder off for that entry (its overhead).
+
+--profile-prompts N: once per placement (per configuration without --switch), also run N
+prompts under vLLM's torch profiler and sum each GPU's MoE and collective kernel time
+(moe_profile.py): per-rank MoE time measured in serving.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import moe_profile  # noqa: E402
 
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
             "NVSHMEM_DISABLE_NVLS": "1", "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
@@ -188,6 +195,21 @@ def plot(table: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def profile_placement(a: argparse.Namespace, raw: Path, name: str, label: str, shape: tuple[int, int],
+                      rate: str) -> dict:
+    """--profile-prompts prompts under vLLM's torch profiler -> per-GPU kernel time sums."""
+    out = raw / f"profiled-{label.replace('/', '.').replace(':', '-')}.json"
+    t = moe_profile.profile_window(
+        a.port, raw / f"traces-{name}",
+        lambda: bench(a.model, a.port, shape, rate, a.profile_prompts, out, 999, a.max_concurrency),
+        num_gpus())
+    print(f"[{label}] profiled: " + "; ".join(
+        f"GPU {d}: MoE {v['moe_us'] / 1e3:.1f} ms, collectives {v['comm_us'] / 1e3:.1f} ms of "
+        f"{v['span_us'] / 1e3:.1f} ms" for d, v in sorted(t.items()) if d >= 0), flush=True)
+    return {"config": label, "shape": f"{shape[0]}x{shape[1]}",
+            "gpus": {str(d): v for d, v in sorted(t.items())}}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
@@ -205,6 +227,8 @@ def main() -> int:
     p.add_argument("--warmup-prompts", type=int, default=32)
     p.add_argument("--switch", default="",
                    help="placements to alternate inside each GEM server start, e.g. initial,vllm-default,gem")
+    p.add_argument("--profile-prompts", type=int, default=0,
+                   help="per placement, also profile this many prompts (per-rank MoE kernel time)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--startup-limit", type=float, default=400)
     a = p.parse_args()
@@ -219,7 +243,10 @@ def main() -> int:
     rates = a.rates.split(",")
     raw = a.out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    rows, starts, switches = [], [], []
+    if a.profile_prompts:
+        configs = [{**c, "args": [*c.get("args", []),
+                                  *moe_profile.server_args(raw / f"traces-{c['name']}")]} for c in configs]
+    rows, starts, switches, moe_times = [], [], [], []
     for rep in range(a.repeats):
         for cfg in configs:
             name = cfg["name"]
@@ -257,6 +284,8 @@ def main() -> int:
                                              "rate": rate, "rep": f"{rep}.{brep}", "result": res})
                                 print(f"[{tag}] TPOT p50 {res['median_tpot_ms']:.2f} ms, TTFT p50 "
                                       f"{res['median_ttft_ms']:.1f} ms, {res['completed']} done", flush=True)
+                        if a.profile_prompts and brep == 0:
+                            moe_times.append(profile_placement(a, raw, name, label, shapes[0], rates[0]))
                 (raw / f"metrics-{name}-rep{rep}.txt").write_text("\n".join(scrape_gem_metrics(a.port)))
             except Exception as e:  # a failed run or switch: the next configuration still runs
                 print(f"[{name} rep{rep}] {type(e).__name__}: {str(e)[-2000:]}", flush=True)
@@ -267,8 +296,9 @@ def main() -> int:
         return 1
     base = f"{configs[0]['name']}/{entries[0]}" if entries else configs[0]["name"]
     table, md = summarize(rows, base)
-    (a.out / "summary.json").write_text(json.dumps({"rows": table, "startup": starts, "switches": switches,
-                                                    "argv": sys.argv[1:]}, indent=1))
+    summary = {"rows": table, "startup": starts, "switches": switches, "moe_profile": moe_times,
+               "argv": sys.argv[1:]}
+    (a.out / "summary.json").write_text(json.dumps(summary, indent=1))
     (a.out / "summary.md").write_text(md + "\n")
     plot(table, a.out / "summary.png")
     print(md)

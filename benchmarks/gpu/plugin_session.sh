@@ -17,7 +17,8 @@
 #           ab-dummy   ab-equal's placements with vLLM's dummy-weight routing (no trace replay)
 #           soak       4000 requests, GPU 1 20% slower, recalibration every 500 steps
 #           soak-plain the same load on plain vLLM (the control for memory growth)
-#   env: NUM_PROMPTS (1000), BENCH_REPEATS (3), SHAPES, RATES, MAX_CONCURRENCY, ONLY (config names)
+#   env: NUM_PROMPTS (1000), BENCH_REPEATS (3), SHAPES, RATES, MAX_CONCURRENCY, ONLY (config names),
+#        PROFILE_PROMPTS (per placement, profile that many prompts: per-GPU MoE kernel time)
 # Results are written straight under $OUT/gem-results: a call cut by its time limit keeps them.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -26,7 +27,7 @@ export PYTHONPATH=/tmp/vllm-site:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 dest=${OUT:?set OUT}
 pkill -9 -f "[v]llm.entrypoints" 2>/dev/null; sleep 1  # a server left over from a killed call
 out=$dest/gem-results; mkdir -p "$out" /tmp/gem
-E2E_AB="--shapes ${SHAPES:-512x128} --rates ${RATES:-inf} --num-prompts ${NUM_PROMPTS:-1000} --bench-repeats ${BENCH_REPEATS:-3}${MAX_CONCURRENCY:+ --max-concurrency $MAX_CONCURRENCY}"
+E2E_AB="--shapes ${SHAPES:-512x128} --rates ${RATES:-inf} --num-prompts ${NUM_PROMPTS:-1000} --bench-repeats ${BENCH_REPEATS:-3}${MAX_CONCURRENCY:+ --max-concurrency $MAX_CONCURRENCY}${PROFILE_PROMPTS:+ --profile-prompts $PROFILE_PROMPTS}"
 E2E="$E2E_AB${ONLY:+ --only $ONLY}"
 for s in "$@"; do
   t0=$SECONDS

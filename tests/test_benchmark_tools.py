@@ -1,0 +1,85 @@
+"""The serving benchmark's measuring helpers on CPU: profiler trace sums, the profiling window
+against a stand-in server, and the soak's memory-growth reading."""
+
+import gzip
+import json
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks" / "e2e"))
+import moe_profile  # noqa: E402
+from soak import memory_growth  # noqa: E402
+
+
+def _trace(device: int, moe_us: float, comm_us: float, start: float = 0.0) -> dict:
+    k = lambda name, ts, dur: {"cat": "kernel", "name": name, "ts": ts, "dur": dur,  # noqa: E731
+                               "args": {"device": device}}
+    return {"traceEvents": [
+        {"cat": "cpu_op", "name": "aten::mm", "ts": start, "dur": 999.0},  # not a GPU kernel
+        k("fused_moe_kernel", start + 10, moe_us / 2),
+        k("void vllm::moe::moe_align_block_size_kernel<int>", start + 100, moe_us / 4),
+        k("void vllm::act_and_mul_kernel<silu>", start + 200, moe_us / 4),
+        k("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", start + 300, comm_us),
+        k("void flash_fwd_kernel", start + 300 + comm_us, 40.0),
+    ]}
+
+
+def test_kernel_times_split_moe_collectives_and_the_rest_per_gpu():
+    t = moe_profile.kernel_times(_trace(1, moe_us=80.0, comm_us=20.0, start=1000.0))
+    assert t == {1: {"moe_us": 80.0, "comm_us": 20.0, "kernel_us": 140.0, "span_us": 360.0 - 10.0}}
+
+
+class _StandIn(BaseHTTPRequestHandler):
+    """/start_profile, /stop_profile: on stop, each 'worker' writes its gzip'd trace."""
+    trace_dir: Path
+    devices: list[int]
+    calls: list[str] = []
+
+    def do_POST(self):  # noqa: N802
+        type(self).calls.append(self.path)
+        if self.path == "/stop_profile":
+            for d in self.devices:
+                with gzip.open(self.trace_dir / f"worker{d}.pt.trace.json.gz", "wt") as f:
+                    json.dump(_trace(d, moe_us=100.0 * (d + 1), comm_us=10.0), f)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.mark.parametrize("devices", [[0, 1], [0]])
+def test_profile_window_sums_every_workers_trace_and_removes_it(tmp_path, devices):
+    handler = type("H", (_StandIn,), {"trace_dir": tmp_path, "devices": devices, "calls": []})
+    srv = HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    ran = []
+    try:
+        if len(devices) < 2:  # a worker wrote no trace: one error naming the folder and the GPUs
+            with pytest.raises(RuntimeError, match=rf"{tmp_path} cover GPUs \[0\], expected 2"):
+                moe_profile.profile_window(srv.server_port, tmp_path, lambda: ran.append(1), 2, wait_s=4)
+        else:
+            t = moe_profile.profile_window(srv.server_port, tmp_path, lambda: ran.append(1), 2, wait_s=10)
+            assert {d: v["moe_us"] for d, v in t.items()} == {0: 100.0, 1: 200.0}
+            assert t[1]["comm_us"] == 10.0
+    finally:
+        srv.shutdown()
+    assert ran == [1] and handler.calls == ["/start_profile", "/stop_profile"]
+    assert not list(tmp_path.glob("*.json*"))  # traces are big: deleted once read
+
+
+def test_soak_memory_growth_reads_the_floor_not_the_swing():
+    # GPU memory swings by 1000 MiB with every recalibration; its floor stays at 100
+    samples = [{"t": 60.0 + 5 * i, "gpu_mib": [100.0 + 1000 * (i % 2)],
+                "rss_mib": {"api-server": 50.0 + i, "VLLM::Worker_TP0_EP0": 70.0}} for i in range(8)]
+    g = memory_growth(samples)
+    assert g["gpu_mib_floor_growth"] == [0.0] and g["gpu_mib_swing"] == [1000.0]
+    assert g["rss_mib_per_min_by_process"] == {"VLLM::Worker_TP0_EP0": 0.0, "api-server": 12.0}
+    assert g["rss_mib_per_min"] == 12.0 and g["rss_mib_growth"] == 7.0
+    for s in samples[4:]:  # the floor of the second half rises: growth
+        s["gpu_mib"] = [400.0]
+    assert memory_growth(samples)["gpu_mib_floor_growth"] == [300.0]
