@@ -156,6 +156,8 @@ def test_decision_is_a_valid_vllm_map_and_respects_min_gain():
     assert d.rank_us_after[1] < d.rank_us_before[1]
     keep = decide(loads, profiles, d.phys_to_log, min_gain=0.5)
     assert not keep.apply  # hysteresis: no move for a small predicted gain
+    same = decide(loads, profiles, d.phys_to_log, min_gain=-1.0, target=d.phys_to_log)
+    assert not same.apply and same.info["move_check"] == "the plan is the map in use"  # even forced
     # experts that stay on their rank keep their slot: only rank changes are copied
     for r in range(2):
         part = slice(12 * r, 12 * (r + 1))

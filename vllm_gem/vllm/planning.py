@@ -80,7 +80,8 @@ def decide(loads: np.ndarray, profiles: list[GpuProfile], old_phys_to_log: np.nd
     old_phys_to_log: [layers, num_physical] the map in use; the result keeps its shape.
     target: [layers, num_physical] a given map to assess instead of a planner's (vLLM's start
     map, for A/B switching); it is kept slot for slot.
-    apply is False when the predicted gain is below min_gain (hysteresis).
+    apply is False when the predicted gain is below min_gain (hysteresis) or the plan is the
+    map in use (nothing to move, whatever min_gain says).
     """
     if loads.shape[0] == 0 or loads.sum() == 0:
         raise GemInputError("routing history", "counts", "holds no routed tokens",
@@ -105,12 +106,16 @@ def decide(loads: np.ndarray, profiles: list[GpuProfile], old_phys_to_log: np.nd
     before = simulate(problem.loads, old_phys_to_log, group, bounds)
     after = simulate(problem.loads, new, group, bounds)
     gain = 1.0 - after.mean / before.mean
+    info = dict(info or {})
+    in_use = np.array_equal(new, old_phys_to_log)
+    if in_use:
+        info["move_check"] = "the plan is the map in use"
     return PlanDecision(
-        phys_to_log=new.astype(np.int64), apply=bool(gain > min_gain),
+        phys_to_log=new.astype(np.int64), apply=bool(gain > min_gain) and not in_use,
         predicted_before_us=before.mean, predicted_after_us=after.mean,
         rank_us_before=before.rank_mean, rank_us_after=after.rank_mean,
         straggler_before=before.straggler_ratio, straggler_after=after.straggler_ratio,
-        planning_seconds=seconds, info=dict(info or {}))
+        planning_seconds=seconds, info=info)
 
 
 def worth_moving(d: PlanDecision, old_phys_to_log: np.ndarray, bytes_per_slot: int,

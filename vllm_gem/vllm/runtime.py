@@ -211,10 +211,6 @@ class GemWorker:
             "planner": planner,
             **{f"plan_{k}": v for k, v in decision.info.items()},
         }
-        in_use = np.array_equal(decision.phys_to_log, self.ms.physical_to_logical_map.cpu().numpy())
-        if decision.apply and in_use:
-            decision.apply = False
-            decision.info["move_check"] = "the plan is the map in use"
         if decision.apply:
             new = torch.from_numpy(decision.phys_to_log)
             move = apply_placement(self.ms, new, self.ep)
