@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import sys
 
@@ -39,13 +40,14 @@ SEARCH_TILES = list(dict.fromkeys([cfg for _, cfg in TILE_TABLE] + [
     TileConfig(32, 256, 128, 16, 4, 2), TileConfig(64, 256, 64, 16, 8, 3), TileConfig(128, 128, 64, 16, 8, 3)]))
 
 
-def vllm_fused_experts():
+def vllm_function(module: str, name: str):
+    """A function of vLLM's fused_moe package, or None (once, with why) where it cannot run."""
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
-        return fused_experts
-    except Exception as e:
-        print(f"(vLLM fused_moe unavailable: {e})", file=sys.stderr)
+            fn = getattr(importlib.import_module(f"vllm.model_executor.layers.fused_moe.{module}"), name)
+        return fn
+    except Exception as e:  # vLLM absent, or its CUDA ops not built
+        print(f"(vLLM {name} unavailable: {e})", file=sys.stderr)
         return None
 
 
@@ -68,7 +70,7 @@ def bmm_experts(xin, w13, w2):
     return torch.bmm(torch.nn.functional.silu(h[..., :inter]) * h[..., inter:], w2.transpose(1, 2))
 
 
-def stage_times(bench, x, w13, w2, w, ids) -> dict[str, float]:
+def stage_times(bench, x, w13, w2, w, ids, vllm_align=None) -> dict[str, float]:
     """us of each launch of moe_ffn alone, at its table tile, plus vLLM's align at that BLOCK_M."""
     tokens, k = ids.shape
     e, rows = w13.shape[0], ids.numel()
@@ -85,12 +87,8 @@ def stage_times(bench, x, w13, w2, w, ids) -> dict[str, float]:
         "down": bench(lambda: grouped_gemm(act, w2, al, 1, rows, cfg, y, weights=w.reshape(-1))),
         "sum": bench(lambda: y.view(tokens, k, -1).sum(1)),
     }
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            from vllm.model_executor.layers.fused_moe.moe_align_block_size import moe_align_block_size
-        times["vllm_align"] = bench(lambda: moe_align_block_size(ids, cfg.block_m, e))
-    except Exception as exc:  # vLLM absent or its CUDA op not built
-        print(f"(vLLM align unavailable: {exc})", file=sys.stderr)
+    if vllm_align:
+        times["vllm_align"] = bench(lambda: vllm_align(ids, cfg.block_m, e))
     return times
 
 
@@ -101,7 +99,8 @@ def main() -> None:
     ap.add_argument("--search", action="store_true", help="also time every tile in SEARCH_TILES")
     ap.add_argument("--stages", action="store_true", help="also time each launch alone")
     a = ap.parse_args()
-    fused = vllm_fused_experts()
+    fused = vllm_function("fused_moe", "fused_experts")
+    vllm_align = vllm_function("moe_align_block_size", "moe_align_block_size") if a.stages else None
     rows = []
     print(f"{'shape':14s} {'tokens':>6s} {'ours us':>8s} {'vllm us':>8s} {'bmm us':>8s} "
           f"{'ours TF/s':>9s} {'ours/vllm':>9s}")
@@ -130,7 +129,7 @@ def main() -> None:
                 row.update(search_us=times, best_tile=best)
                 line += f"  best {times[best]:8.1f} us ({best[len('TileConfig'):]})"
             if a.stages:
-                row["stages_us"] = stage_times(bench, x, w13, w2, w, ids)
+                row["stages_us"] = stage_times(bench, x, w13, w2, w, ids, vllm_align)
                 line += "  stages " + " ".join(f"{n} {us:.1f}" for n, us in row["stages_us"].items())
             rows.append(row)
             print(line, flush=True)
