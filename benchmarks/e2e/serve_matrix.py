@@ -195,10 +195,15 @@ def plot(table: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def file_tag(label: str) -> str:
+    """A run label ('config/planner:norecord') as a file-name part."""
+    return label.replace("/", ".").replace(":", "-")
+
+
 def profile_placement(a: argparse.Namespace, raw: Path, name: str, label: str, shape: tuple[int, int],
                       rate: str) -> dict:
     """--profile-prompts prompts under vLLM's torch profiler -> per-GPU kernel time sums."""
-    out = raw / f"profiled-{label.replace('/', '.').replace(':', '-')}.json"
+    out = raw / f"profiled-{file_tag(label)}.json"
     t = moe_profile.profile_window(
         a.port, raw / f"traces-{name}",
         lambda: bench(a.model, a.port, shape, rate, a.profile_prompts, out, 999, a.max_concurrency),
@@ -276,8 +281,7 @@ def main() -> int:
                                   f"{rep_.get('slots_changed', 0)} slots", flush=True)
                         for shape in shapes:
                             for rate in rates:
-                                tag = (f"{label.replace('/', '.').replace(':', '-')}-"
-                                       f"{shape[0]}x{shape[1]}-r{rate}-rep{rep}.{brep}")
+                                tag = f"{file_tag(label)}-{shape[0]}x{shape[1]}-r{rate}-rep{rep}.{brep}"
                                 res = bench(a.model, a.port, shape, rate, a.num_prompts,
                                             raw / f"{tag}.json", 100 * rep + brep, a.max_concurrency)
                                 rows.append({"config": label, "shape": f"{shape[0]}x{shape[1]}",
