@@ -580,3 +580,15 @@ def test_trace_replay_rejects_a_trace_of_another_width(tmp_path):
     r = TraceReplayRouting(str(path))
     with pytest.raises(GemInputError, match="has 8 experts per layer; expected the model's 16"):
         r.route_layer(0, torch.zeros(4, 2), torch.zeros(4, 16), 2, None)
+
+
+def test_recorder_switch_reads_text_from_http_and_booleans(monkeypatch):
+    from vllm_gem.vllm import runtime
+    from vllm_gem.vllm.config import parse
+    w = types.SimpleNamespace(cfg=parse({}))
+    monkeypatch.setattr(runtime, "_WORKER", w)
+    assert runtime.set_recording(None, "False") == {"recording": False} and not w.cfg.record
+    assert runtime.set_recording(None, " On ") == {"recording": True} and w.cfg.record
+    assert runtime.set_recording(None, False) == {"recording": False}
+    monkeypatch.setattr(runtime, "_WORKER", None)
+    assert runtime.set_recording(None, "true")["recording"] is False  # GEM not active here

@@ -16,6 +16,8 @@ from ..errors import GemInputError
 SOURCE = "--additional-config gem"
 RECALIBRATE_ENV = "VLLM_GEM_RECALIBRATE"
 DEFAULT_RECALIBRATE_STEPS = 2000
+ON_WORDS = ("1", "on", "true", "yes")  # how a switch reads "on" in text (environment, HTTP)
+OFF_WORDS = ("0", "off", "false", "no")
 
 
 class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -65,9 +67,9 @@ class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         raw = os.environ.get(RECALIBRATE_ENV, "").strip()
         if not raw:
             return self.recalibrate_steps
-        if raw.lower() in ("0", "off", "false", "no"):
+        if raw.lower() in OFF_WORDS:
             return 0
-        if raw.lower() in ("1", "on", "true", "yes"):
+        if raw.lower() in ON_WORDS:
             return DEFAULT_RECALIBRATE_STEPS
         try:
             steps = int(raw)

@@ -24,7 +24,7 @@ from ..calibrate import (
 from ..errors import GemInputError
 from ..formats import GpuProfile, RoutingTrace, load, save
 from .apply import WeightsLostError, apply_placement, slot_bytes
-from .config import GemConfig, from_additional
+from .config import ON_WORDS, GemConfig, from_additional
 from .metrics import RankState, write_state
 from .planning import PlanDecision, check_profiles_match, check_trace_matches, decide, worth_moving
 from .recorder import RoutingRecorder
@@ -395,7 +395,7 @@ def set_recording(worker: Any, on: str | bool) -> dict[str, Any]:
     measured inside one server). `on` is a string when it comes over HTTP."""
     if _WORKER is None:
         return {"recording": False, "why": "GEM is not active on this worker"}
-    _WORKER.cfg.record = on if isinstance(on, bool) else on.strip().lower() in ("1", "true", "on", "yes")
+    _WORKER.cfg.record = on if isinstance(on, bool) else on.strip().lower() in ON_WORDS
     return {"recording": _WORKER.cfg.record}
 
 
