@@ -289,7 +289,10 @@ def main() -> int:
                                 print(f"[{tag}] TPOT p50 {res['median_tpot_ms']:.2f} ms, TTFT p50 "
                                       f"{res['median_ttft_ms']:.1f} ms, {res['completed']} done", flush=True)
                         if a.profile_prompts and brep == 0:
-                            moe_times.append(profile_placement(a, raw, name, label, shapes[0], rates[0]))
+                            try:  # a profiler failure costs the per-rank times, not the benchmark
+                                moe_times.append(profile_placement(a, raw, name, label, shapes[0], rates[0]))
+                            except Exception as e:
+                                print(f"[{label}] profiling failed: {type(e).__name__}: {e}", flush=True)
                 (raw / f"metrics-{name}-rep{rep}.txt").write_text("\n".join(scrape_gem_metrics(a.port)))
             except Exception as e:  # a failed run or switch: the next configuration still runs
                 print(f"[{name} rep{rep}] {type(e).__name__}: {str(e)[-2000:]}", flush=True)

@@ -6,6 +6,9 @@
 #           identity   greedy outputs with and without GEM (random-weight model, compiled mode)
 #           identity-vllm  the control: the same with vLLM's own EPLB policy moving the experts
 #           identity-fp32  GEM again, the model served in fp32 (partial MoE sums keep 24 bits)
+#           identity-top1  GEM on a top-1 model: one expert per token, so the ranks' partial sums are
+#                      that expert's output plus exact zeros and a placement cannot change the rounding;
+#                      any difference is a weight or map error (bit-identical outputs expected)
 #           equal      serving matrix, equal GPUs: vllm / GEM recorder only / GEM
 #           slow20     serving matrix, GPU 1 emulated 20% slower: linear / vLLM EPLB policy / GEM
 #           slow10     the same at 10%
@@ -14,7 +17,7 @@
 #                      GEM before every benchmark run, BENCH_REPEATS rounds in rotated order
 #           ab-slow10, ab-mix20   the same at 10%, and on the Mixtral-like model
 #           ab-equal   the same on the GPUs as they are, plus GEM with its recorder off
-#           ab-dummy   ab-equal's placements with vLLM's dummy-weight routing (no trace replay)
+#           ab-dummy   ab-equal's placements (recorder off too) with vLLM's dummy-weight routing
 #           soak       4000 requests, GPU 1 20% slower, recalibration every 500 steps
 #           soak-plain the same load on plain vLLM (the control for memory growth)
 #   env: NUM_PROMPTS (1000), BENCH_REPEATS (3), SHAPES, RATES, MAX_CONCURRENCY, ONLY (config names),
@@ -37,6 +40,8 @@ for s in "$@"; do
     python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || { echo "install failed"; tail "$out/install.log"; exit 1; }
     python3 benchmarks/e2e/make_moe_model.py /tmp/gem/model-rand --layers 6 --experts 32 --top-k 4 \
       --hidden 1024 --moe-intermediate 512 --heads 16 --random-weights 0
+    python3 benchmarks/e2e/make_moe_model.py /tmp/gem/model-top1 --layers 6 --experts 32 --top-k 1 \
+      --hidden 1024 --moe-intermediate 512 --heads 16 --random-weights 0
     python3 benchmarks/e2e/make_moe_model.py /tmp/gem/model-q3 --layers 12 --experts 128 --top-k 8
     python3 benchmarks/e2e/make_moe_model.py /tmp/gem/model-mix --layers 12 --experts 8 --top-k 2 \
       --moe-intermediate 5632
@@ -54,6 +59,10 @@ for s in "$@"; do
     python3 benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity-vllm.json" \
       --reuse-baseline --planner vllm-default > "$out/greedy-identity-vllm.log" 2>&1; echo "identity-vllm exit $?"
     grep -E "vllm-gem|identical|Error|error" "$out/greedy-identity-vllm.log" | tail -8 ;;
+  identity-top1)
+    python3 benchmarks/e2e/greedy_identity.py /tmp/gem/model-top1 "$out/greedy-identity-top1.json" \
+      > "$out/greedy-identity-top1.log" 2>&1; echo "identity-top1 exit $?"
+    grep -E "vllm-gem|identical|slots_moved|Error|error" "$out/greedy-identity-top1.log" | tail -10 ;;
   identity-fp32)
     python3 benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity-fp32.json" \
       --reuse-baseline --dtype float32 > "$out/greedy-identity-fp32.log" 2>&1; echo "identity-fp32 exit $?"
@@ -70,7 +79,7 @@ for s in "$@"; do
       ab-slow20|ab-slow10) cfg=${s#ab-} only=gem-${s#ab-} ;;
       ab-mix20) cfg=mix-slow20 only=gem-mix-slow20 model=mix ;;
       ab-equal) cfg=equal-gpus only=gem-r16 sw=$sw,gem:norecord ;;
-      ab-dummy) cfg=equal-gpus only=gem-r16-dummy ;;
+      ab-dummy) cfg=equal-gpus only=gem-r16-dummy sw=$sw,gem:norecord ;;
       *) echo "unknown stage $s"; continue ;;
     esac
     python3 benchmarks/e2e/serve_matrix.py /tmp/gem/model-$model "$out/e2e-$s" \
