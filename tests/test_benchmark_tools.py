@@ -14,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks" / "e2e"))
 import moe_profile  # noqa: E402
 from soak import memory_growth  # noqa: E402
 
+from vllm_gem.vllm.recorder import RECORD_RANGE  # noqa: E402
+
 
 def _trace(device: int, moe_us: float, comm_us: float, start: float = 0.0) -> dict:
     k = lambda name, ts, dur: {"cat": "kernel", "name": name, "ts": ts, "dur": dur,  # noqa: E731
@@ -25,12 +27,19 @@ def _trace(device: int, moe_us: float, comm_us: float, start: float = 0.0) -> di
         k("void vllm::act_and_mul_kernel<silu>", start + 200, moe_us / 4),
         k("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", start + 300, comm_us),
         k("void flash_fwd_kernel", start + 300 + comm_us, 40.0),
+        # the recorder's range on the GPU timeline, over a scatter kernel counted once as a kernel
+        {"cat": "gpu_user_annotation", "name": RECORD_RANGE, "ts": start + 340 + comm_us, "dur": 3.0,
+         "args": {"device": device}},
+        k("void at::native::scatter_gather_elementwise_kernel", start + 341 + comm_us, 2.0),
+        {"cat": "gpu_user_annotation", "name": "some_other_range", "ts": start, "dur": 500.0,
+         "args": {"device": device}},
     ]}
 
 
-def test_kernel_times_split_moe_collectives_and_the_rest_per_gpu():
+def test_kernel_times_split_moe_collectives_recorder_and_the_rest_per_gpu():
     t = moe_profile.kernel_times(_trace(1, moe_us=80.0, comm_us=20.0, start=1000.0))
-    assert t == {1: {"moe_us": 80.0, "comm_us": 20.0, "kernel_us": 140.0, "span_us": 360.0 - 10.0}}
+    assert t == {1: {"moe_us": 80.0, "comm_us": 20.0, "kernel_us": 142.0, "record_us": 3.0,
+                     "span_us": 363.0 - 10.0}}
 
 
 class _StandIn(BaseHTTPRequestHandler):

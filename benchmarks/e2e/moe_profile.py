@@ -8,6 +8,7 @@ the GPU kernels of each device:
     moe_us     MoE expert kernels (fused_moe, moe align/sum, act-and-mul, GEM's emulated work)
     comm_us    collectives (NCCL, vLLM's custom all-reduce): where a fast rank waits
     kernel_us  every kernel
+    record_us  GEM's routing recorder (its profiler range on the GPU timeline)
     span_us    first kernel start to last kernel end
 
 A straggler shows as a rank with more MoE time and the others with more collective time.
@@ -24,7 +25,10 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from vllm_gem.vllm.recorder import RECORD_RANGE
+
 MOE_KERNEL = re.compile(r"moe|act_and_mul|silu_and_mul", re.IGNORECASE)
+SUMS = ("moe_us", "comm_us", "kernel_us", "record_us", "span_us")
 COMM_KERNEL = re.compile(r"nccl|all_?reduce|cross_device_reduce|allgather|reduce_scatter", re.IGNORECASE)
 
 
@@ -36,15 +40,18 @@ def server_args(trace_dir: Path) -> list[str]:
 
 
 def kernel_times(trace: dict) -> dict[int, dict[str, float]]:
-    """A Chrome trace (torch profiler) -> {device: {moe_us, comm_us, kernel_us, span_us}}."""
+    """A Chrome trace (torch profiler) -> {device: {moe_us, comm_us, kernel_us, record_us, span_us}}."""
     out: dict[int, dict[str, float]] = {}
     ends: dict[int, tuple[float, float]] = {}
     for ev in trace.get("traceEvents", []):
-        if ev.get("cat") != "kernel" or "dur" not in ev:
+        if ev.get("cat") not in ("kernel", "gpu_user_annotation") or "dur" not in ev:
             continue
         dev = int(ev.get("args", {}).get("device", -1))
-        d = out.setdefault(dev, {"moe_us": 0.0, "comm_us": 0.0, "kernel_us": 0.0, "span_us": 0.0})
+        d = out.setdefault(dev, dict.fromkeys(SUMS, 0.0))
         dur, name = float(ev["dur"]), ev.get("name", "")
+        if ev["cat"] == "gpu_user_annotation":  # a range over kernels counted below: not added twice
+            d["record_us"] += dur if name == RECORD_RANGE else 0.0
+            continue
         d["kernel_us"] += dur
         if MOE_KERNEL.search(name):
             d["moe_us"] += dur

@@ -46,7 +46,7 @@ SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
             "NVSHMEM_DISABLE_NVLS": "1", "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
             "VLLM_USE_FLASHINFER_SAMPLER": "0", "PYTHONUNBUFFERED": "1"}
 VLLM = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
-METRICS = ("ttft", "tpot", "itl")
+METRICS = ("ttft", "tpot", "itl", "e2el")  # e2el: a 16-token output's TPOT says little
 GEM_DONE = re.compile(r"vllm-gem: (placed experts before serving in ([\d.]+) s|kept vLLM's placement"
                       r"|start-up placement failed)")
 
@@ -174,12 +174,13 @@ def summarize(rows: list[dict], base: str) -> tuple[list[dict], str]:
 
 
 def plot(table: list[dict], path: Path) -> None:
-    """TTFT / TPOT / ITL P50-P90-P99 per configuration, one panel row per (shape, rate)."""
+    """METRICS' P50-P90-P99 per configuration, one panel row per (shape, rate)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     keys = list(dict.fromkeys((r["shape"], r["rate"]) for r in table))
-    fig, axes = plt.subplots(len(keys), 3, figsize=(13, 3.2 * len(keys)), squeeze=False)
+    fig, axes = plt.subplots(len(keys), len(METRICS), figsize=(4.4 * len(METRICS), 3.2 * len(keys)),
+                             squeeze=False)
     for row, (shape, rate) in enumerate(keys):
         rs = [r for r in table if (r["shape"], r["rate"]) == (shape, rate)]
         for col, m in enumerate(METRICS):
@@ -209,8 +210,9 @@ def profile_placement(a: argparse.Namespace, raw: Path, name: str, label: str, s
         lambda: bench(a.model, a.port, shape, rate, a.profile_prompts, out, 999, a.max_concurrency),
         num_gpus())
     print(f"[{label}] profiled: " + "; ".join(
-        f"GPU {d}: MoE {v['moe_us'] / 1e3:.1f} ms, collectives {v['comm_us'] / 1e3:.1f} ms of "
-        f"{v['span_us'] / 1e3:.1f} ms" for d, v in sorted(t.items()) if d >= 0), flush=True)
+        f"GPU {d}: MoE {v['moe_us'] / 1e3:.1f} ms, collectives {v['comm_us'] / 1e3:.1f} ms, "
+        f"GEM recorder {v['record_us'] / 1e3:.2f} ms of {v['span_us'] / 1e3:.1f} ms"
+        for d, v in sorted(t.items()) if d >= 0), flush=True)
     return {"config": label, "shape": f"{shape[0]}x{shape[1]}",
             "gpus": {str(d): v for d, v in sorted(t.items())}}
 

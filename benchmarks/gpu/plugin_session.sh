@@ -55,14 +55,14 @@ for s in "$@"; do
       > "$out/greedy-identity.log" 2>&1; echo "identity exit $?"
     grep -E "vllm-gem|identical|Error|error" "$out/greedy-identity.log" | grep -v "^$" | tail -25 ;;
   identity-vllm)
-    cp "$out/greedy-identity.json.baseline.json" "$out/greedy-identity-vllm.json.baseline.json" 2>/dev/null
+    for b in baseline baseline2; do cp "$out/greedy-identity.json.$b.json" "$out/greedy-identity-vllm.json.$b.json" 2>/dev/null; done
     python3 benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity-vllm.json" \
       --reuse-baseline --planner vllm-default > "$out/greedy-identity-vllm.log" 2>&1; echo "identity-vllm exit $?"
     grep -E "vllm-gem|identical|Error|error" "$out/greedy-identity-vllm.log" | tail -8 ;;
   identity-top1)
     python3 benchmarks/e2e/greedy_identity.py /tmp/gem/model-top1 "$out/greedy-identity-top1.json" \
       > "$out/greedy-identity-top1.log" 2>&1; echo "identity-top1 exit $?"
-    grep -E "vllm-gem|identical|slots_moved|Error|error" "$out/greedy-identity-top1.log" | tail -10 ;;
+    grep -E "vllm-gem|identical|slots_moved|Error|error" "$out/greedy-identity-top1.log" | tail -12 ;;
   identity-fp32)
     python3 benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity-fp32.json" \
       --reuse-baseline --dtype float32 > "$out/greedy-identity-fp32.log" 2>&1; echo "identity-fp32 exit $?"

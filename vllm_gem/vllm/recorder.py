@@ -14,6 +14,10 @@ import torch
 
 from ..formats import NdArray, RoutingTrace
 
+# The profiler range around each record: a torch trace shows its GPU time as a
+# "gpu_user_annotation" of this name (benchmarks/e2e/moe_profile.py sums it).
+RECORD_RANGE = "vllm_gem:record"
+
 
 class RoutingRecorder:
     """ring: [capacity, layers, num_logical] int32 on the GPU; one row per engine step."""
@@ -28,9 +32,10 @@ class RoutingRecorder:
 
     def record(self, load_pass: torch.Tensor, phys_to_log: torch.Tensor) -> None:
         """load_pass: [layers, num_physical] int32; phys_to_log: [layers, num_physical] int64."""
-        row = self.ring[self.steps % self.capacity]
-        row.zero_()
-        row.scatter_add_(1, phys_to_log, load_pass.to(row.dtype))
+        with torch.profiler.record_function(RECORD_RANGE):
+            row = self.ring[self.steps % self.capacity]
+            row.zero_()
+            row.scatter_add_(1, phys_to_log, load_pass.to(row.dtype))
         self.steps += 1
 
     @property
