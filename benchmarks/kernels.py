@@ -8,7 +8,10 @@ Ratio = ours / vLLM (goal: within 10% at every size, since calibration must pred
 --search also times every tile in SEARCH_TILES at every size and prints the fastest: the
 evidence behind the kernel's TILE_TABLE. --stages times each of our five launches alone
 (align, gate/up GEMM, SiLU-and-mul, down GEMM, sum over top-k) and vLLM's moe_align_block_size
-at the same BLOCK_M: where a fixed-cost gap comes from.
+at the same BLOCK_M: where a fixed-cost gap comes from. It also lists every kernel of one
+whole call of ours and of vLLM's in launch order, with its duration *inside* the pipeline
+(torch profiler, median over back-to-back calls): a kernel slower there than alone points at
+what its neighbours leave behind (L2 contents, a dependency), not at the kernel.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import argparse
 import contextlib
 import importlib
 import json
+import re
+import statistics
 import sys
+import tempfile
 
 import torch
 import triton
@@ -92,6 +98,29 @@ def stage_times(bench, x, w13, w2, w, ids, vllm_align=None) -> dict[str, float]:
     return times
 
 
+def in_context_us(fn, iters: int = 20) -> list[list]:
+    """[[kernel name, us], ...] for one fn() call in launch order: each kernel's median duration
+    over `iters` calls run back to back under the torch profiler (no CUDA graph)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    per_call, extra = divmod(len(kernels), iters)
+    if extra or not per_call:
+        raise RuntimeError(f"{len(kernels)} kernels traced for {iters} calls: not a whole number per call")
+    short = lambda n: re.sub(r"^void |[<(].*$", "", n).split("::")[-1][:32]  # noqa: E731
+    return [[short(kernels[j]["name"]),
+             statistics.median(kernels[i * per_call + j]["dur"] for i in range(iters))]
+            for j in range(per_call)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
@@ -131,6 +160,11 @@ def main() -> None:
             if a.stages:
                 row["stages_us"] = stage_times(bench, x, w13, w2, w, ids, vllm_align)
                 line += "  stages " + " ".join(f"{n} {us:.1f}" for n, us in row["stages_us"].items())
+                row["in_context_us"] = {"ours": in_context_us(lambda: moe_ffn(x, w13, w2, w, ids))}
+                if fused:
+                    row["in_context_us"]["vllm"] = in_context_us(lambda: fused(x, w13, w2, w, ids))
+                for who, ks in row["in_context_us"].items():
+                    line += f"\n    in pipeline, {who}: " + ", ".join(f"{n} {us:.1f}" for n, us in ks)
             rows.append(row)
             print(line, flush=True)
     if a.json:
