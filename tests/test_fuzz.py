@@ -120,4 +120,6 @@ def test_the_plugin_decision_on_any_load(case):
     for row in d.phys_to_log:
         assert set(row.tolist()) == set(range(loads.shape[2]))
     assert np.isfinite([d.predicted_before_us, d.predicted_after_us]).all()
+    # the reported bound holds for both maps it was computed for
+    assert d.predicted_bound_us <= min(d.predicted_before_us, d.predicted_after_us) * (1 + 1e-9)
     msgspec.json.encode(d.rank_us_after)

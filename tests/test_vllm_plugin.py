@@ -154,6 +154,7 @@ def test_decision_is_a_valid_vllm_map_and_respects_min_gain():
     assert (count >= 1).all() and int(count.sum()) == layers * num_physical
     assert d.apply and d.gain > 0.05  # the slow GPU got less work than linear gives it
     assert d.rank_us_after[1] < d.rank_us_before[1]
+    assert 0 < d.predicted_bound_us <= d.predicted_after_us  # GEM's share of the ceiling is reportable
     keep = decide(loads, profiles, d.phys_to_log, min_gain=0.5)
     assert not keep.apply  # hysteresis: no move for a small predicted gain
     same = decide(loads, profiles, d.phys_to_log, min_gain=-1.0, target=d.phys_to_log)

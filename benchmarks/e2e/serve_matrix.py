@@ -279,7 +279,8 @@ def main() -> int:
                             switches.append({"config": label, "rep": f"{rep}.{brep}",
                                              "seconds": round(time.time() - t0, 2), "report": rep_})
                             print(f"[{label}] switched in {time.time() - t0:.1f} s: predicted "
-                                  f"{rep_.get('predicted_layer_us_after')} us/layer, moved "
+                                  f"{rep_.get('predicted_layer_us_after')} us/layer (bound "
+                                  f"{rep_.get('predicted_bound_us')}), moved "
                                   f"{rep_.get('slots_changed', 0)} slots", flush=True)
                         for shape in shapes:
                             for rate in rates:

@@ -104,11 +104,12 @@ def place_before_serving(engine_core: Any) -> None:
     rep = next((r for r in reports if r), {})
     if rep.get("applied"):
         logger.info("vllm-gem: placed experts before serving in %.1f s (warm-up %d steps): "
-                    "predicted MoE layer time %.1f -> %.1f us (%.1f%% faster), per rank %s -> %s; "
+                    "predicted MoE layer time %.1f -> %.1f us (%.1f%% faster; no placement below "
+                    "%.1f us), per rank %s -> %s; "
                     "moved %s slots (%s MiB) in %.2f s; calibration %.1f s, planning %.2f s; GPUs %s",
                     time.perf_counter() - t0, warm, rep["predicted_layer_us_before"],
                     rep["predicted_layer_us_after"], 100 * rep["predicted_gain"],
-                    rep["rank_us_before"], rep["rank_us_after"], rep["slots_changed"],
+                    rep["predicted_bound_us"], rep["rank_us_before"], rep["rank_us_after"], rep["slots_changed"],
                     rep["moved_mib"], rep["move_seconds"], rep["profile_seconds"],
                     rep["planning_seconds"], rep["gpus"])
     else:

@@ -33,6 +33,8 @@ class PlanDecision:
     straggler_before: float
     straggler_after: float
     planning_seconds: float
+    # no placement with these slots beats this on the same model (bounds.lower_bounds, tight)
+    predicted_bound_us: float
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -115,7 +117,7 @@ def decide(loads: np.ndarray, profiles: list[GpuProfile], old_phys_to_log: np.nd
         predicted_before_us=before.mean, predicted_after_us=after.mean,
         rank_us_before=before.rank_mean, rank_us_after=after.rank_mean,
         straggler_before=before.straggler_ratio, straggler_after=after.straggler_ratio,
-        planning_seconds=seconds, info=info)
+        planning_seconds=seconds, predicted_bound_us=after.bound, info=info)
 
 
 def worth_moving(d: PlanDecision, old_phys_to_log: np.ndarray, bytes_per_slot: int,

@@ -204,6 +204,7 @@ class GemWorker:
             "predicted_layer_us_before": round(decision.predicted_before_us, 2),
             "predicted_layer_us_after": round(decision.predicted_after_us, 2),
             "predicted_gain": round(decision.gain, 4),
+            "predicted_bound_us": round(decision.predicted_bound_us, 2),
             "rank_us_before": [round(x, 2) for x in decision.rank_us_before],
             "rank_us_after": [round(x, 2) for x in decision.rank_us_after],
             "gpus": [f"{p.gpu.name} #{p.gpu.index}" + (f" ({p.emulation})" if p.emulation else "")
