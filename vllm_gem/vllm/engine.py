@@ -109,8 +109,8 @@ def place_before_serving(engine_core: Any) -> None:
                     "moved %s slots (%s MiB) in %.2f s; calibration %.1f s, planning %.2f s; GPUs %s",
                     time.perf_counter() - t0, warm, rep["predicted_layer_us_before"],
                     rep["predicted_layer_us_after"], 100 * rep["predicted_gain"],
-                    rep["predicted_bound_us"], rep["rank_us_before"], rep["rank_us_after"], rep["slots_changed"],
-                    rep["moved_mib"], rep["move_seconds"], rep["profile_seconds"],
+                    rep["predicted_bound_us"], rep["rank_us_before"], rep["rank_us_after"],
+                    rep["slots_changed"], rep["moved_mib"], rep["move_seconds"], rep["profile_seconds"],
                     rep["planning_seconds"], rep["gpus"])
     else:
         logger.warning("vllm-gem: kept vLLM's placement: %s", rep.get("why", rep))
