@@ -51,6 +51,11 @@ INTERPRET_CHECK = textwrap.dedent("""
             seen += rows.tolist()
         assert sorted(seen) == list(range(ids.numel())), tokens
         assert (al.sorted_ids[al.num_padded.item():] == ids.numel()).all(), tokens
+    # fewer rows than experts: room for one padded tile per row, not per expert (the GEMMs'
+    # grids follow), and the worst case, every row its own expert, fills it exactly
+    al = align(torch.tensor([[0, 5, 36]]), E2, B)
+    assert al.sorted_ids.numel() == 3 * B and al.num_padded.item() == 3 * B
+    assert al.block_expert.tolist() == [0, 5, 36] and al.sorted_ids[::B].tolist() == [0, 1, 2]
     print("ok")
 """)
 
