@@ -92,3 +92,23 @@ def test_soak_memory_growth_reads_the_floor_not_the_swing():
     for s in samples[4:]:  # the floor of the second half rises: growth
         s["gpu_mib"] = [400.0]
     assert memory_growth(samples)["gpu_mib_floor_growth"] == [300.0]
+
+
+def test_ceiling_table_gives_each_placement_its_share_of_the_predicted_ceiling():
+    from serve_matrix import ceiling
+    rep = lambda after, ranks: {"predicted_layer_us_after": after, "predicted_bound_us": 160.0,  # noqa: E731
+                                "rank_us_after": ranks}
+    switches = [{"config": "s/initial", "report": rep(231.48, [148.0, 231.48])},
+                {"config": "s/vllm-default", "report": rep(236.98, [151.71, 236.98])},
+                {"config": "s/gem", "report": rep(184.13, [166.01, 183.3])},
+                {"config": "s/gem", "report": rep(184.13, [166.01, 183.3])},  # switched to twice: one row
+                {"config": "s/old", "report": {"predicted_layer_us_after": 1.0}}]  # no bound: left out
+    moe = [{"config": "s/gem",
+            "gpus": {"-1": {"moe_us": 5.0}, "1": {"moe_us": 739e3}, "0": {"moe_us": 625e3}}}]
+    rows = ceiling(switches, moe).splitlines()
+    assert len(rows) == 2 + 3
+    gem = next(r for r in rows if r.startswith("| s/gem |")).split(" | ")
+    assert gem[4] == "625, 739"  # measured, GPU order, host rows (-1) left out
+    assert float(gem[5].rstrip(" |")) == pytest.approx((236.98 - 184.13) / (236.98 - 160.0), abs=0.005)
+    assert next(r for r in rows if r.startswith("| s/vllm-default |")).endswith("| - | 0.00 |")
+    assert ceiling([], moe) == ""

@@ -173,6 +173,30 @@ def summarize(rows: list[dict], base: str) -> tuple[list[dict], str]:
     return table, "\n".join(lines)
 
 
+def ceiling(switches: list[dict], moe_times: list[dict], reference: str = "vllm-default") -> str:
+    """Per switched-to placement: GEM's prediction (slowest rank and the lower bound no
+    placement with these slots beats, us per MoE layer), the per-GPU MoE time measured by the
+    profiler where there is one, and each placement's share of the predicted ceiling against
+    `reference`: (reference - placement) / (reference - bound)."""
+    pred = {sw["config"]: sw["report"] for sw in switches if "predicted_bound_us" in sw.get("report", {})}
+    if not pred:
+        return ""
+    measured = {m["config"]: m["gpus"] for m in moe_times}
+    ref = next((r for label, r in pred.items() if label.endswith("/" + reference)), None)
+    lines = ["| placement | predicted slowest rank us | bound us | predicted per rank us | "
+             "measured MoE ms per GPU | share of the ceiling vs " + reference + " |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for label, r in pred.items():
+        after, bound = r["predicted_layer_us_after"], r["predicted_bound_us"]
+        gpus = measured.get(label, {})
+        moe = ", ".join(f"{v['moe_us'] / 1e3:.0f}" for d, v in sorted(gpus.items(), key=lambda x: int(x[0]))
+                        if int(d) >= 0) or "-"
+        top = ref["predicted_layer_us_after"] if ref else bound
+        share = f"{(top - after) / (top - bound):.2f}" if top > bound else "-"
+        lines.append(f"| {label} | {after:.1f} | {bound:.1f} | {r.get('rank_us_after')} | {moe} | {share} |")
+    return "\n".join(lines)
+
+
 def plot(table: list[dict], path: Path) -> None:
     """METRICS' P50-P90-P99 per configuration, one panel row per (shape, rate)."""
     import matplotlib
@@ -309,6 +333,7 @@ def main() -> int:
     summary = {"rows": table, "startup": starts, "switches": switches, "moe_profile": moe_times,
                "argv": sys.argv[1:]}
     (a.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    md += "\n\n" + ceiling(switches, moe_times) if switches else ""
     (a.out / "summary.md").write_text(md + "\n")
     plot(table, a.out / "summary.png")
     print(md)
