@@ -593,3 +593,29 @@ def test_recorder_switch_reads_text_from_http_and_booleans(monkeypatch):
     assert runtime.set_recording(None, False) == {"recording": False}
     monkeypatch.setattr(runtime, "_WORKER", None)
     assert runtime.set_recording(None, "true")["recording"] is False  # GEM not active here
+
+
+def test_routing_drift_relabels_the_replayed_experts_in_place_at_step_multiples(tmp_path, monkeypatch):
+    import torch
+
+    from vllm_gem.vllm import routing
+    counts = np.zeros((2, 1, 6), np.int32)
+    counts[:, 0] = [600, 300, 100, 0, 0, 0]
+    path = tmp_path / "t.msgpack"
+    save(RoutingTrace(model="m", source="t", counts=NdArray.from_numpy(counts)), path)
+    r = routing.TraceReplayRouting(str(path))
+    r.route_layer(0, torch.zeros(3, 2), torch.zeros(3, 6), 2, None)  # the device copy now exists
+    device_logp = next(iter(r._device_logp.values()))
+    before = device_logp.clone()
+    monkeypatch.setattr(routing, "_ACTIVE", r)
+    assert not routing.maybe_drift(7, 5) and torch.equal(device_logp, before)
+    assert routing.maybe_drift(10, 5)
+    perm = np.random.default_rng(0).permutation(6)
+    assert torch.equal(device_logp, before[..., torch.from_numpy(perm)])  # same tensor, new contents
+    hot = int(np.argmax(r.logp_host[0, 0]))
+    assert perm[hot] == 0  # the expert that took over expert 0's share
+    monkeypatch.setenv(routing.DRIFT_ENV, "soon")
+    with pytest.raises(GemInputError, match="VLLM_GEM_ROUTING_DRIFT_STEPS"):
+        routing.drift_steps()
+    monkeypatch.setenv(routing.DRIFT_ENV, "3000")
+    assert routing.drift_steps() == 3000

@@ -7,6 +7,12 @@ recorded step s is drawn at random, and each token takes top_k distinct experts 
 probability proportional to that step's counts (Gumbel top-k, all on the GPU, so it is
 captured in CUDA graphs and redrawn on every replay). Hot experts, bursts and per-layer skew
 of the trace carry over. vLLM logs that routing is simulated; model outputs are not valid.
+
+    VLLM_GEM_ROUTING_DRIFT_STEPS=N
+makes the traffic drift: every N engine steps the experts are relabelled by one fixed random
+permutation, so other experts become hot (what recalibration while serving must follow).
+The relabelling rewrites the replayed probabilities in place on the GPU, between steps, so
+the captured CUDA graphs see it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ logger = logging.getLogger("vllm.gem")
 
 STRATEGY = "gem_trace"
 TRACE_ENV = "VLLM_GEM_ROUTING_TRACE"
+DRIFT_ENV = "VLLM_GEM_ROUTING_DRIFT_STEPS"
+_ACTIVE: TraceReplayRouting | None = None  # this process's strategy, once installed
 
 
 def step_log_probs(counts: np.ndarray, floor: float = 1e-3) -> np.ndarray:
@@ -82,9 +90,38 @@ class TraceReplayRouting:
         w, ids = sample_topk(logp, hidden_states.shape[0], top_k)
         return w, ids.to(indices_type or torch.long)
 
+    def relabel(self, perm: np.ndarray) -> None:
+        """perm: [experts]: expert e now routes like expert perm[e] did (host and GPU copies;
+        the GPU copies in place, where the captured graphs read them)."""
+        self.logp_host = np.ascontiguousarray(self.logp_host[..., perm])
+        index = torch.from_numpy(perm)
+        for t in self._device_logp.values():
+            t.copy_(t.index_select(-1, index.to(t.device)))
+
     # RoutingStrategy's own entry point, used if a caller does not pass the layer
     def route_tokens(self, hidden_states, router_logits, top_k, indices_type=None):
         return self.route_layer(0, hidden_states, router_logits, top_k, indices_type)
+
+
+def drift_steps() -> int:
+    """VLLM_GEM_ROUTING_DRIFT_STEPS as a step count; 0: no drift."""
+    raw = os.environ.get(DRIFT_ENV, "").strip()
+    if not raw:
+        return 0
+    if not raw.isdigit():
+        raise GemInputError(DRIFT_ENV, "value", f"is {raw!r}", "a whole number of engine steps")
+    return int(raw)
+
+
+def maybe_drift(step: int, every: int, seed: int = 0) -> bool:
+    """Called after every engine step: relabel the replayed experts when `step` is a multiple
+    of `every` (same permutation on every rank and at every drift)."""
+    if _ACTIVE is None or every <= 0 or step % every:
+        return False
+    perm = np.random.default_rng(seed).permutation(_ACTIVE.num_experts)
+    _ACTIVE.relabel(perm)
+    logger.warning("vllm-gem: routing drift (benchmark): experts relabelled at step %d", step)
+    return True
 
 
 def install() -> None:
@@ -101,7 +138,8 @@ def install() -> None:
     )
     if STRATEGY in RoutingSimulator.get_available_strategies():
         return
-    strategy = TraceReplayRouting(path)
+    global _ACTIVE
+    strategy = _ACTIVE = TraceReplayRouting(path)
     RoutingSimulator.register_strategy(STRATEGY, strategy)
     compute = RoutingSimulatorRouter._compute_routing
 

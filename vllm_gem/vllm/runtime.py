@@ -28,6 +28,7 @@ from .config import ON_WORDS, GemConfig, from_additional
 from .metrics import RankState, write_state
 from .planning import PlanDecision, check_profiles_match, check_trace_matches, decide, worth_moving
 from .recorder import RoutingRecorder
+from .routing import drift_steps, maybe_drift
 
 logger = logging.getLogger("vllm.gem")
 DEFAULT_MOVE_BANDWIDTH = 5e9  # bytes/s until a move has been timed (gloo-staged transfers)
@@ -88,6 +89,7 @@ class GemWorker:
         self.exported: tuple[list[float], list[float], float] | None = None
         self.started = False  # the start-up placement has run (recalibration waits for it)
         self.dump_requested = False
+        self.drift_every = drift_steps()  # benchmarks only: replayed routing drifts
 
     # ------------------------------------------------------------------ hooks
     def _hook_eplb(self) -> None:
@@ -111,6 +113,8 @@ class GemWorker:
             self.dump_trace("request")
         if self.exported and self.steps % EXPORT_EVERY == 0:
             self.export(*self.exported)
+        if self.drift_every:
+            maybe_drift(self.steps, self.drift_every)
         interval = self.cfg.recalibrate_interval
         if self.started and interval and self.steps % interval == 0:
             self.recalibrate(interval)
