@@ -123,6 +123,7 @@ def main() -> int:
         "recalibrations": len(re.findall(r"vllm-gem recalibration:", text)),
         "recalibration_failures": len(re.findall(r"recalibration failed", text)),
         "recalibration_moves": len(re.findall(r"recalibration: .*'applied': True", text)),
+        "routing_drifts": len(re.findall(r"routing drift \(benchmark\)", text)),
         **memory_growth(samples),
         "median_tpot_ms": res["median_tpot_ms"], "metrics": metrics, "samples": samples,
     }

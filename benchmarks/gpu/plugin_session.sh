@@ -20,6 +20,8 @@
 #           ab-dummy   ab-equal's placements (recorder off too) with vLLM's dummy-weight routing
 #           soak       4000 requests, GPU 1 20% slower, recalibration every 500 steps
 #           soak-plain the same load on plain vLLM (the control for memory growth)
+#           soak-drift the soak with the replayed routing drifting every DRIFT (4000) steps: hot
+#                      experts change, so recalibration should move experts while serving
 #   env: NUM_PROMPTS (1000), BENCH_REPEATS (3), SHAPES, RATES, MAX_CONCURRENCY, ONLY (config names),
 #        PROFILE_PROMPTS (per placement, profile that many prompts: per-GPU MoE kernel time)
 # Results are written straight under $OUT/gem-results: a call cut by its time limit keeps them.
@@ -89,10 +91,12 @@ for s in "$@"; do
   soak-plain)
     python3 benchmarks/e2e/soak.py /tmp/gem/model-q3 "$out/soak-plain" --num-prompts "${SOAK_PROMPTS:-4000}" \
       --no-gem 2>&1 | tail -20 ;;
-  soak)
-    VLLM_GEM_RECALIBRATE=${RECALIBRATE:-500} python3 benchmarks/e2e/soak.py /tmp/gem/model-q3 "$out/soak" \
-      --num-prompts "${SOAK_PROMPTS:-4000}" --gem '{"emulate_slowdown": {"1": 0.2}}' 2>&1 | tail -20
-    grep -h "vllm-gem" "$out/soak/serve-soak.log" | cut -c1-400 | tail -6 ;;
+  soak|soak-drift)
+    drift=; [ $s = soak-drift ] && drift=${DRIFT:-4000}
+    VLLM_GEM_ROUTING_DRIFT_STEPS=$drift VLLM_GEM_RECALIBRATE=${RECALIBRATE:-500} python3 benchmarks/e2e/soak.py \
+      /tmp/gem/model-q3 "$out/$s" --num-prompts "${SOAK_PROMPTS:-4000}" --gem '{"emulate_slowdown": {"1": 0.2}}' \
+      2>&1 | tail -22
+    grep -h "vllm-gem" "$out/$s/serve-soak.log" | grep -E "drift|'applied': True|failed" | cut -c1-400 | tail -8 ;;
   esac
   echo "[stage $s: $((SECONDS - t0)) s]"
 done
