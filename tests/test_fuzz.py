@@ -76,7 +76,8 @@ json_values = st.recursive(
     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
     max_leaves=6)
 GEM_FIELDS = ["trace", "profiles", "strict", "place", "planner", "min_gain", "record_capacity",
-              "recalibrate_steps", "emulate_slowdown", "warmup_prompts", "state_dir", "bogus"]
+              "recalibrate_steps", "emulate_slowdown", "warmup_prompts", "state_dir",
+              "calibration_time_limit_s", "bogus"]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -48,3 +48,22 @@ def test_calibration_patterns_for_few_local_experts():
     for e in (1, 2, 4, 6):
         pats = calibration_patterns(e, 64)
         assert pats and all(len(p) == e and sum(p) > 0 for p in pats)
+
+
+def test_calibration_stops_at_its_time_limit_between_patterns():
+    import pytest
+
+    from vllm_gem.calibrate import CalibrationTimeout, measure_within
+    now = [0.0]
+
+    def measure(p):  # each pattern takes 4 s of the fake clock
+        now[0] += 4.0
+        return p * 10
+
+    clock = lambda: now[0]  # noqa: E731
+    assert measure_within([1, 2, 3], measure, None, 0.0, clock) == [10, 20, 30]
+    now[0] = 0.0
+    assert measure_within([1, 2, 3], measure, 12.0, 0.0, clock) == [10, 20, 30]  # 8 s <= 12 before the last
+    now[0] = 0.0
+    with pytest.raises(CalibrationTimeout, match=r"passed its 6 s limit after 2 of 3 load patterns"):
+        measure_within([1, 2, 3], measure, 6.0, 0.0, clock)

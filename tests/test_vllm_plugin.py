@@ -98,6 +98,8 @@ def test_user_eplb_settings_are_kept(parser):
      "record_capacity"),
     (["--plugin", "gem", "--additional-config", '{"gem": {"no_such_option": 1}}'], "no_such_option"),
     (["--plugin", "gem", "--additional-config", '{"gem": {"min_gain": 2}}'], "min_gain"),
+    (["--plugin", "gem", "--additional-config", '{"gem": {"calibration_time_limit_s": 0}}'],
+     "calibration_time_limit_s: is 0"),
 ])
 def test_bad_settings_name_the_field(parser, argv, field):
     from vllm_gem.vllm.flags import prepare_engine_args

@@ -52,6 +52,7 @@ class CalibrationSpec:
     sm_limit: int | None = None  # emulate a slower GPU: SMs of a green context
     extra_work: float = 0.0  # emulate a slower GPU: also run this fraction of the tokens again
     seed: int = 0
+    time_limit_s: float | None = None  # give up (CalibrationTimeout) once measuring takes longer
 
 
 # --------------------------------------------------------------------------- GPU facts
@@ -105,6 +106,24 @@ def _s(x) -> str:
 
 
 # --------------------------------------------------------------------------- one GPU
+class CalibrationTimeout(RuntimeError):
+    """Calibration ran past its time limit (a GPU far slower than expected, or contended)."""
+
+
+def measure_within(patterns: list, measure, limit_s: float | None, t0: float,
+                   clock=time.perf_counter) -> list:
+    """[measure(p) for p in patterns], raising CalibrationTimeout once `limit_s` seconds have
+    passed since t0: checked between patterns, so a slow GPU ends its calibration with a
+    clear error instead of holding every other rank at the exchange."""
+    points = []
+    for n, p in enumerate(patterns):
+        if limit_s is not None and clock() - t0 > limit_s:
+            raise CalibrationTimeout(f"calibration passed its {limit_s:g} s limit after {n} of "
+                                     f"{len(patterns)} load patterns")
+        points.append(measure(p))
+    return points
+
+
 def calibrate_device(device: int, spec: CalibrationSpec = CalibrationSpec()) -> GpuProfile:
     """Time the calibration patterns on CUDA device `device` and return its GpuProfile."""
     import torch
@@ -139,8 +158,9 @@ def calibrate_device(device: int, spec: CalibrationSpec = CalibrationSpec()) -> 
             while time.perf_counter() - t0 < 0.4:  # lift the clocks out of idle
                 big @ big
                 torch.cuda.synchronize(device)
-            points = [_time_pattern(p, x_all, w13, w2, cfg, align, moe_ffn, spec, stream)
-                      for p in patterns]
+            points = measure_within(
+                patterns, lambda p: _time_pattern(p, x_all, w13, w2, cfg, align, moe_ffn, spec, stream),
+                spec.time_limit_s, t0)
         after = gpu_state(device)
     finally:
         if green is not None:

@@ -34,6 +34,7 @@ class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     planner_params: dict[str, Any] = {}
     warmup_prompts: int = 32
     warmup_max_tokens: int = 32
+    calibration_time_limit_s: float = 120.0  # per GPU; past it GEM keeps vLLM's placement
     # recorder: per-step, per-layer expert counts kept on the GPU
     record: bool = True
     record_capacity: int = 4096  # steps kept in the ring buffer
@@ -50,6 +51,9 @@ class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if self.record_capacity < 1:
             raise GemInputError(SOURCE, "record_capacity", f"is {self.record_capacity}", "an integer >= 1")
+        if not self.calibration_time_limit_s > 0:
+            raise GemInputError(SOURCE, "calibration_time_limit_s", f"is {self.calibration_time_limit_s}",
+                                "a number of seconds > 0")
         if self.recalibrate_steps < 0:
             raise GemInputError(SOURCE, "recalibrate_steps", f"is {self.recalibrate_steps}",
                                 "0 (off) or a number of engine steps")

@@ -124,7 +124,8 @@ class GemWorker:
         extra = self.cfg.emulate_slowdown.get(self.rank, 0.0)
         spec = CalibrationSpec(hidden=self.hidden, intermediate=self.intermediate,
                                num_experts=self.local_experts, extra_work=extra,
-                               reps=10 if quick else CalibrationSpec.reps)
+                               reps=10 if quick else CalibrationSpec.reps,
+                               time_limit_s=self.cfg.calibration_time_limit_s)
         prof = calibrate_device(self.device.index, spec)
         torch.cuda.empty_cache()
         return prof
