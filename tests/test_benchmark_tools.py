@@ -112,3 +112,12 @@ def test_ceiling_table_gives_each_placement_its_share_of_the_predicted_ceiling()
     assert float(gem[5].rstrip(" |")) == pytest.approx((236.98 - 184.13) / (236.98 - 160.0), abs=0.005)
     assert next(r for r in rows if r.startswith("| s/vllm-default |")).endswith("| - | 0.00 |")
     assert ceiling([], moe) == ""
+
+
+def test_per_gpu_moe_plot_is_written(tmp_path):
+    from serve_matrix import plot_moe
+    gpus = {"0": {"moe_us": 6e5, "comm_us": 6.7e5, "kernel_us": 1.6e6},
+            "1": {"moe_us": 9.4e5, "comm_us": 6e4, "kernel_us": 1.3e6}, "-1": {"moe_us": 0.0}}
+    plot_moe([{"config": "s/initial", "shape": "512x128", "gpus": gpus},
+              {"config": "s/gem", "shape": "512x128", "gpus": gpus}], tmp_path / "m.png")
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"

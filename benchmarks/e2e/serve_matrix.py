@@ -225,6 +225,36 @@ def file_tag(label: str) -> str:
     return label.replace("/", ".").replace(":", "-")
 
 
+def plot_moe(moe_times: list[dict], path: Path) -> None:
+    """Per-GPU kernel time in the profiled window per placement: MoE, collectives (waiting for
+    the straggler) and the rest, stacked; one bar per GPU, grouped by placement."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(moe_times), 3.6))
+    x, ticks, names = 0.0, [], []
+    for m in moe_times:
+        for d, v in sorted(m["gpus"].items(), key=lambda kv: int(kv[0])):
+            if int(d) < 0:
+                continue
+            parts = [v["moe_us"], v["comm_us"], v["kernel_us"] - v["moe_us"] - v["comm_us"]]
+            bottom = 0.0
+            for part, color, label in zip(parts, ("C3", "C0", "C7"), ("MoE", "collectives", "other kernels"),
+                                          strict=True):
+                ax.bar(x, part / 1e3, 0.8, bottom=bottom, color=color, label=label if x == 0 else None)
+                bottom += part / 1e3
+            ticks.append(x)
+            names.append(f"{m['config'].split('/')[-1]}\nGPU {d}")
+            x += 1
+        x += 0.6
+    ax.set_xticks(ticks, names, fontsize=7)
+    ax.set_ylabel("ms of GPU kernel time in the window")
+    ax.set_title(f"per-GPU kernel time, {moe_times[0]['shape']} (profiled prompts)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def profile_placement(a: argparse.Namespace, raw: Path, name: str, label: str, shape: tuple[int, int],
                       rate: str) -> dict:
     """--profile-prompts prompts under vLLM's torch profiler -> per-GPU kernel time sums."""
@@ -336,6 +366,8 @@ def main() -> int:
     md += "\n\n" + ceiling(switches, moe_times) if switches else ""
     (a.out / "summary.md").write_text(md + "\n")
     plot(table, a.out / "summary.png")
+    if moe_times:
+        plot_moe(moe_times, a.out / "moe-per-gpu.png")
     print(md)
     print(json.dumps(starts))
     return 0
