@@ -121,3 +121,39 @@ def test_per_gpu_moe_plot_is_written(tmp_path):
     plot_moe([{"config": "s/initial", "shape": "512x128", "gpus": gpus},
               {"config": "s/gem", "shape": "512x128", "gpus": gpus}], tmp_path / "m.png")
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+class _Completions(BaseHTTPRequestHandler):
+    """/v1/completions as vLLM answers a multi-prompt request, choices out of order."""
+    bodies: list[dict] = []
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).bodies.append(body)
+        choices = [{"index": i, "text": "", "token_ids": [i, i + 1],
+                    "logprobs": {"top_logprobs": [{"a": -0.5, "b": -1.5}, {"c": -2.0, "d": -0.1}]}}
+                   for i in range(len(body["prompt"]))][::-1]
+        data = json.dumps({"choices": choices}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_switch_identity_sends_one_greedy_batch_and_reads_token_ids_in_prompt_order():
+    from greedy_identity import PROMPTS
+    from switch_identity import greedy
+    handler = type("H", (_Completions,), {"bodies": []})
+    srv = HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        out = greedy(srv.server_port, "m", 2)
+    finally:
+        srv.shutdown()
+    (body,) = handler.bodies
+    assert body["prompt"] == PROMPTS and body["temperature"] == 0.0 and body["return_token_ids"]
+    assert out["tokens"] == [[i, i + 1] for i in range(len(PROMPTS))]
+    assert out["top2"][0] == [[-0.5, -1.5], [-0.1, -2.0]]

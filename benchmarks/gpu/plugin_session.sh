@@ -9,6 +9,9 @@
 #           identity-top1  GEM on a top-1 model: one expert per token, so the ranks' partial sums are
 #                      that expert's output plus exact zeros and a placement cannot change the rounding;
 #                      any difference is a weight or map error (bit-identical outputs expected)
+#           identity-switch  greedy outputs across placements inside ONE server (start map, GEM,
+#                      vLLM's policy, start map again), for the top-4 and the top-1 model: nothing
+#                      but the placement changes between runs
 #           equal      serving matrix, equal GPUs: vllm / GEM recorder only / GEM
 #           slow20     serving matrix, GPU 1 emulated 20% slower: linear / vLLM EPLB policy / GEM
 #           slow10     the same at 10%
@@ -65,6 +68,12 @@ for s in "$@"; do
     python3 benchmarks/e2e/greedy_identity.py /tmp/gem/model-top1 "$out/greedy-identity-top1.json" \
       > "$out/greedy-identity-top1.log" 2>&1; echo "identity-top1 exit $?"
     grep -E "vllm-gem|identical|slots_moved|Error|error" "$out/greedy-identity-top1.log" | tail -12 ;;
+  identity-switch)
+    for m in rand top1; do
+      python3 benchmarks/e2e/switch_identity.py /tmp/gem/model-$m "$out/switch-identity-$m.json" \
+        > "$out/switch-identity-$m.log" 2>&1; echo "identity-switch $m exit $?"
+      grep -E "slots: identical|not a test|Error" "$out/switch-identity-$m.log" | tail -6
+    done ;;
   identity-fp32)
     python3 benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity-fp32.json" \
       --reuse-baseline --dtype float32 > "$out/greedy-identity-fp32.log" 2>&1; echo "identity-fp32 exit $?"
