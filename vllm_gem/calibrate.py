@@ -306,7 +306,8 @@ def main(args) -> int:
                else list(range(torch.cuda.device_count())))
     slow = dict((int(k), int(v)) for k, v in (x.split(":") for x in args.slow_sms.split(","))) \
         if args.slow_sms else {}
-    specs = [CalibrationSpec(args.hidden, args.intermediate, args.experts, sm_limit=slow.get(d))
+    specs = [CalibrationSpec(args.hidden, args.intermediate, args.experts, sm_limit=slow.get(d),
+                             time_limit_s=args.time_limit)
              for d in devices]
     t0 = time.perf_counter()
     profiles = calibrate_group(devices, specs)

@@ -299,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts", type=int, default=32, help="local experts per GPU")
     p.add_argument("--devices", help="comma-separated CUDA device indices (default: all)")
     p.add_argument("--slow-sms", help="DEVICE:SMS[,DEVICE:SMS] emulate a slower GPU with a green context")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds per GPU; past it the calibration stops with an error naming the GPU")
     p.set_defaults(func=cmd_calibrate)
     return ap
 
