@@ -24,6 +24,7 @@ import re
 import statistics
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 import triton
@@ -110,7 +111,7 @@ def in_context_us(fn, iters: int = 20) -> list[list]:
         torch.cuda.synchronize()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        events = json.load(open(f.name))["traceEvents"]
+        events = json.loads(Path(f.name).read_text())["traceEvents"]
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     per_call, extra = divmod(len(kernels), iters)
     if extra or not per_call:

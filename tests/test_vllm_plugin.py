@@ -257,6 +257,29 @@ def _holds_its_experts(ms, rank, world, copies=(0.0,)):
                for ly in range(layers) for s in range(local))
 
 
+def _inject_transfer_fault(fault, rank):
+    """One faulty call of vLLM's transfer (one call per layer); the restore's calls are sound.
+    swap: the first layer delivers the wrong expert; interrupt-all: every rank fails before the
+    second layer moves; interrupt-one: rank 1 fails after the second layer's exchange; lose:
+    the first layer wipes rank 0's slots (experts only it held are gone)."""
+    from vllm.distributed.eplb import rebalance_execute
+    real, calls = rebalance_execute.rearrange_expert_weights_inplace, []
+
+    def faulty(*a, **k):
+        calls.append(1)
+        if fault == "interrupt-all" and len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")  # every rank, before the layer moves
+        real(*a, **k)
+        w = a[2][0][0]
+        if fault == "swap" and len(calls) == 1:  # delivers the wrong expert
+            w[[0, 1]] = w[[1, 0]]
+        if fault == "interrupt-one" and len(calls) == 2 and rank == 1:
+            raise RuntimeError("illegal memory access")  # one rank, after the exchange
+        if fault == "lose" and len(calls) == 1 and rank == 0:
+            w.zero_()  # every slot of this rank in layer 0
+    rebalance_execute.rearrange_expert_weights_inplace = faulty
+
+
 def _move_worker(rank, world, init, new_map, fault, out, distinct_replicas=False):
     import torch
     import torch.distributed as dist
@@ -267,23 +290,8 @@ def _move_worker(rank, world, init, new_map, fault, out, distinct_replicas=False
     layers, num_physical = new_map.shape
     ms = _fake_model_state(rank, world, layers, num_physical, distinct_replicas=distinct_replicas)
     old = ms.physical_to_logical_map.clone()
-    if fault:  # one faulty call of vLLM's transfer (one per layer); the restore's calls are sound
-        from vllm.distributed.eplb import rebalance_execute
-        real, calls = rebalance_execute.rearrange_expert_weights_inplace, []
-
-        def faulty(*a, **k):
-            calls.append(1)
-            if fault == "interrupt-all" and len(calls) == 2:
-                raise RuntimeError("CUDA out of memory")  # every rank, before the layer moves
-            real(*a, **k)
-            w = a[2][0][0]
-            if fault == "swap" and len(calls) == 1:  # delivers the wrong expert
-                w[[0, 1]] = w[[1, 0]]
-            if fault == "interrupt-one" and len(calls) == 2 and rank == 1:
-                raise RuntimeError("illegal memory access")  # one rank, after the exchange
-            if fault == "lose" and len(calls) == 1 and rank == 0:
-                w.zero_()  # every slot of this rank in layer 0
-        rebalance_execute.rearrange_expert_weights_inplace = faulty
+    if fault:
+        _inject_transfer_fault(fault, rank)
     group = types.SimpleNamespace(device_group=dist.group.WORLD)
     report = None
     try:
@@ -365,15 +373,7 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     if lose:  # the first layer's transfer wipes rank 0's slots: experts only it held are gone
-        from vllm.distributed.eplb import rebalance_execute
-        real = rebalance_execute.rearrange_expert_weights_inplace
-
-        def wiping(*a, **k):
-            real(*a, **k)
-            if rank == 0:
-                a[2][0][0].zero_()
-            rebalance_execute.rearrange_expert_weights_inplace = real
-        rebalance_execute.rearrange_expert_weights_inplace = wiping
+        _inject_transfer_fault("lose", rank)
     ms = _fake_model_state(rank, world, layers=3, num_physical=24)
     ep = types.SimpleNamespace(rank_in_group=rank, world_size=world, ranks=list(range(world)),
                                cpu_group=dist.group.WORLD, device_group=dist.group.WORLD)

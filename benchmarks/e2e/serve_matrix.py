@@ -173,6 +173,11 @@ def summarize(rows: list[dict], base: str) -> tuple[list[dict], str]:
     return table, "\n".join(lines)
 
 
+def gpu_rows(gpus: dict[str, dict]) -> list[tuple[str, dict]]:
+    """A profile's {device: sums} (JSON keys) -> (device, sums) in GPU order, host rows (-1) left out."""
+    return sorted(((d, v) for d, v in gpus.items() if int(d) >= 0), key=lambda dv: int(dv[0]))
+
+
 def ceiling(switches: list[dict], moe_times: list[dict], reference: str = "vllm-default") -> str:
     """Per switched-to placement: GEM's prediction (slowest rank and the lower bound no
     placement with these slots beats, us per MoE layer), the per-GPU MoE time measured by the
@@ -188,9 +193,7 @@ def ceiling(switches: list[dict], moe_times: list[dict], reference: str = "vllm-
              "| --- | --- | --- | --- | --- | --- |"]
     for label, r in pred.items():
         after, bound = r["predicted_layer_us_after"], r["predicted_bound_us"]
-        gpus = measured.get(label, {})
-        moe = ", ".join(f"{v['moe_us'] / 1e3:.0f}" for d, v in sorted(gpus.items(), key=lambda x: int(x[0]))
-                        if int(d) >= 0) or "-"
+        moe = ", ".join(f"{v['moe_us'] / 1e3:.0f}" for _, v in gpu_rows(measured.get(label, {}))) or "-"
         top = ref["predicted_layer_us_after"] if ref else bound
         share = f"{(top - after) / (top - bound):.2f}" if top > bound else "-"
         lines.append(f"| {label} | {after:.1f} | {bound:.1f} | {r.get('rank_us_after')} | {moe} | {share} |")
@@ -234,9 +237,7 @@ def plot_moe(moe_times: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(moe_times), 3.6))
     x, ticks, names = 0.0, [], []
     for m in moe_times:
-        for d, v in sorted(m["gpus"].items(), key=lambda kv: int(kv[0])):
-            if int(d) < 0:
-                continue
+        for d, v in gpu_rows(m["gpus"]):
             parts = [v["moe_us"], v["comm_us"], v["kernel_us"] - v["moe_us"] - v["comm_us"]]
             bottom = 0.0
             for part, color, label in zip(parts, ("C3", "C0", "C7"), ("MoE", "collectives", "other kernels"),
