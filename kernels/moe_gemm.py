@@ -62,7 +62,7 @@ def moe_grouped_gemm_kernel(
     sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
     N, K, num_valid, max_padded,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
-    TOP_K: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+    TOP_K: tl.constexpr, MUL_WEIGHT: tl.constexpr, ONE_ROW_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C[row] = A[row // TOP_K] @ B[expert(row)]^T for the rows in one BLOCK_M x BLOCK_N tile.
@@ -70,6 +70,8 @@ def moe_grouped_gemm_kernel(
     sorted_ids: [max_padded] flattened (token, k) row ids grouped by expert, padded per
     expert to BLOCK_M with num_valid; block_expert: [max_padded / BLOCK_M] expert of each
     row tile. Row tiles past num_padded (the real padded length) exit at once.
+    ONE_ROW_TILES: no sorted_ids; row tile t holds row t alone and block_expert is topk_ids
+    itself (vLLM's naive block assignment for very sparse batches).
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(max_padded, BLOCK_M)
@@ -83,7 +85,10 @@ def moe_grouped_gemm_kernel(
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
 
-    rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    if ONE_ROW_TILES:
+        rows = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_valid).to(tl.int64)
+    else:
+        rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < num_valid
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -109,13 +114,24 @@ def moe_grouped_gemm_kernel(
 class Alignment:
     """Rows grouped by expert and padded to block_m (what vLLM's moe_align_block_size makes).
 
-    sorted_ids: [max_padded]; block_expert: [max_padded // block_m]; num_padded: [1]
+    sorted_ids: [max_padded], or None for one row per tile (row t in tile t);
+    block_expert: [max_padded // block_m]; num_padded: [1]
     """
 
-    sorted_ids: torch.Tensor
+    sorted_ids: torch.Tensor | None
     block_expert: torch.Tensor
     num_padded: torch.Tensor
     block_m: int
+
+    @property
+    def max_padded(self) -> int:
+        """Rows the GEMM grids cover (tiles past num_padded exit at once)."""
+        return self.block_expert.numel() * self.block_m
+
+
+# vLLM's rule (fused_moe's naive_block_assignment): when rows * 4 <= experts, nearly every row
+# has its own expert, so sorting buys nothing: tile t is row t and the align kernels are skipped
+ONE_ROW_TILE_SPARSITY = 4
 
 
 # Up to this many (token, k) rows, align is one program (one launch: decode batches); above
@@ -193,11 +209,15 @@ def scatter_rows_kernel(ids_ptr, cursor_ptr, sorted_ids_ptr, num_valid, BLOCK: t
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
     """topk_ids: [tokens, top_k] expert of each (token, k), int32 or int64 -> Alignment.
 
-    No host sync (CUDA-graph safe), like vLLM's moe_align_block_size: one kernel for up to
+    No host sync (CUDA-graph safe), like vLLM's moe_align_block_size: one row per tile and no
+    kernel when rows * ONE_ROW_TILE_SPARSITY <= experts, one kernel for up to
     ONE_PROGRAM_ALIGN_ROWS rows, else three.
     """
     flat = topk_ids.reshape(-1)  # the kernels read int32 or int64 ids: no conversion launch
     num_valid = flat.numel()
+    if num_valid * ONE_ROW_TILE_SPARSITY <= num_experts:
+        num_padded = torch.full((1,), num_valid * block_m, dtype=torch.int32, device=flat.device)
+        return Alignment(None, flat, num_padded, block_m)
     # at most min(experts, rows) experts get rows, each padded by < block_m: with few tokens
     # this shrinks both GEMMs' grids from every expert's worst case (vLLM's align does the same)
     max_padded = triton.cdiv(num_valid + min(num_experts, num_valid) * (block_m - 1), block_m) * block_m
@@ -254,14 +274,15 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, al: Alignment, top_k: int, nu
     """
     assert cfg.block_m == al.block_m
     n, k = w.shape[1], w.shape[2]
-    max_padded = al.sorted_ids.numel()
+    max_padded = al.max_padded
+    one_row_tiles = al.sorted_ids is None
     grid = (triton.cdiv(max_padded, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     moe_grouped_gemm_kernel[grid](
         a, w, out, weights if weights is not None else out,
-        al.sorted_ids, al.block_expert, al.num_padded,
+        al.block_expert if one_row_tiles else al.sorted_ids, al.block_expert, al.num_padded,
         n, k, num_valid, max_padded,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-        TOP_K=top_k, MUL_WEIGHT=weights is not None, **cfg.kwargs())
+        TOP_K=top_k, MUL_WEIGHT=weights is not None, ONE_ROW_TILES=one_row_tiles, **cfg.kwargs())
     return out
 
 

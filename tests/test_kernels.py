@@ -38,7 +38,7 @@ INTERPRET_CHECK = textwrap.dedent("""
     # the one-program path (<= 1024 rows: 1, 300 tokens) and the three-kernel path (2100 rows);
     # experts not a power of two, some idle, int32 and int64 ids: every row once, in its expert's tiles
     E2, B = 37, 16
-    for tokens, dtype in ((1, torch.int64), (300, torch.int32), (700, torch.int64)):
+    for tokens, dtype in ((4, torch.int64), (300, torch.int32), (700, torch.int64)):
         ids = torch.randint(0, E2 - 5, (tokens, 3)).to(dtype)
         al = align(ids, E2, B)
         counts = torch.bincount(ids.reshape(-1), minlength=E2)
@@ -53,9 +53,22 @@ INTERPRET_CHECK = textwrap.dedent("""
         assert (al.sorted_ids[al.num_padded.item():] == ids.numel()).all(), tokens
     # fewer rows than experts: room for one padded tile per row, not per expert (the GEMMs'
     # grids follow), and the worst case, every row its own expert, fills it exactly
+    al = align(torch.arange(12).reshape(4, 3), E2, B)
+    assert al.sorted_ids.numel() == 12 * B and al.num_padded.item() == 12 * B
+    assert al.sorted_ids[::B].tolist() == list(range(12))
+    # rows * 4 <= experts: one row per tile and no align kernel (vLLM's naive block assignment);
+    # the layer still matches the reference, repeated experts included
     al = align(torch.tensor([[0, 5, 36]]), E2, B)
-    assert al.sorted_ids.numel() == 3 * B and al.num_padded.item() == 3 * B
-    assert al.block_expert.tolist() == [0, 5, 36] and al.sorted_ids[::B].tolist() == [0, 1, 2]
+    assert al.sorted_ids is None and al.num_padded.item() == 3 * B and al.max_padded == 3 * B
+    assert al.block_expert.tolist() == [0, 5, 36]
+    E3 = 24
+    w13, w2 = torch.randn(E3, 2 * I, H) / H ** 0.5, torch.randn(E3, H, I) / I ** 0.5
+    for ids in (torch.tensor([[3, 17, 0], [17, 23, 3]]), torch.tensor([[5, 9, 11]])):
+        x, w = torch.randn(ids.shape[0], H), torch.rand(ids.shape)
+        assert align(ids, E3, 16).sorted_ids is None
+        out = moe_ffn(x, w13, w2, w, ids, TileConfig(16, 16, 16))
+        ref = moe_ffn_reference(x, w13, w2, w, ids)
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-5, ids
     print("ok")
 """)
 
