@@ -26,7 +26,9 @@
 #           soak-drift the soak with the replayed routing drifting every DRIFT (4000) steps: hot
 #                      experts change, so recalibration should move experts while serving
 #   env: NUM_PROMPTS (1000), BENCH_REPEATS (3), SHAPES, RATES, MAX_CONCURRENCY, ONLY (config names),
-#        PROFILE_PROMPTS (per placement, profile that many prompts: per-GPU MoE kernel time)
+#        PROFILE_PROMPTS (per placement, profile that many prompts: per-GPU MoE kernel time),
+#        DEADLINE (540: seconds after which a running benchmark is interrupted, so that the results
+#        so far are still packed; the device tool kills a call at 600 s)
 # Results are written straight under $OUT/gem-results: a call cut by its time limit keeps them.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -35,6 +37,9 @@ export PYTHONPATH=/tmp/vllm-site:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 dest=${OUT:?set OUT}
 pkill -9 -f "[v]llm.entrypoints" 2>/dev/null; sleep 1  # a server left over from a killed call
 out=$dest/gem-results; mkdir -p "$out" /tmp/gem
+# SIGINT at the deadline: the benchmark scripts stop their server in `finally` and the archive
+# below is still written (a call killed at its limit returns no nested folders)
+run_py() { timeout -s INT -k 30 $(( ${DEADLINE:-540} - SECONDS > 1 ? ${DEADLINE:-540} - SECONDS : 1 )) python3 "$@"; }
 E2E_AB="--shapes ${SHAPES:-512x128} --rates ${RATES:-inf} --num-prompts ${NUM_PROMPTS:-1000} --bench-repeats ${BENCH_REPEATS:-3}${MAX_CONCURRENCY:+ --max-concurrency $MAX_CONCURRENCY}${PROFILE_PROMPTS:+ --profile-prompts $PROFILE_PROMPTS}"
 E2E="$E2E_AB${ONLY:+ --only $ONLY}"
 for s in "$@"; do
@@ -43,12 +48,12 @@ for s in "$@"; do
   setup)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || { echo "install failed"; tail "$out/install.log"; exit 1; }
-    python3 benchmarks/e2e/make_moe_model.py /tmp/gem/model-rand --layers 6 --experts 32 --top-k 4 \
+    run_py benchmarks/e2e/make_moe_model.py /tmp/gem/model-rand --layers 6 --experts 32 --top-k 4 \
       --hidden 1024 --moe-intermediate 512 --heads 16 --random-weights 0
-    python3 benchmarks/e2e/make_moe_model.py /tmp/gem/model-top1 --layers 6 --experts 32 --top-k 1 \
+    run_py benchmarks/e2e/make_moe_model.py /tmp/gem/model-top1 --layers 6 --experts 32 --top-k 1 \
       --hidden 1024 --moe-intermediate 512 --heads 16 --random-weights 0
-    python3 benchmarks/e2e/make_moe_model.py /tmp/gem/model-q3 --layers 12 --experts 128 --top-k 8
-    python3 benchmarks/e2e/make_moe_model.py /tmp/gem/model-mix --layers 12 --experts 8 --top-k 2 \
+    run_py benchmarks/e2e/make_moe_model.py /tmp/gem/model-q3 --layers 12 --experts 128 --top-k 8
+    run_py benchmarks/e2e/make_moe_model.py /tmp/gem/model-mix --layers 12 --experts 8 --top-k 2 \
       --moe-intermediate 5632
     python3 -m vllm_gem.cli import-trace --format synthetic benchmarks/e2e/skewed-8x12.json \
       -o /tmp/gem/trace-mix.msgpack --model mixtral-like-8x12
@@ -56,31 +61,31 @@ for s in "$@"; do
       -o /tmp/gem/trace-skewed.msgpack --model qwen3-moe-128x12
     python3 -c "import importlib.metadata as m; print([e.value for e in m.entry_points(group='vllm.general_plugins')])" ;;
   identity)
-    python3 benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity.json" --reuse-baseline \
+    run_py benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity.json" --reuse-baseline \
       > "$out/greedy-identity.log" 2>&1; echo "identity exit $?"
     grep -E "vllm-gem|identical|Error|error" "$out/greedy-identity.log" | grep -v "^$" | tail -25 ;;
   identity-vllm)
     for b in baseline baseline2; do cp "$out/greedy-identity.json.$b.json" "$out/greedy-identity-vllm.json.$b.json" 2>/dev/null; done
-    python3 benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity-vllm.json" \
+    run_py benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity-vllm.json" \
       --reuse-baseline --planner vllm-default > "$out/greedy-identity-vllm.log" 2>&1; echo "identity-vllm exit $?"
     grep -E "vllm-gem|identical|Error|error" "$out/greedy-identity-vllm.log" | tail -8 ;;
   identity-top1)
-    python3 benchmarks/e2e/greedy_identity.py /tmp/gem/model-top1 "$out/greedy-identity-top1.json" \
+    run_py benchmarks/e2e/greedy_identity.py /tmp/gem/model-top1 "$out/greedy-identity-top1.json" \
       > "$out/greedy-identity-top1.log" 2>&1; echo "identity-top1 exit $?"
     grep -E "vllm-gem|identical|slots_moved|Error|error" "$out/greedy-identity-top1.log" | tail -12 ;;
   identity-switch)
     for m in rand top1; do
-      python3 benchmarks/e2e/switch_identity.py /tmp/gem/model-$m "$out/switch-identity-$m.json" \
+      run_py benchmarks/e2e/switch_identity.py /tmp/gem/model-$m "$out/switch-identity-$m.json" \
         > "$out/switch-identity-$m.log" 2>&1; echo "identity-switch $m exit $?"
       grep -E "slots: identical|not a test|Error" "$out/switch-identity-$m.log" | tail -6
     done ;;
   identity-fp32)
-    python3 benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity-fp32.json" \
+    run_py benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity-fp32.json" \
       --reuse-baseline --dtype float32 > "$out/greedy-identity-fp32.log" 2>&1; echo "identity-fp32 exit $?"
     grep -E "vllm-gem|identical|Error|error" "$out/greedy-identity-fp32.log" | tail -8 ;;
   equal|slow20|slow10|mix20)
     case $s in equal) cfg=equal-gpus model=q3 ;; mix20) cfg=mix-slow20 model=mix ;; *) cfg=$s model=q3 ;; esac
-    python3 benchmarks/e2e/serve_matrix.py /tmp/gem/model-$model "$out/e2e-$s" \
+    run_py benchmarks/e2e/serve_matrix.py /tmp/gem/model-$model "$out/e2e-$s" \
       --configs "benchmarks/e2e/configs/$cfg.json" $E2E \
       2>&1 | tee "$out/e2e-$s.log" | tail -30
     grep -h "vllm-gem" "$out/e2e-$s"/raw/serve-*.log | cut -c1-600 | tail -12 ;;
@@ -93,23 +98,24 @@ for s in "$@"; do
       ab-dummy) cfg=equal-gpus only=gem-r16-dummy sw=$sw,gem:norecord ;;
       *) echo "unknown stage $s"; continue ;;
     esac
-    python3 benchmarks/e2e/serve_matrix.py /tmp/gem/model-$model "$out/e2e-$s" \
+    run_py benchmarks/e2e/serve_matrix.py /tmp/gem/model-$model "$out/e2e-$s" \
       --configs "benchmarks/e2e/configs/$cfg.json" --only $only --switch $sw $E2E_AB \
       2>&1 | tee "$out/e2e-$s.log" | tail -32
     grep -h "vllm-gem" "$out/e2e-$s"/raw/serve-*.log | cut -c1-500 | tail -8 ;;
   soak-plain)
-    python3 benchmarks/e2e/soak.py /tmp/gem/model-q3 "$out/soak-plain" --num-prompts "${SOAK_PROMPTS:-4000}" \
+    run_py benchmarks/e2e/soak.py /tmp/gem/model-q3 "$out/soak-plain" --num-prompts "${SOAK_PROMPTS:-4000}" \
       --no-gem 2>&1 | tail -20 ;;
   soak|soak-drift)
     drift=; [ $s = soak-drift ] && drift=${DRIFT:-4000}
-    VLLM_GEM_ROUTING_DRIFT_STEPS=$drift VLLM_GEM_RECALIBRATE=${RECALIBRATE:-500} python3 benchmarks/e2e/soak.py \
+    VLLM_GEM_ROUTING_DRIFT_STEPS=$drift VLLM_GEM_RECALIBRATE=${RECALIBRATE:-500} run_py benchmarks/e2e/soak.py \
       /tmp/gem/model-q3 "$out/$s" --num-prompts "${SOAK_PROMPTS:-4000}" --gem '{"emulate_slowdown": {"1": 0.2}}' \
       2>&1 | tail -22
     grep -h "vllm-gem" "$out/$s/serve-soak.log" | grep -E "drift|'applied': True|failed" | cut -c1-400 | tail -8 ;;
   esac
   echo "[stage $s: $((SECONDS - t0)) s]"
 done
-# the device tool returns at most 8 files from $OUT: one archive carries them all (a call cut by
+# the device tool returns at most 8 files from $OUT: one archive per script run carries them all,
+# named so that a second script in the same call does not overwrite it (a call cut by
 # its time limit never gets here and returns what fits of the folder instead)
 ls -R "$out" | head -40
-tar czf "$dest/gem-results.tgz" -C "$dest" gem-results && rm -rf "$out" && ls -l "$dest"
+tar czf "$dest/plugin-$(date +%H%M%S).tgz" -C "$dest" gem-results && rm -rf "$out" && ls -l "$dest"
