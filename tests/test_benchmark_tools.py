@@ -157,3 +157,13 @@ def test_switch_identity_sends_one_greedy_batch_and_reads_token_ids_in_prompt_or
     assert body["prompt"] == PROMPTS and body["temperature"] == 0.0 and body["return_token_ids"]
     assert out["tokens"] == [[i, i + 1] for i in range(len(PROMPTS))]
     assert out["top2"][0] == [[-0.5, -1.5], [-0.1, -2.0]]
+
+
+def test_eplb_communicator_is_merged_into_the_eplb_config_or_added():
+    from serve_matrix import with_eplb_communicator
+    args = ["--plugin", "gem", "--eplb-config", '{"num_redundant_experts": 16}']
+    out = with_eplb_communicator(args, "pynccl")
+    assert json.loads(out[3]) == {"num_redundant_experts": 16, "communicator": "pynccl"}
+    assert args[3] == '{"num_redundant_experts": 16}'  # the configuration itself is not changed
+    out = with_eplb_communicator(["--plugin", "gem"], "pynccl")
+    assert out[2:] == ["--eplb-config", '{"communicator": "pynccl"}']

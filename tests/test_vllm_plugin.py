@@ -169,7 +169,7 @@ def test_decision_is_a_valid_vllm_map_and_respects_min_gain():
 
 
 def test_recalibration_moves_only_when_the_saving_beats_the_move():
-    from vllm_gem.vllm.planning import decide, worth_moving
+    from vllm_gem.vllm.planning import decide, saving_horizon, worth_moving
     profiles = [example_profile("fast", 1.0, num_experts=12), example_profile("slow", 1.25, num_experts=12)]
     old = np.tile(np.arange(24) % 16, (3, 1))
     d = decide(skewed_loads(), profiles, old)
@@ -181,6 +181,11 @@ def test_recalibration_moves_only_when_the_saving_beats_the_move():
     assert ok and f"moving {changed} slots" in why
     ok, _ = worth_moving(d, old, slot_bytes, bw, horizon_steps=max(int(0.5 * cost_s / per_step_s), 1))
     assert not ok  # not worth it over a short horizon
+    # ... but worth it once the placement in use has served long enough: routing that held
+    # that long is expected to hold about as long again
+    interval = max(int(0.5 * cost_s / per_step_s), 1)
+    assert saving_horizon(interval, steps_since_move=3) == interval
+    assert worth_moving(d, old, slot_bytes, bw, saving_horizon(interval, int(4 * cost_s / per_step_s)))[0]
     d.apply = False
     assert not worth_moving(d, old, slot_bytes, bw, horizon_steps=10**9)[0]  # min_gain still rules
 
@@ -430,7 +435,7 @@ def inputs(tmp_path_factory):
     return {"profiles": files, "trace": str(trace), "wrong": str(wrong), "dir": str(d)}
 
 
-def test_start_up_placement_from_files_moves_experts_and_exports(inputs):
+def test_start_up_placement_from_files_moves_experts_and_exports(inputs, caplog):
     import torch
     from vllm_gem.formats import Placement, load
     from vllm_gem.vllm.metrics import read_states
@@ -446,6 +451,23 @@ def test_start_up_placement_from_files_moves_experts_and_exports(inputs):
     assert [s.generation for s in read_states(state)] == [1, 1]
     saved = load(inputs["dir"] + "/placement-gen1.json", Placement)
     assert saved.phys_to_log == res[0]["map"].tolist()
+
+    # the engine's start-up log names vLLM's EPLB communicator and the move's rate, and warns
+    # when the weights went through CPU memory (vLLM's choice without NIXL)
+    import logging
+
+    from vllm_gem.vllm import engine
+    for communicator, warned in (("torch_gloo", True), ("pynccl", False)):
+        core = types.SimpleNamespace(vllm_config=types.SimpleNamespace(
+            additional_config={"gem": {"trace": inputs["trace"]}},
+            parallel_config=types.SimpleNamespace(eplb_config=types.SimpleNamespace(communicator=communicator))),
+            collective_rpc=lambda fn: rep)
+        with caplog.at_level(logging.INFO, logger="vllm.gem"):
+            caplog.clear()
+            engine.place_before_serving(core)
+        text = caplog.text
+        assert f"GiB/s, vLLM EPLB communicator {communicator})" in text, text
+        assert ("moved through CPU memory" in text) == warned, text
 
 
 def test_four_ranks_like_two_nodes_of_two_agree_on_one_placement(inputs, tmp_path):

@@ -64,6 +64,19 @@ def healthy(port: int) -> bool:
         return False
 
 
+def with_eplb_communicator(args: list[str], communicator: str) -> list[str]:
+    """`vllm serve` args with vLLM's EPLB weight-transfer backend set (merged into an existing
+    --eplb-config JSON). vLLM 0.26 picks 'torch_gloo', staged through CPU memory, when NIXL is
+    absent; 'pynccl' sends GPU to GPU."""
+    args = list(args)
+    if "--eplb-config" in args:
+        i = args.index("--eplb-config") + 1
+        args[i] = json.dumps({**json.loads(args[i]), "communicator": communicator})
+    else:
+        args += ["--eplb-config", json.dumps({"communicator": communicator})]
+    return args
+
+
 def start_server(model: str, cfg: dict, port: int, log: Path, limit: float,
                  max_num_seqs: int | None = None) -> tuple[subprocess.Popen, float]:
     env = {**os.environ, **SAFE_ENV, **cfg.get("env", {})}
@@ -293,6 +306,8 @@ def main() -> int:
                    help="per placement, also profile this many prompts (per-rank MoE kernel time)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--startup-limit", type=float, default=400)
+    p.add_argument("--eplb-communicator", default=None,
+                   help="vLLM's EPLB weight-transfer backend for every configuration (e.g. pynccl)")
     a = p.parse_args()
     os.environ.update(SAFE_ENV)
     configs = json.loads(a.configs.read_text())
@@ -305,6 +320,9 @@ def main() -> int:
     rates = a.rates.split(",")
     raw = a.out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
+    if a.eplb_communicator:
+        configs = [{**c, "args": with_eplb_communicator(c.get("args", []), a.eplb_communicator)}
+                   for c in configs]
     if a.profile_prompts:
         configs = [{**c, "args": [*c.get("args", []),
                                   *moe_profile.server_args(raw / f"traces-{c['name']}")]} for c in configs]

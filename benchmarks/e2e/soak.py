@@ -25,7 +25,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_matrix import bench, scrape_gem_metrics, start_server, stop_server  # noqa: E402
+from serve_matrix import (  # noqa: E402
+    bench,
+    scrape_gem_metrics,
+    start_server,
+    stop_server,
+    with_eplb_communicator,
+)
 
 
 def gpu_used_mib() -> list[float]:
@@ -88,9 +94,12 @@ def main() -> int:
                    help="the control: the same server and load without --plugin gem")
     p.add_argument("--trace", default="/tmp/gem/trace-skewed.msgpack", help="routing to replay")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--eplb-communicator", default=None, help="vLLM's EPLB weight-transfer backend")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     gem_args = ["--plugin", "gem", "--additional-config", json.dumps({"gem": json.loads(a.gem)})]
+    if a.eplb_communicator:
+        gem_args = with_eplb_communicator(gem_args, a.eplb_communicator)
     cfg = {"name": "soak", "args": [] if a.no_gem else gem_args,
            "env": {"VLLM_MOE_ROUTING_SIMULATION_STRATEGY": "gem_trace", "VLLM_GEM_ROUTING_TRACE": a.trace}}
     log = a.out / "serve-soak.log"

@@ -27,6 +27,8 @@
 #                      experts change, so recalibration should move experts while serving
 #   env: NUM_PROMPTS (1000), BENCH_REPEATS (3), SHAPES, RATES, MAX_CONCURRENCY, ONLY (config names),
 #        PROFILE_PROMPTS (per placement, profile that many prompts: per-GPU MoE kernel time),
+#        EPLB_COMM (vLLM's EPLB weight-transfer backend, e.g. pynccl; unset: vLLM's choice, which
+#        is torch_gloo through CPU memory when NIXL is absent, as on the overlay),
 #        DEADLINE (540: seconds after which a running benchmark is interrupted, so that the results
 #        so far are still packed; the device tool kills a call at 600 s)
 # Results are written straight under $OUT/gem-results: a call cut by its time limit keeps them.
@@ -40,7 +42,7 @@ out=$dest/gem-results; mkdir -p "$out" /tmp/gem
 # SIGINT at the deadline: the benchmark scripts stop their server in `finally` and the archive
 # below is still written (a call killed at its limit returns no nested folders)
 run_py() { timeout -s INT -k 30 $(( ${DEADLINE:-540} - SECONDS > 1 ? ${DEADLINE:-540} - SECONDS : 1 )) python3 "$@"; }
-E2E_AB="--shapes ${SHAPES:-512x128} --rates ${RATES:-inf} --num-prompts ${NUM_PROMPTS:-1000} --bench-repeats ${BENCH_REPEATS:-3}${MAX_CONCURRENCY:+ --max-concurrency $MAX_CONCURRENCY}${PROFILE_PROMPTS:+ --profile-prompts $PROFILE_PROMPTS}"
+E2E_AB="--shapes ${SHAPES:-512x128} --rates ${RATES:-inf} --num-prompts ${NUM_PROMPTS:-1000} --bench-repeats ${BENCH_REPEATS:-3}${MAX_CONCURRENCY:+ --max-concurrency $MAX_CONCURRENCY}${PROFILE_PROMPTS:+ --profile-prompts $PROFILE_PROMPTS}${EPLB_COMM:+ --eplb-communicator $EPLB_COMM}"
 E2E="$E2E_AB${ONLY:+ --only $ONLY}"
 for s in "$@"; do
   t0=$SECONDS
@@ -108,7 +110,7 @@ for s in "$@"; do
   soak|soak-drift)
     drift=; [ $s = soak-drift ] && drift=${DRIFT:-4000}
     VLLM_GEM_ROUTING_DRIFT_STEPS=$drift VLLM_GEM_RECALIBRATE=${RECALIBRATE:-500} run_py benchmarks/e2e/soak.py \
-      /tmp/gem/model-q3 "$out/$s" --num-prompts "${SOAK_PROMPTS:-4000}" --gem '{"emulate_slowdown": {"1": 0.2}}' \
+      /tmp/gem/model-q3 "$out/$s" --num-prompts "${SOAK_PROMPTS:-4000}" ${EPLB_COMM:+--eplb-communicator $EPLB_COMM} --gem '{"emulate_slowdown": {"1": 0.2}}' \
       2>&1 | tail -22
     grep -h "vllm-gem" "$out/$s/serve-soak.log" | grep -E "drift|'applied': True|failed" | cut -c1-400 | tail -8 ;;
   esac

@@ -103,14 +103,23 @@ def place_before_serving(engine_core: Any) -> None:
         raise RuntimeError(f"vllm-gem: {lost}")
     rep = next((r for r in reports if r), {})
     if rep.get("applied"):
+        communicator = engine_core.vllm_config.parallel_config.eplb_config.communicator
+        rate = rep["moved_mib"] / 1024 / rep["move_seconds"] if rep["move_seconds"] else float("inf")
         logger.info("vllm-gem: placed experts before serving in %.1f s (warm-up %d steps): "
                     "predicted MoE layer time %.1f -> %.1f us (%.1f%% faster; no placement below "
-                    "%.1f us), per rank %s -> %s; "
-                    "moved %s slots (%s MiB) in %.2f s; calibration %.1f s, planning %.2f s; GPUs %s",
+                    "%.1f us), per rank %s -> %s; moved %s slots (%s MiB) in %.2f s (%.1f GiB/s, "
+                    "vLLM EPLB communicator %s); calibration %.1f s, planning %.2f s; GPUs %s",
                     time.perf_counter() - t0, warm, rep["predicted_layer_us_before"],
                     rep["predicted_layer_us_after"], 100 * rep["predicted_gain"],
                     rep["predicted_bound_us"], rep["rank_us_before"], rep["rank_us_after"],
-                    rep["slots_changed"], rep["moved_mib"], rep["move_seconds"], rep["profile_seconds"],
-                    rep["planning_seconds"], rep["gpus"])
+                    rep["slots_changed"], rep["moved_mib"], rep["move_seconds"], rate, communicator,
+                    rep["profile_seconds"], rep["planning_seconds"], rep["gpus"])
+        if communicator == "torch_gloo":
+            # recalibration weighs a move's cost at the rate the last move achieved
+            logger.warning("vllm-gem: expert weights moved through CPU memory (vLLM's EPLB "
+                           "communicator 'torch_gloo', its choice when NIXL is absent) at %.1f GiB/s, "
+                           "so recalibration will rarely find a move worth its cost; "
+                           "--eplb-config '{\"communicator\": \"pynccl\"}' sends them GPU to GPU",
+                           rate)
     else:
         logger.warning("vllm-gem: kept vLLM's placement: %s", rep.get("why", rep))

@@ -120,6 +120,14 @@ def decide(loads: np.ndarray, profiles: list[GpuProfile], old_phys_to_log: np.nd
         planning_seconds=seconds, predicted_bound_us=after.bound, info=info)
 
 
+def saving_horizon(interval: int, steps_since_move: int) -> int:
+    """Engine steps a new placement is expected to serve: at least until the next
+    recalibration, and as long as the placement in use has served so far (routing that held
+    for N steps tends to hold about as long again; the first move after a change of routing
+    is then judged against the change's real lifetime, not one recalibration interval)."""
+    return max(interval, steps_since_move)
+
+
 def worth_moving(d: PlanDecision, old_phys_to_log: np.ndarray, bytes_per_slot: int,
                  bandwidth_bytes_per_s: float, horizon_steps: int) -> tuple[bool, str]:
     """Hysteresis for re-placement while serving: move only if the time saved over the next

@@ -26,7 +26,14 @@ from ..formats import GpuProfile, RoutingTrace, load, save
 from .apply import WeightsLostError, apply_placement, slot_bytes
 from .config import ON_WORDS, GemConfig, from_additional
 from .metrics import RankState, write_state
-from .planning import PlanDecision, check_profiles_match, check_trace_matches, decide, worth_moving
+from .planning import (
+    PlanDecision,
+    check_profiles_match,
+    check_trace_matches,
+    decide,
+    saving_horizon,
+    worth_moving,
+)
 from .recorder import RoutingRecorder
 from .routing import drift_steps, maybe_drift
 
@@ -88,6 +95,7 @@ class GemWorker:
         self.move_bandwidth = DEFAULT_MOVE_BANDWIDTH  # bytes/s, updated by every move
         self.exported: tuple[list[float], list[float], float] | None = None
         self.started = False  # the start-up placement has run (recalibration waits for it)
+        self.placed_at_step = 0  # engine step of the last applied move (hysteresis horizon)
         self.dump_requested = False
         self.drift_every = drift_steps()  # benchmarks only: replayed routing drifts
 
@@ -166,8 +174,8 @@ class GemWorker:
               switch_to: str | None = None) -> dict[str, Any]:
         """Profile, plan on rank 0, broadcast, move. Collective: every EP rank calls it.
 
-        horizon_steps (recalibration): also require the predicted saving over that many steps
-        to beat the move's cost (planning.worth_moving).
+        horizon_steps (recalibration): plan from that many recent steps, and require the
+        predicted saving over planning.saving_horizon to beat the move's cost (worth_moving).
         switch_to (an A/B switch on request): plan with this planner ('initial': vLLM's start
         map) from the start-up's profiles and routing history, and apply it whatever its gain.
         """
@@ -195,7 +203,7 @@ class GemWorker:
                 if horizon_steps:
                     decision.apply, decision.info["move_check"] = worth_moving(
                         decision, old, slot_bytes(self.model.expert_weights), self.move_bandwidth,
-                        horizon_steps)
+                        saving_horizon(horizon_steps, self.steps - self.placed_at_step))
             except Exception as e:
                 error = f"{type(e).__name__}: {e}"
         box = [(decision, error)]
@@ -221,6 +229,7 @@ class GemWorker:
             new = torch.from_numpy(decision.phys_to_log)
             move = apply_placement(self.ms, new, self.ep)
             self.generation += 1
+            self.placed_at_step = self.steps
             self.last_move_seconds = move.seconds
             if move.slots_changed and move.seconds > 0:
                 self.move_bandwidth = move.slots_changed * move.bytes_per_slot / move.seconds
@@ -258,8 +267,10 @@ class GemWorker:
             move_seconds=self.last_move_seconds, recorded_steps=self.recorder.steps))
 
     def recalibrate(self, horizon_steps: int) -> None:
-        """Quick re-profile and re-plan while serving; moves only if the predicted gain beats
-        min_gain and its saving until the next recalibration beats the move's cost."""
+        """Quick re-profile and re-plan while serving (from the last `horizon_steps` steps of
+        routing); moves only if the predicted gain beats min_gain and its saving over
+        saving_horizon (until the next recalibration, or as long as the placement in use has
+        served, whichever is longer) beats the move's cost."""
         try:
             report = self.place("recalibration", quick_profile=True, horizon_steps=horizon_steps)
             if self.rank == 0:
