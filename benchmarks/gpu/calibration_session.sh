@@ -3,6 +3,8 @@
 # GPU (all at once, twice for run-to-run spread), emulated slower GPUs (green contexts),
 # and, when vLLM is importable, the kernel benchmark against vLLM's fused_moe.
 #   usage: OUT=dir bash benchmarks/gpu/calibration_session.sh [stage...]   stages: tests calib slow kernels
+#          recorder (GEM's routing recorder per engine step, GPU and host time; STEP_MS: a measured
+#          TPOT, default 4.2 ms = GEM's TPOT p50 in session 5's ab-slow20 on nvidia-h200-x2)
 #   env: SEARCH=0 times the tile table only (kernels), not every tile of the search;
 #        STAGES=1 also times each launch alone (kernels --stages)
 set -u
@@ -34,6 +36,8 @@ slow)
     mkdir -p "$out/profiles-$tag-sm$sms" && mv "$out/profiles-$tag-slow/"*sm$sms* "$out/profiles-$tag-sm$sms/" 2>/dev/null
   done
   python3 benchmarks/gpu/summarize_calibration.py "$out" | tee "$out/calibration-summary-$tag.txt" ;;
+recorder)
+  python3 benchmarks/recorder_overhead.py --step-ms "${STEP_MS:-4.2}" --json "$out/recorder-$tag.json" | tee "$out/recorder-$tag.txt" ;;
 kernels)
   python3 benchmarks/kernels.py $([ "${SEARCH:-1}" = 0 ] || echo --search) $([ "${STAGES:-0}" = 1 ] && echo --stages) --json "$out/kernels-$tag.json" 2> "$out/kernels-$tag.err" | tee "$out/kernels-$tag.txt" ;;
 esac; done
