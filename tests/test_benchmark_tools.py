@@ -167,3 +167,9 @@ def test_eplb_communicator_is_merged_into_the_eplb_config_or_added():
     assert args[3] == '{"num_redundant_experts": 16}'  # the configuration itself is not changed
     out = with_eplb_communicator(["--plugin", "gem"], "pynccl")
     assert out[2:] == ["--eplb-config", '{"communicator": "pynccl"}']
+
+
+def test_the_profiled_window_runs_at_the_saturating_rate_when_there_is_one():
+    from serve_matrix import profile_rate
+    assert profile_rate(["16", "inf"]) == "inf"
+    assert profile_rate(["8", "16"]) == "8"
