@@ -129,8 +129,9 @@ class Alignment:
         return self.block_expert.numel() * self.block_m
 
 
-# vLLM's rule (fused_moe's naive_block_assignment): when rows * 4 <= experts, nearly every row
-# has its own expert, so sorting buys nothing: tile t is row t and the align kernels are skipped
+# vLLM's rule (fused_moe's naive_block_assignment, only without an expert_map, i.e. not under
+# expert parallelism): when rows * 4 <= experts, nearly every row has its own expert, so
+# sorting buys nothing: tile t is row t and the align kernels are skipped
 ONE_ROW_TILE_SPARSITY = 4
 
 
@@ -206,16 +207,18 @@ def scatter_rows_kernel(ids_ptr, cursor_ptr, sorted_ids_ptr, num_valid, BLOCK: t
     tl.store(sorted_ids_ptr + pos, offs, mask=ok)
 
 
-def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
+def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_parallel: bool = False
+          ) -> Alignment:
     """topk_ids: [tokens, top_k] expert of each (token, k), int32 or int64 -> Alignment.
 
     No host sync (CUDA-graph safe), like vLLM's moe_align_block_size: one row per tile and no
     kernel when rows * ONE_ROW_TILE_SPARSITY <= experts, one kernel for up to
-    ONE_PROGRAM_ALIGN_ROWS rows, else three.
+    ONE_PROGRAM_ALIGN_ROWS rows, else three. expert_parallel: always sort, as vLLM does under
+    expert parallelism (its one-row tiles need expert_map None); calibration times that path.
     """
     flat = topk_ids.reshape(-1)  # the kernels read int32 or int64 ids: no conversion launch
     num_valid = flat.numel()
-    if num_valid * ONE_ROW_TILE_SPARSITY <= num_experts:
+    if not expert_parallel and num_valid * ONE_ROW_TILE_SPARSITY <= num_experts:
         num_padded = torch.full((1,), num_valid * block_m, dtype=torch.int32, device=flat.device)
         return Alignment(None, flat, num_padded, block_m)
     # at most min(experts, rows) experts get rows, each padded by < block_m: with few tokens

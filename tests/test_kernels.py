@@ -61,6 +61,10 @@ INTERPRET_CHECK = textwrap.dedent("""
     al = align(torch.tensor([[0, 5, 36]]), E2, B)
     assert al.sorted_ids is None and al.num_padded.item() == 3 * B and al.max_padded == 3 * B
     assert al.block_expert.tolist() == [0, 5, 36]
+    # under expert parallelism vLLM always sorts (its naive path needs expert_map None), and
+    # calibration times that path: one tile per expert, not per row
+    al = align(torch.tensor([[5], [5], [5]]), E2, B, expert_parallel=True)
+    assert al.sorted_ids is not None and al.num_padded.item() == B
     E3 = 24
     w13, w2 = torch.randn(E3, 2 * I, H) / H ** 0.5, torch.randn(E3, H, I) / I ** 0.5
     for ids in (torch.tensor([[3, 17, 0], [17, 23, 3]]), torch.tensor([[5, 9, 11]])):

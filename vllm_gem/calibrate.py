@@ -191,13 +191,13 @@ def _time_pattern(counts, x_all, w13, w2, cfg, align, moe_ffn, spec, stream) -> 
                                   torch.tensor(counts, device=dev)).reshape(-1, 1)
     x = x_all[: ids.shape[0]]
     wts = torch.ones(ids.shape, device=dev, dtype=torch.float32)
-    al = align(ids, len(counts), cfg.block_m)
+    al = align(ids, len(counts), cfg.block_m, expert_parallel=True)  # what EP serving runs
     # extra_work: a random subset of the assignments again, as emulate.slow_down_experts
     # reruns a prefix of a batch whose tokens come in no particular expert order
     n_extra = int(np.ceil(spec.extra_work * ids.shape[0]))
     pick = torch.randperm(ids.shape[0], device=dev)[:n_extra]
     ids_x, x_x, wts_x = ids[pick], x[pick], wts[pick]
-    al_x = align(ids_x, len(counts), cfg.block_m) if n_extra else None
+    al_x = align(ids_x, len(counts), cfg.block_m, expert_parallel=True) if n_extra else None
 
     def once() -> None:
         moe_ffn(x, w13, w2, wts, ids, cfg, al)
