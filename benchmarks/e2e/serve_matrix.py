@@ -10,7 +10,8 @@ a summary (medians over repeats, ratios against the first configuration) go to O
     python3 benchmarks/e2e/serve_matrix.py MODEL_DIR OUT --configs CONFIGS.json \
         [--repeats 1] [--bench-repeats 3] [--shapes 512x128,2048x16] [--rates 16,inf]
 
-CONFIGS.json: [{"name": ..., "args": [extra `vllm serve` args], "env": {...}}, ...]
+CONFIGS.json: [{"name": ..., "args": [extra `vllm serve` args], "env": {...},
+"tensor_parallel_size": N (default: every GPU)}, ...]
 
 --switch initial,vllm-default,gem (GEM configurations): inside each server start, switch the
 placement before every benchmark run through GEM's `gem_place` worker method (vLLM's dev-mode
@@ -81,8 +82,9 @@ def with_eplb_communicator(args: list[str], communicator: str) -> list[str]:
 def start_server(model: str, cfg: dict, port: int, log: Path, limit: float,
                  max_num_seqs: int | None = None) -> tuple[subprocess.Popen, float]:
     env = {**os.environ, **SAFE_ENV, **cfg.get("env", {})}
+    tp = cfg.get("tensor_parallel_size", num_gpus())
     cmd = [*VLLM, "serve", model, "--load-format", cfg.get("load_format", "dummy"),
-           "--tensor-parallel-size", str(num_gpus()), "--enable-expert-parallel",
+           "--tensor-parallel-size", str(tp), "--enable-expert-parallel",
            "--max-model-len", "4096", "--host", "127.0.0.1", "--port", str(port), *cfg.get("args", [])]
     if max_num_seqs:  # vLLM then captures CUDA graphs only up to 2 x max_num_seqs: a faster start
         cmd += ["--max-num-seqs", str(max_num_seqs)]

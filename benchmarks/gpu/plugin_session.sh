@@ -21,6 +21,8 @@
 #           ab-slow10, ab-mix20   the same at 10%, and on the Mixtral-like model
 #           ab-equal   the same on the GPUs as they are, plus GEM with its recorder off
 #           ab-dummy   ab-equal's placements (recorder off too) with vLLM's dummy-weight routing
+#           dp2        data parallelism 2 x TP 1, EP over both GPUs, GPU 1 20% slower: vLLM's placement /
+#                      GEM from the trace file, one server each (DP > 1)
 #           soak       4000 requests, GPU 1 20% slower, recalibration every 500 steps
 #           soak-plain the same load on plain vLLM (the control for memory growth)
 #           soak-drift the soak with the replayed routing drifting every DRIFT (4000) steps: hot
@@ -85,8 +87,9 @@ for s in "$@"; do
     run_py benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity-fp32.json" \
       --reuse-baseline --dtype float32 > "$out/greedy-identity-fp32.log" 2>&1; echo "identity-fp32 exit $?"
     grep -E "vllm-gem|identical|Error|error" "$out/greedy-identity-fp32.log" | tail -8 ;;
-  equal|slow20|slow10|mix20)
-    case $s in equal) cfg=equal-gpus model=q3 ;; mix20) cfg=mix-slow20 model=mix ;; *) cfg=$s model=q3 ;; esac
+  equal|slow20|slow10|mix20|dp2)
+    case $s in equal) cfg=equal-gpus model=q3 ;; mix20) cfg=mix-slow20 model=mix ;; dp2) cfg=dp2-slow20 model=q3 ;;
+      *) cfg=$s model=q3 ;; esac
     run_py benchmarks/e2e/serve_matrix.py /tmp/gem/model-$model "$out/e2e-$s" \
       --configs "benchmarks/e2e/configs/$cfg.json" $E2E \
       2>&1 | tee "$out/e2e-$s.log" | tail -30

@@ -8,6 +8,9 @@ the same with vLLM's own dummy-weight routing instead of the trace replay.
 slow10, slow20: GPU 1 does 10% / 20% extra expert work (emulated in-process); vLLM's
 placement / vLLM's EPLB policy applied once after the same warm-up / GEM, 16 redundant slots.
 mix-slow20: the same on the Mixtral-like model (8 experts, top-2), 2 redundant slots.
+dp2-slow20: data parallelism 2 x TP 1 with expert parallelism over both GPUs, GPU 1 +20%:
+vLLM's placement / GEM planned from the trace file (with DP there is no warm-up), one server
+each (switching on request reaches one DP rank's workers only, so it is not used there).
 Routing is replayed from a skewed trace (gem_trace) in every configuration.
 """
 
@@ -51,6 +54,13 @@ def main() -> None:
         "slow20": slow(0.2, q3, 16),
         "slow10": slow(0.1, q3, 16),
         "mix-slow20": slow(0.2, mix, 2, prefix="mix-"),
+        "dp2-slow20": [
+            {"name": "vllm-linear-dp2-slow20", "tensor_parallel_size": 1,
+             "args": ["--data-parallel-size", "2"] + gem(place=False, emulate_slowdown={"1": 0.2})
+             + redundant(16), "env": env(q3)},
+            {"name": "gem-dp2-slow20", "tensor_parallel_size": 1,
+             "args": ["--data-parallel-size", "2"] + gem(trace=q3, emulate_slowdown={"1": 0.2})
+             + redundant(16), "env": env(q3)}],
     }
     for name, configs in sets.items():
         (HERE / f"{name}.json").write_text(json.dumps(configs, indent=1) + "\n")
