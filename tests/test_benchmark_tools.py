@@ -18,8 +18,10 @@ from vllm_gem.vllm.recorder import RECORD_RANGE  # noqa: E402
 
 
 def _trace(device: int, moe_us: float, comm_us: float, start: float = 0.0) -> dict:
+    # as torch's Chrome traces write them: a kernel names its device in args, a GPU-side range
+    # only through pid (the device's timeline), with its External id
     k = lambda name, ts, dur: {"cat": "kernel", "name": name, "ts": ts, "dur": dur,  # noqa: E731
-                               "args": {"device": device}}
+                               "pid": device, "args": {"device": device}}
     return {"traceEvents": [
         {"cat": "cpu_op", "name": "aten::mm", "ts": start, "dur": 999.0},  # not a GPU kernel
         k("fused_moe_kernel", start + 10, moe_us / 2),
@@ -29,10 +31,10 @@ def _trace(device: int, moe_us: float, comm_us: float, start: float = 0.0) -> di
         k("void flash_fwd_kernel", start + 300 + comm_us, 40.0),
         # the recorder's range on the GPU timeline, over a scatter kernel counted once as a kernel
         {"cat": "gpu_user_annotation", "name": RECORD_RANGE, "ts": start + 340 + comm_us, "dur": 3.0,
-         "args": {"device": device}},
+         "pid": device, "args": {"External id": 7}},
         k("void at::native::scatter_gather_elementwise_kernel", start + 341 + comm_us, 2.0),
         {"cat": "gpu_user_annotation", "name": "some_other_range", "ts": start, "dur": 500.0,
-         "args": {"device": device}},
+         "pid": device, "args": {"External id": 3}},
     ]}
 
 
