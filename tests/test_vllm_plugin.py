@@ -389,6 +389,12 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
             return example_profile(f"gpu{rank}", 1.0 + 0.3 * rank, num_experts=12)
         w.local_profile = local_profile
+    profiled = []
+    if "recalibrate" in switches:  # live quick profiles: a stand-in GPU per rank, counted
+        def local_profile(quick=False):
+            profiled.append(quick)
+            return example_profile(f"gpu{rank}", 1.0 + 0.3 * rank, num_experts=12)
+        w.local_profile = local_profile
     runtime._WORKER = w
     if rank == inactive_rank:  # GEM could not attach on this rank
         from vllm.distributed import parallel_state
@@ -401,12 +407,18 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
     start_map = ms.physical_to_logical_map.clone()
     after = []  # A/B switches on request, after the start-up placement
     for planner in switches:
-        after.append({"report": runtime.switch_placement(None, planner),
-                      "holds": _holds_its_experts(ms, rank, world),
+        if planner == "recalibrate":  # a few recorded steps of skewed traffic, then recalibrate
+            phys = torch.as_tensor(skewed_loads()[0]).gather(1, ms.physical_to_logical_map)
+            for _ in range(8):
+                w.recorder.record(phys.to(torch.int32), ms.physical_to_logical_map)
+            rep = w.recalibrate(8)
+        else:
+            rep = runtime.switch_placement(None, planner)
+        after.append({"report": rep, "holds": _holds_its_experts(ms, rank, world),
                       "map": ms.physical_to_logical_map.clone()})
     torch.save({"report": report, "holds": _holds_its_experts(ms, rank, world),
                 "map": ms.physical_to_logical_map.clone(), "switches": after,
-                "start_map": start_map}, f"{out}/rank{rank}.pt")
+                "start_map": start_map, "profiled": profiled}, f"{out}/rank{rank}.pt")
     dist.barrier()  # no rank tears gloo down while a peer still uses it (an abort on 2-core CI)
     dist.destroy_process_group()
 
@@ -509,6 +521,18 @@ def test_switching_placements_on_request_restores_the_start_map_and_keeps_every_
         assert bad["map"].equal(gem["map"])
         json.dumps([s["report"] for s in r["switches"]])  # what /collective_rpc sends back
     assert all(a["map"].equal(b["map"]) for a, b in zip(res[0]["switches"], res[1]["switches"], strict=True))
+
+
+def test_recalibration_reprofiles_the_gpus_every_nth_time_and_replans_in_between(inputs):
+    res = _run_place({"profiles": inputs["profiles"], "trace": inputs["trace"], "reprofile_every": 3},
+                     switches=["recalibrate"] * 5)
+    for r in res:
+        reps = [s["report"] for s in r["switches"]]
+        assert all(rep is not None for rep in reps), reps  # none failed
+        assert [rep["profiled"] for rep in reps] == [True, False, False, True, False]
+        assert r["profiled"] == [True, True]  # quick profiles, at the 1st and the 4th only
+        assert all(rep["profile_seconds"] < 1.0 for rep in reps if not rep["profiled"])
+        assert r["holds"]
 
 
 def test_a_trace_of_another_model_keeps_vllm_placement_or_fails_in_strict(inputs):

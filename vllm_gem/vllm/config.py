@@ -43,6 +43,10 @@ class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     recalibrate_steps: int = 0
     recalibrate_planner: str = "gem-migrate"  # prefers plans that move few experts
     min_gain: float = 0.02  # re-place only if the predicted layer-time gain beats this (< 0: always)
+    # re-profile the GPUs on every Nth recalibration only (1: every time): a quick profile
+    # stalls serving ~1.3 s (2xH200, session 6), re-planning from live routing ~0.1-0.4 s, and
+    # routing drifts faster than a GPU's speed
+    reprofile_every: int = 4
     # metrics: one small JSON per rank, read by the API server's /metrics collector
     state_dir: str | None = None
     # experiments only: EP rank -> extra fraction of MoE expert work it does (a slower GPU)
@@ -57,6 +61,9 @@ class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.recalibrate_steps < 0:
             raise GemInputError(SOURCE, "recalibrate_steps", f"is {self.recalibrate_steps}",
                                 "0 (off) or a number of engine steps")
+        if self.reprofile_every < 1:
+            raise GemInputError(SOURCE, "reprofile_every", f"is {self.reprofile_every}",
+                                "an integer >= 1 (1: re-profile at every recalibration)")
         if not -1.0 <= self.min_gain < 1.0:
             raise GemInputError(SOURCE, "min_gain", f"is {self.min_gain}",
                                 "a fraction in [-1, 1) (negative: apply every plan)")

@@ -96,6 +96,7 @@ class GemWorker:
         self.exported: tuple[list[float], list[float], float] | None = None
         self.started = False  # the start-up placement has run (recalibration waits for it)
         self.placed_at_step = 0  # engine step of the last applied move (hysteresis horizon)
+        self.recalibrations = 0
         self.dump_requested = False
         self.drift_every = drift_steps()  # benchmarks only: replayed routing drifts
 
@@ -171,16 +172,18 @@ class GemWorker:
 
     # ------------------------------------------------------------------ placement
     def place(self, reason: str, quick_profile: bool = False, horizon_steps: int | None = None,
-              switch_to: str | None = None) -> dict[str, Any]:
+              switch_to: str | None = None, reprofile: bool = True) -> dict[str, Any]:
         """Profile, plan on rank 0, broadcast, move. Collective: every EP rank calls it.
 
         horizon_steps (recalibration): plan from that many recent steps, and require the
         predicted saving over planning.saving_horizon to beat the move's cost (worth_moving).
         switch_to (an A/B switch on request): plan with this planner ('initial': vLLM's start
         map) from the start-up's profiles and routing history, and apply it whatever its gain.
+        reprofile=False: plan with the profiles already exchanged (recalibration between re-profiles).
         """
         t0 = time.perf_counter()
-        if switch_to is None or self.profiles is None:
+        profiled = self.profiles is None or (switch_to is None and reprofile)
+        if profiled:
             self.profiles = self.gather_profiles(quick_profile)
         t_prof = time.perf_counter() - t0
         planner = switch_to or (self.cfg.recalibrate_planner if horizon_steps else self.cfg.planner)
@@ -212,7 +215,7 @@ class GemWorker:
         if error:
             raise PlacementError(f"planning on EP rank 0 failed: {error}")
         report: dict[str, Any] = {
-            "reason": reason, "profile_seconds": round(t_prof, 3),
+            "reason": reason, "profiled": profiled, "profile_seconds": round(t_prof, 3),
             "planning_seconds": round(decision.planning_seconds, 3),
             "predicted_layer_us_before": round(decision.predicted_before_us, 2),
             "predicted_layer_us_after": round(decision.predicted_after_us, 2),
@@ -266,21 +269,28 @@ class GemWorker:
             predicted_layer_us_before=rank_us_before[self.rank], straggler_ratio=straggler,
             move_seconds=self.last_move_seconds, recorded_steps=self.recorder.steps))
 
-    def recalibrate(self, horizon_steps: int) -> None:
+    def recalibrate(self, horizon_steps: int) -> dict[str, Any] | None:
         """Quick re-profile and re-plan while serving (from the last `horizon_steps` steps of
         routing); moves only if the predicted gain beats min_gain and its saving over
         saving_horizon (until the next recalibration, or as long as the placement in use has
-        served, whichever is longer) beats the move's cost."""
+        served, whichever is longer) beats the move's cost. The GPUs are re-profiled on every
+        cfg.reprofile_every-th recalibration; the others re-plan with the last profiles.
+        Returns the report, or None when it failed (logged; serving goes on)."""
+        reprofile = self.recalibrations % self.cfg.reprofile_every == 0
+        self.recalibrations += 1
         try:
-            report = self.place("recalibration", quick_profile=True, horizon_steps=horizon_steps)
+            report = self.place("recalibration", quick_profile=True, horizon_steps=horizon_steps,
+                                reprofile=reprofile)
             if self.rank == 0:
                 logger.info("vllm-gem recalibration: %s", report)
+            return report
         except WeightsLostError:  # serving on would give wrong outputs: stop the worker
             raise
         except Exception as e:  # keep serving on the last good placement
             if self.cfg.strict:
                 raise
             logger.warning("vllm-gem: recalibration failed, keeping the current placement: %s", e)
+            return None
 
     # ------------------------------------------------------------------ traces
     def dump_trace(self, why: str) -> Path | None:
