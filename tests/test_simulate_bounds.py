@@ -68,13 +68,18 @@ def test_bounds_never_above_any_placement(c):
     if loads.shape[2] ** phys > 5000:
         phys = loads.shape[2] + (-loads.shape[2]) % group.num_ranks
     loads = loads[:, :1]
-    fluid, tight = lower_bounds(loads, group, phys)
+    fluid, tight, static = lower_bounds(loads, group, phys)
     assert np.all(fluid <= tight + 1e-9)
     best = np.full(loads.shape[0], np.inf)
+    best_static = np.inf
     for row in all_placements(loads.shape[2], group.num_ranks, phys):
-        best = np.minimum(best, rank_times(loads, row[None], group).max(-1)[:, 0])
+        layer = rank_times(loads, row[None], group).max(-1)[:, 0]
+        best = np.minimum(best, layer)
+        best_static = min(best_static, layer.mean())
     # per step, no placement (even one chosen for that step alone) beats the bound
     assert np.all(tight[:, 0] <= best * (1 + 1e-9) + 1e-9), (tight[:, 0], best)
+    # no placement held over all steps beats the static bound on its mean
+    assert static[0] <= best_static * (1 + 1e-9) + 1e-9, (static[0], best_static)
 
 
 def test_vectorised_replay_is_fast_enough():
@@ -98,3 +103,18 @@ def test_summary_statistics():
     # step 0: ranks (4, 0) -> 4, mean 2; step 1: ranks (0, 4) -> 4, mean 2
     assert r.mean == 4.0 and r.straggler_ratio == 2.0
     assert r.bound_fluid == (4 / 3 + 8 / 3) / 2
+
+
+def test_static_bound_sees_that_a_placement_cannot_follow_bursty_decode_steps():
+    # decode-like: two of four experts active per step, alternating pairs; a fast and a half-
+    # speed GPU with two slots each. Per step, the slow GPU could hold the two idle experts;
+    # a fixed placement cannot, and the best one (one expert of each pair on each GPU) makes
+    # the slow GPU run one expert every step, which only the static bound sees
+    loads = np.array([[[8.0, 8.0, 0.0, 0.0]], [[0.0, 0.0, 8.0, 8.0]]] * 3)
+    group = GroupModel(np.array([[5.0, 10.0, 0.0, 0.0], [5.0, 20.0, 0.0, 0.0]]), block_m=16)
+    fluid, tight, static = lower_bounds(loads, group, 4)
+    assert np.all(tight < 20.0) and np.allclose(static, 25.0)
+    best = simulate(loads, np.array([[0, 2, 1, 3]]), group)
+    assert best.mean == 25.0 and best.bound == 25.0  # proven optimal
+    worst = simulate(loads, np.array([[2, 3, 0, 1]]), group)  # the slow GPU gets both of a pair
+    assert worst.mean == (45.0 + 25.0) / 2 and worst.bound == 25.0

@@ -18,6 +18,9 @@ unit of reference work in at most 1/speed[r] microseconds and always pays its fi
   tokens split over the most replicas possible (1 + redundant slots), and one expert may
   fill several slots, so this holds for any placement. In decode, where every active expert
   costs about one weight read, this is what keeps a slower GPU from being relieved.
+- Static equal-slots bound: the same on the steps' *mean* pieces, for one placement held over
+  all the steps (mean of the max over ranks >= max over ranks of the means). Per step, a
+  decode step's cheapest slots are idle experts; a fixed placement cannot follow them.
 """
 
 from __future__ import annotations
@@ -93,26 +96,60 @@ def _first_reaching(cum: np.ndarray, ks: np.ndarray) -> np.ndarray:
     return np.minimum(out, e - 1)
 
 
+def slot_pieces(loads: np.ndarray, group: GroupModel, num_physical: int) -> tuple[np.ndarray, int]:
+    """loads: [..., experts] -> (reference work of an expert's smallest possible piece, its tokens
+    split over the most replicas possible: [..., experts]; that number of replicas)."""
+    mult = 1 + num_physical - loads.shape[-1]  # copies of one expert's smallest piece a rank may hold
+    ref, _ = group.reference_speeds()
+    return group.item_features(loads / mult) @ ref, mult
+
+
 def slot_bound(loads: np.ndarray, group: GroupModel, num_physical: int) -> np.ndarray:
     """loads: [steps, layers, experts] -> [steps, layers] equal-slots lower bound (us)."""
-    experts = loads.shape[2]
+    piece, mult = slot_pieces(loads, group, num_physical)
+    return _cheapest_slots_time(piece, mult, group, num_physical)
+
+
+def static_slot_bound(loads: np.ndarray, group: GroupModel, num_physical: int) -> np.ndarray:
+    """loads: [steps, layers, experts] -> [layers] equal-slots bound for ONE placement held over
+    all the steps (what GEM serves between moves), on the mean layer time.
+
+    mean_steps(max_r T_r) >= max_r mean_steps(T_r), and rank r's mean time is at least its
+    fixed cost plus its S cheapest *mean* pieces. The per-step bound lets every step pick
+    its own cheapest slots, which in decode are idle experts costing nothing; a placement
+    cannot follow the steps, so this one is far tighter there (and never below the per-step
+    bound's mean for the equal-slots part, by Jensen: min of means >= mean of mins).
+    """
+    piece, mult = slot_pieces(loads, group, num_physical)
+    return _cheapest_slots_time(piece.mean(0), mult, group, num_physical)
+
+
+def _cheapest_slots_time(piece: np.ndarray, mult: int, group: GroupModel, num_physical: int) -> np.ndarray:
+    """piece: [..., experts] smallest-piece work -> [...] max over ranks of fixed + the S
+    cheapest pieces (one expert filling at most `mult` slots) / speed."""
+    experts = piece.shape[-1]
     slots = num_physical // group.num_ranks
-    mult = 1 + num_physical - experts  # copies of one expert's smallest piece a rank may hold
-    ref, speed = group.reference_speeds()
-    piece = group.item_features(loads / mult) @ ref  # [S, L, E]
+    _, speed = group.reference_speeds()
     n_full, rest = divmod(slots, mult)
     take = min(experts, n_full + (rest > 0))
     small = np.sort(np.partition(piece, take - 1, axis=-1)[..., :take], axis=-1)
     cheapest = mult * small[..., :n_full].sum(-1) + (rest * small[..., n_full] if rest else 0.0)
     with np.errstate(divide="ignore"):
-        per_rank = group.fixed + cheapest[..., None] / speed  # [S, L, G]
+        per_rank = group.fixed + cheapest[..., None] / speed  # [..., G]
     return per_rank.max(-1)
 
 
 def lower_bounds(loads: np.ndarray, group: GroupModel, num_physical: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(fluid, tight) each [steps, layers]; tight = max(fluid, preemptive, equal-slots)."""
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fluid, tight, static): fluid and tight [steps, layers], tight = max(fluid, preemptive,
+    equal-slots), each bounding any placement, even one chosen per step; static [layers],
+    bounding the mean layer time of one placement held over all the steps."""
     fluid = fluid_bound(loads, group)
     tight = np.maximum(preemptive_bound(loads, group, num_physical),
                        slot_bound(loads, group, num_physical))
-    return fluid, np.maximum(fluid, tight)
+    return fluid, np.maximum(fluid, tight), static_slot_bound(loads, group, num_physical)
+
+
+def placement_bound(tight: np.ndarray, static: np.ndarray) -> float:
+    """tight: [steps, layers], static: [layers] -> the bound on one placement's mean layer time."""
+    return float(np.maximum(tight.mean(0), static).mean())

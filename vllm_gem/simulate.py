@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bounds import lower_bounds
+from .bounds import lower_bounds, placement_bound
 from .errors import GemInputError
 from .latency import GroupModel
 
@@ -71,7 +71,7 @@ class SimResult:
     p99: float
     straggler_ratio: float  # mean over steps and layers of (slowest rank / mean rank)
     bound_fluid: float  # mean over steps and layers of the fluid bound
-    bound: float  # mean of the tighter of the fluid and preemptive bounds
+    bound: float  # bound on this placement's mean: per-step tight bounds and the static one
     rank_mean: list[float]  # [ranks] mean time of each rank
 
     @property
@@ -90,21 +90,21 @@ class SimResult:
 
 
 def simulate(loads: np.ndarray, phys_to_log: np.ndarray, group: GroupModel,
-             bounds: tuple[np.ndarray, np.ndarray] | None = None) -> SimResult:
+             bounds: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> SimResult:
     """Replay `loads` [steps, layers, experts] through `phys_to_log` [layers, num_physical].
 
-    `bounds` = (fluid, tight), each [steps, layers], may be passed in to share them between
-    placements with the same number of physical slots.
+    `bounds` = bounds.lower_bounds (fluid, tight [steps, layers], static [layers]) may be
+    passed in to share them between placements with the same number of physical slots.
     """
     t = rank_times(loads, phys_to_log, group)  # [S, L, G]
     layer = t.max(-1)
     if bounds is None:
         bounds = lower_bounds(loads, group, phys_to_log.shape[1])
-    fluid, tight = bounds
+    fluid, tight, static = bounds
     p50, p90, p99 = np.percentile(layer, [50, 90, 99])
     return SimResult(
         mean=float(layer.mean()), p50=float(p50), p90=float(p90), p99=float(p99),
         straggler_ratio=float((layer / t.mean(-1)).mean()),
-        bound_fluid=float(fluid.mean()), bound=float(tight.mean()),
+        bound_fluid=float(fluid.mean()), bound=placement_bound(tight, static),
         rank_mean=t.mean(axis=(0, 1)).tolist(),
     )
