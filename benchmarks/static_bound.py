@@ -1,0 +1,50 @@
+"""Does the static equal-slots bound bind on our skewed trace? Per-step tight bound against the
+static one (bounds.py), mean over steps and layers, at the trace's own load and at decode-like
+loads drawn from it (multinomial, seeded).
+
+    python benchmarks/static_bound.py   (CPU; writes nothing)
+
+GPUs: the bundled H200 profile and the bundled 66-SM green-context H200 profile (measured).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from vllm_gem.bounds import lower_bounds
+from vllm_gem.formats import GpuProfile, RoutingTrace, load
+from vllm_gem.vllm.planning import group_from_profiles
+
+TRACE_SPEC = Path(__file__).parent / "e2e" / "skewed-128x12.json"
+PHYSICAL = 144  # 128 experts + 16 redundant slots, as served in benchmarks/e2e
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.msgpack"
+        subprocess.run([sys.executable, "-m", "vllm_gem.cli", "import-trace", "--format", "synthetic",
+                        str(TRACE_SPEC), "-o", str(path), "--model", "q"], check=True, capture_output=True)
+        loads = load(path, RoutingTrace).loads
+    data = importlib.resources.files("vllm_gem.data")
+    group = group_from_profiles([load(data / "profile-h200x2-0.json", GpuProfile),
+                                 load(data / "profile-h200x2-sm66-1.json", GpuProfile)])
+    rng = np.random.default_rng(0)
+    freq = loads / loads.sum(-1, keepdims=True)
+    cases = {f"trace ({loads.sum(-1).mean():.0f} rows a step)": loads}
+    for rows in (256, 64):
+        cases[f"{rows} rows a step"] = np.stack([[rng.multinomial(rows, p) for p in step] for step in freq]
+                                                ).astype(np.float64)
+    print(f"{'load':28s} {'per-step tight us':>18s} {'static us':>10s}")
+    for name, case in cases.items():
+        _, tight, static = lower_bounds(case, group, PHYSICAL)
+        print(f"{name:28s} {tight.mean():18.1f} {static.mean():10.1f}")
+
+
+if __name__ == "__main__":
+    main()
