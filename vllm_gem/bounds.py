@@ -96,32 +96,22 @@ def _first_reaching(cum: np.ndarray, ks: np.ndarray) -> np.ndarray:
     return np.minimum(out, e - 1)
 
 
-def slot_pieces(loads: np.ndarray, group: GroupModel, num_physical: int) -> tuple[np.ndarray, int]:
-    """loads: [..., experts] -> (reference work of an expert's smallest possible piece, its tokens
-    split over the most replicas possible: [..., experts]; that number of replicas)."""
+def slot_bounds(loads: np.ndarray, group: GroupModel, num_physical: int) -> tuple[np.ndarray, np.ndarray]:
+    """loads: [steps, layers, experts] -> equal-slots lower bounds (us): per step [steps, layers],
+    and static [layers], for ONE placement held over all the steps (what GEM serves between
+    moves), on its mean layer time.
+
+    A piece is an expert's tokens split over the most replicas possible. Static: mean_steps(max_r
+    T_r) >= max_r mean_steps(T_r), and rank r's mean time is at least its fixed cost plus its S
+    cheapest *mean* pieces. The per-step bound lets every step pick its own cheapest slots,
+    which in decode are idle experts costing nothing; a placement cannot follow the steps.
+    Neither bound dominates the other (bounds.placement_bound takes the larger per layer).
+    """
     mult = 1 + num_physical - loads.shape[-1]  # copies of one expert's smallest piece a rank may hold
     ref, _ = group.reference_speeds()
-    return group.item_features(loads / mult) @ ref, mult
-
-
-def slot_bound(loads: np.ndarray, group: GroupModel, num_physical: int) -> np.ndarray:
-    """loads: [steps, layers, experts] -> [steps, layers] equal-slots lower bound (us)."""
-    piece, mult = slot_pieces(loads, group, num_physical)
-    return _cheapest_slots_time(piece, mult, group, num_physical)
-
-
-def static_slot_bound(loads: np.ndarray, group: GroupModel, num_physical: int) -> np.ndarray:
-    """loads: [steps, layers, experts] -> [layers] equal-slots bound for ONE placement held over
-    all the steps (what GEM serves between moves), on the mean layer time.
-
-    mean_steps(max_r T_r) >= max_r mean_steps(T_r), and rank r's mean time is at least its
-    fixed cost plus its S cheapest *mean* pieces. The per-step bound lets every step pick
-    its own cheapest slots, which in decode are idle experts costing nothing; a placement
-    cannot follow the steps, so this one is far tighter there (and never below the per-step
-    bound's mean for the equal-slots part, by Jensen: min of means >= mean of mins).
-    """
-    piece, mult = slot_pieces(loads, group, num_physical)
-    return _cheapest_slots_time(piece.mean(0), mult, group, num_physical)
+    piece = group.item_features(loads / mult) @ ref  # [S, L, E], computed once for both
+    return (_cheapest_slots_time(piece, mult, group, num_physical),
+            _cheapest_slots_time(piece.mean(0), mult, group, num_physical))
 
 
 def _cheapest_slots_time(piece: np.ndarray, mult: int, group: GroupModel, num_physical: int) -> np.ndarray:
@@ -145,9 +135,9 @@ def lower_bounds(loads: np.ndarray, group: GroupModel, num_physical: int
     equal-slots), each bounding any placement, even one chosen per step; static [layers],
     bounding the mean layer time of one placement held over all the steps."""
     fluid = fluid_bound(loads, group)
-    tight = np.maximum(preemptive_bound(loads, group, num_physical),
-                       slot_bound(loads, group, num_physical))
-    return fluid, np.maximum(fluid, tight), static_slot_bound(loads, group, num_physical)
+    slots, static = slot_bounds(loads, group, num_physical)
+    tight = np.maximum(preemptive_bound(loads, group, num_physical), slots)
+    return fluid, np.maximum(fluid, tight), static
 
 
 def placement_bound(tight: np.ndarray, static: np.ndarray) -> float:

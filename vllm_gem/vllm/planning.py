@@ -33,7 +33,8 @@ class PlanDecision:
     straggler_before: float
     straggler_after: float
     planning_seconds: float
-    # no placement with these slots beats this on the same model (bounds.lower_bounds, tight)
+    # no placement with these slots, held over these steps, beats this on the same model
+    # (bounds.placement_bound: the per-step tight bound or the static one, per layer)
     predicted_bound_us: float
     info: dict[str, Any] = field(default_factory=dict)
 
