@@ -96,6 +96,16 @@ def test_soak_memory_growth_reads_the_floor_not_the_swing():
     assert memory_growth(samples)["gpu_mib_floor_growth"] == [300.0]
 
 
+def test_soak_second_half_slope_tells_a_plateau_from_a_leak():
+    # both workers grow 6 MiB a minute at first; only the leaking one keeps growing
+    samples = [{"t": 60.0 + 5 * i, "gpu_mib": [100.0],
+                "rss_mib": {"leak": 100.0 + 0.5 * i, "plateau": 100.0 + 0.5 * min(i, 10)}}
+               for i in range(40)]
+    g = memory_growth(samples)
+    assert g["rss_mib_per_min_by_process"]["plateau"] > 1.0
+    assert g["rss_mib_per_min_by_process_second_half"] == {"leak": 6.0, "plateau": 0.0}
+
+
 def test_ceiling_table_gives_each_placement_its_share_of_the_predicted_ceiling():
     from serve_matrix import ceiling
     rep = lambda after, ranks: {"predicted_layer_us_after": after, "predicted_bound_us": 160.0,  # noqa: E731

@@ -62,7 +62,8 @@ def memory_growth(samples: list[dict], settle_s: float = 60) -> dict:
     """Growth after the first minute. GPU memory swings by a GB as recalibration allocates and
     frees its buffers, so a GPU grows only if its floor rises: the minimum of the second half
     of the samples against the first half's. Host memory: the fitted slope of the server
-    processes' summed RSS."""
+    processes' summed RSS, and of each process over all and over the second half (a leak keeps
+    its slope there; memory that settles into a plateau flattens)."""
     late = [s for s in samples if s["t"] >= settle_s] or samples
     half = max(1, len(late) // 2)
     gpu = np.array([s["gpu_mib"] for s in late])  # [samples, gpus]
@@ -70,8 +71,8 @@ def memory_growth(samples: list[dict], settle_s: float = 60) -> dict:
     def rss(s: dict) -> dict[str, float]:  # older samples hold one summed number
         return s["rss_mib"] if isinstance(s["rss_mib"], dict) else {"all": s["rss_mib"]}
 
-    def per_min(values: np.ndarray) -> float:
-        return round(float(np.polyfit(t, values, 1)[0] * 60), 2) if len(late) > 1 else 0.0
+    def per_min(values: np.ndarray, t: np.ndarray = t) -> float:
+        return round(float(np.polyfit(t, values, 1)[0] * 60), 2) if len(t) > 1 else 0.0
 
     names = sorted(set().union(*(rss(s) for s in late)))
     by_name = {n: np.array([rss(s).get(n, 0.0) for s in late]) for n in names}
@@ -79,7 +80,9 @@ def memory_growth(samples: list[dict], settle_s: float = 60) -> dict:
     return {"gpu_mib_floor_growth": (gpu[half:].min(0) - gpu[:half].min(0)).tolist(),
             "gpu_mib_swing": (gpu.max(0) - gpu.min(0)).tolist(),
             "rss_mib_per_min": per_min(total), "rss_mib_growth": float(total[-1] - total[0]),
-            "rss_mib_per_min_by_process": {n: per_min(v) for n, v in by_name.items()}}
+            "rss_mib_per_min_by_process": {n: per_min(v) for n, v in by_name.items()},
+            "rss_mib_per_min_by_process_second_half": {n: per_min(v[half:], t[half:])
+                                                       for n, v in by_name.items()}}
 
 
 def main() -> int:
