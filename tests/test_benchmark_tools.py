@@ -171,14 +171,22 @@ def test_switch_identity_sends_one_greedy_batch_and_reads_token_ids_in_prompt_or
     assert out["top2"][0] == [[-0.5, -1.5], [-0.1, -2.0]]
 
 
-def test_eplb_communicator_is_merged_into_the_eplb_config_or_added():
-    from serve_matrix import with_eplb_communicator
+def test_eplb_communicator_is_merged_into_the_eplb_config_or_added_and_vllm_accepts_it():
+    from serve_matrix import rotated, with_eplb_communicator
+    from vllm.config.parallel import EPLBConfig
     args = ["--plugin", "gem", "--eplb-config", '{"num_redundant_experts": 16}']
     out = with_eplb_communicator(args, "pynccl")
-    assert json.loads(out[3]) == {"num_redundant_experts": 16, "communicator": "pynccl"}
+    # vLLM 0.26 refuses NCCL communicators with async EPLB, its default: session 7's soak died so
+    assert json.loads(out[3]) == {"num_redundant_experts": 16, "communicator": "pynccl", "use_async": False}
     assert args[3] == '{"num_redundant_experts": 16}'  # the configuration itself is not changed
-    out = with_eplb_communicator(["--plugin", "gem"], "pynccl")
-    assert out[2:] == ["--eplb-config", '{"communicator": "pynccl"}']
+    for communicator in ("pynccl", "torch_nccl", "torch_gloo"):
+        out = with_eplb_communicator(["--plugin", "gem"], communicator)
+        assert out[2] == "--eplb-config"
+        assert EPLBConfig(**json.loads(out[3])).communicator == communicator
+    with pytest.raises(ValueError, match="incompatible with async EPLB"):  # why use_async is set
+        EPLBConfig(communicator="pynccl")
+    # the A/B rounds' order; no placements to switch (plain matrices) is no rotation, no error
+    assert rotated(["a", "b", "c"], 4) == ["b", "c", "a"] and rotated([], 1) == []
 
 
 def test_the_profiled_window_runs_at_the_saturating_rate_when_there_is_one():

@@ -482,6 +482,21 @@ def test_start_up_placement_from_files_moves_experts_and_exports(inputs, caplog)
         assert ("moved through CPU memory" in text) == warned, text
 
 
+def test_recording_only_runs_no_warm_up_even_with_data_parallelism(caplog):
+    # the dp2 benchmark's control (place=false, no trace) was refused as if it needed a warm-up
+    import logging
+
+    from vllm_gem.vllm import engine
+    core = types.SimpleNamespace(vllm_config=types.SimpleNamespace(
+        additional_config={"gem": {"place": False}},
+        parallel_config=types.SimpleNamespace(data_parallel_size=2)),
+        collective_rpc=lambda fn: [{"applied": False, "why": "place=false: recording only"}] * 2)
+    with caplog.at_level(logging.INFO, logger="vllm.gem"):
+        engine.place_before_serving(core)  # a warm-up would need a real engine core
+    assert "failed" not in caplog.text
+    assert "kept vLLM's placement: place=false: recording only" in caplog.text
+
+
 def test_four_ranks_like_two_nodes_of_two_agree_on_one_placement(inputs, tmp_path):
     # the multi-process path of a multi-node EP group, on one host: 4 ranks, 4 profiles
     profiles = []

@@ -66,17 +66,30 @@ def healthy(port: int) -> bool:
         return False
 
 
+NCCL_COMMUNICATORS = ("pynccl", "torch_nccl")  # vLLM 0.26: "incompatible with async EPLB"
+
+
 def with_eplb_communicator(args: list[str], communicator: str) -> list[str]:
     """`vllm serve` args with vLLM's EPLB weight-transfer backend set (merged into an existing
     --eplb-config JSON). vLLM 0.26 picks 'torch_gloo', staged through CPU memory, when NIXL is
-    absent; 'pynccl' sends GPU to GPU."""
+    absent; 'pynccl' sends GPU to GPU. vLLM refuses the NCCL ones with async EPLB (its default),
+    which only its own periodic rebalancing uses, off under GEM: they get use_async false."""
+    setting = {"communicator": communicator}
+    if communicator in NCCL_COMMUNICATORS:
+        setting["use_async"] = False
     args = list(args)
     if "--eplb-config" in args:
         i = args.index("--eplb-config") + 1
-        args[i] = json.dumps({**json.loads(args[i]), "communicator": communicator})
+        args[i] = json.dumps({**json.loads(args[i]), **setting})
     else:
-        args += ["--eplb-config", json.dumps({"communicator": communicator})]
+        args += ["--eplb-config", json.dumps(setting)]
     return args
+
+
+def rotated(entries: list[str], k: int) -> list[str]:
+    """entries turned left by k (round k of an A/B benchmark starts with another placement)."""
+    k = k % len(entries) if entries else 0
+    return entries[k:] + entries[:k]
 
 
 def start_server(model: str, cfg: dict, port: int, log: Path, limit: float,
@@ -353,8 +366,7 @@ def main() -> int:
                 bench(a.model, a.port, (256, 16), "inf", a.warmup_prompts, raw / f"warmup-{name}.json", 99)
                 for brep in range(a.bench_repeats):
                     # one entry per run without --switch; with it, every entry in a rotated order
-                    order = entries[brep % len(entries):] + entries[:brep % len(entries)] or [""]
-                    for entry in order:
+                    for entry in rotated(entries, brep) or [""]:
                         label = f"{name}/{entry}" if entry else name
                         if entry:
                             t0 = time.time()

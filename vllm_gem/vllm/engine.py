@@ -87,7 +87,7 @@ def place_before_serving(engine_core: Any) -> None:
     t0 = time.perf_counter()
     try:
         warm = 0
-        if not cfg.trace:
+        if cfg.place and not cfg.trace:  # recording only needs no warm-up routing
             if engine_core.vllm_config.parallel_config.data_parallel_size > 1:
                 raise RuntimeError("with data parallelism the warm-up cannot keep the DP ranks in "
                                    "step: pass a routing trace (--gem-trace)")
@@ -119,7 +119,8 @@ def place_before_serving(engine_core: Any) -> None:
             logger.warning("vllm-gem: expert weights moved through CPU memory (vLLM's EPLB "
                            "communicator 'torch_gloo', its choice when NIXL is absent) at %.1f GiB/s, "
                            "so recalibration will rarely find a move worth its cost; "
-                           "--eplb-config '{\"communicator\": \"pynccl\"}' sends them GPU to GPU",
+                           "--eplb-config '{\"communicator\": \"pynccl\", \"use_async\": false}' "
+                           "sends them GPU to GPU",
                            rate)
     else:
         logger.warning("vllm-gem: kept vLLM's placement: %s", rep.get("why", rep))
