@@ -186,8 +186,10 @@ def test_recalibration_moves_only_when_the_saving_beats_the_move():
     interval = max(int(0.5 * cost_s / per_step_s), 1)
     assert saving_horizon(interval, steps_since_move=3) == interval
     assert worth_moving(d, old, slot_bytes, bw, saving_horizon(interval, int(4 * cost_s / per_step_s)))[0]
-    d.apply = False
-    assert not worth_moving(d, old, slot_bytes, bw, horizon_steps=10**9)[0]  # min_gain still rules
+    # min_gain still rules, and the refusal names it (session 7's soak logged only the cost)
+    d = decide(skewed_loads(), profiles, old, min_gain=0.99)
+    ok, why = worth_moving(d, old, slot_bytes, bw, horizon_steps=10**9)
+    assert not ok and why.startswith("predicted gain ") and "is not above min_gain 99.0%" in why
 
 
 def test_decision_rejects_a_trace_of_another_model():

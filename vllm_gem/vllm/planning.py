@@ -113,6 +113,8 @@ def decide(loads: np.ndarray, profiles: list[GpuProfile], old_phys_to_log: np.nd
     in_use = np.array_equal(new, old_phys_to_log)
     if in_use:
         info["move_check"] = "the plan is the map in use"
+    elif gain <= min_gain:
+        info["move_check"] = f"predicted gain {gain:.1%} is not above min_gain {min_gain:.1%}"
     return PlanDecision(
         phys_to_log=new.astype(np.int64), apply=bool(gain > min_gain) and not in_use,
         predicted_before_us=before.mean, predicted_after_us=after.mean,
@@ -143,4 +145,6 @@ def worth_moving(d: PlanDecision, old_phys_to_log: np.ndarray, bytes_per_slot: i
     cost_s = changed * bytes_per_slot / bandwidth_bytes_per_s
     why = (f"saves {saving_s:.2f} s over {horizon_steps} steps, moving {changed} slots costs "
            f"{cost_s:.2f} s")
-    return d.apply and saving_s > cost_s, why
+    if not d.apply:  # the threshold (or nothing to move) decided, not the cost: say so first
+        return False, f"{d.info.get('move_check', 'not applied')}; {why}"
+    return saving_s > cost_s, why
