@@ -144,6 +144,10 @@ def main() -> None:
             x = torch.randn(t, h, device="cuda", dtype=bf, generator=g)
             ids = torch.rand(t, e, device="cuda", generator=g).topk(k, dim=1).indices.to(torch.int32)
             w = torch.rand(t, k, device="cuda", generator=g)
+            # do_bench_cudagraph runs on a side stream that does not wait for the default one:
+            # without this, the first calls read ids still being written (after a shape's
+            # large weights, garbage expert ids: session 7's illegal access, session 2's assert)
+            torch.cuda.synchronize()
             bench = lambda f: triton.testing.do_bench_cudagraph(f, rep=100, return_mode="median") * 1e3
             ours = bench(lambda: moe_ffn(x, w13, w2, w, ids))
             ref_v = bench(lambda: fused(x, w13, w2, w, ids)) if fused else float("nan")

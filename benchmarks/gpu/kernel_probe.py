@@ -24,6 +24,7 @@ def one(shape: str, tokens: int, ids_dtype: str, mode: str, path: str) -> None:
     w = torch.rand(tokens, k, device="cuda", generator=g)
     cfg = select_config(tokens, k, e)
     fn = lambda: moe_ffn(x, w13, w2, w, ids, cfg, align(ids, e, cfg.block_m, expert_parallel=path == "sorted"))  # noqa: E731
+    torch.cuda.synchronize()  # the side stream below does not wait for the inputs otherwise
     if mode == "graph":
         s = torch.cuda.Stream()
         with torch.cuda.stream(s):
