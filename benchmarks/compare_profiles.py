@@ -32,7 +32,8 @@ def main(paths: list[str]) -> None:
             continue
         ratio = np.array([other[k] / base[k] for k in shared])
         p10, p90 = np.percentile(ratio, [10, 90])
-        print(f"{path}: {len(shared)} points, median ratio {np.median(ratio):.4f} (p10 {p10:.4f}, p90 {p90:.4f})")
+        print(f"{path}: {len(shared)} points, median ratio {np.median(ratio):.4f} "
+              f"(p10 {p10:.4f}, p90 {p90:.4f})")
 
 
 if __name__ == "__main__":

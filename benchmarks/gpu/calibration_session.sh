@@ -41,8 +41,4 @@ recorder)
 kernels)
   python3 benchmarks/kernels.py $([ "${SEARCH:-1}" = 0 ] || echo --search) $([ "${STAGES:-0}" = 1 ] && echo --stages) --json "$out/kernels-$tag.json" 2> "$out/kernels-$tag.err" | tee "$out/kernels-$tag.txt" ;;
 esac; done
-# the device tool returns at most 8 files from $OUT: one archive per script run carries them all,
-# named so that a second script in the same call does not overwrite it (a call cut by
-# its time limit never gets here and returns what fits of the folder instead)
-ls -R "$out" | head -40
-tar czf "$dest/calibration-$(date +%H%M%S).tgz" -C "$dest" gem-results && rm -rf "$out" && ls -l "$dest"
+bash benchmarks/gpu/pack.sh "$dest" calibration

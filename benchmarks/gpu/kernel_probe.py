@@ -20,10 +20,12 @@ def one(shape: str, tokens: int, ids_dtype: str, mode: str, path: str) -> None:
     w13 = torch.randn(e, 2 * i, h, device="cuda", dtype=bf, generator=g) / h ** 0.5
     w2 = torch.randn(e, h, i, device="cuda", dtype=bf, generator=g) / i ** 0.5
     x = torch.randn(tokens, h, device="cuda", dtype=bf, generator=g)
-    ids = torch.rand(tokens, e, device="cuda", generator=g).topk(k, dim=1).indices.to(getattr(torch, ids_dtype))
+    ids = torch.rand(tokens, e, device="cuda", generator=g).topk(k, dim=1).indices
+    ids = ids.to(getattr(torch, ids_dtype))
     w = torch.rand(tokens, k, device="cuda", generator=g)
     cfg = select_config(tokens, k, e)
-    fn = lambda: moe_ffn(x, w13, w2, w, ids, cfg, align(ids, e, cfg.block_m, expert_parallel=path == "sorted"))  # noqa: E731
+    sort = path == "sorted"
+    fn = lambda: moe_ffn(x, w13, w2, w, ids, cfg, align(ids, e, cfg.block_m, expert_parallel=sort))  # noqa: E731
     torch.cuda.synchronize()  # the side stream below does not wait for the inputs otherwise
     if mode == "graph":
         s = torch.cuda.Stream()
@@ -46,8 +48,9 @@ if __name__ == "__main__":
     if len(sys.argv) > 1:
         one(sys.argv[1], int(sys.argv[2]), *sys.argv[3:6])
         sys.exit(0)
-    cases = [(s, 1, *c) for s in SHAPES for c in (("int32", "graph", "one-row"), ("int64", "graph", "one-row"),
-                                                   ("int32", "eager", "one-row"), ("int32", "graph", "sorted"))]
+    variants = (("int32", "graph", "one-row"), ("int64", "graph", "one-row"),
+                ("int32", "eager", "one-row"), ("int32", "graph", "sorted"))
+    cases = [(s, 1, *c) for s in SHAPES for c in variants]
     env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
     for c in cases:
         r = subprocess.run([sys.executable, __file__, *map(str, c)], capture_output=True, text=True, env=env,

@@ -119,8 +119,4 @@ for s in "$@"; do
   esac
   echo "[stage $s: $((SECONDS - t0)) s]"
 done
-# the device tool returns at most 8 files from $OUT: one archive per script run carries them all,
-# named so that a second script in the same call does not overwrite it (a call cut by
-# its time limit never gets here and returns what fits of the folder instead)
-ls -R "$out" | head -40
-tar czf "$dest/plugin-$(date +%H%M%S).tgz" -C "$dest" gem-results && rm -rf "$out" && ls -l "$dest"
+bash benchmarks/gpu/pack.sh "$dest" plugin

@@ -104,7 +104,7 @@ def place_before_serving(engine_core: Any) -> None:
     rep = next((r for r in reports if r), {})
     if rep.get("applied"):
         communicator = engine_core.vllm_config.parallel_config.eplb_config.communicator
-        rate = rep["moved_mib"] / 1024 / rep["move_seconds"] if rep["move_seconds"] else float("inf")
+        rate = rep["move_gib_per_s"]
         logger.info("vllm-gem: placed experts before serving in %.1f s (warm-up %d steps): "
                     "predicted MoE layer time %.1f -> %.1f us (%.1f%% faster; no placement below "
                     "%.1f us), per rank %s -> %s; moved %s slots (%s MiB) in %.2f s (%.1f GiB/s, "

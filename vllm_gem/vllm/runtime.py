@@ -238,12 +238,12 @@ class GemWorker:
                 self.move_bandwidth = move.slots_changed * move.bytes_per_slot / move.seconds
             report.update(applied=True, move_seconds=round(move.seconds, 3),
                           slots_changed=move.slots_changed,
-                          moved_mib=round(move.slots_changed * move.bytes_per_slot / 2**20, 1))
+                          moved_mib=round(move.slots_changed * move.bytes_per_slot / 2**20, 1),
+                          move_gib_per_s=round(self.move_bandwidth / 2**30, 2))
             if self.rank == 0 and self.cfg.trace_dir:
                 self.save_placement(decision, planner)
         else:
-            report.update(applied=False, why=decision.info.get("move_check") or
-                          f"predicted gain {decision.gain:.2%} is below min_gain {self.cfg.min_gain:.2%}")
+            report.update(applied=False, why=decision.info["move_check"])  # decide/worth_moving say why
         after = decision.apply
         self.export(decision.rank_us_after if after else decision.rank_us_before,
                     decision.rank_us_before,
