@@ -193,3 +193,23 @@ def test_the_profiled_window_runs_at_the_saturating_rate_when_there_is_one():
     from serve_matrix import profile_rate
     assert profile_rate(["16", "inf"]) == "inf"
     assert profile_rate(["8", "16"]) == "8"
+
+
+def test_fitted_ceiling_splits_the_start_maps_work_by_speed_and_reads_shares_against_eplb():
+    from fitted_ceiling import fitted_ceiling
+    # TPOT = 1 ms + 0.01 ms/us x predicted: the fit recovers the slope exactly
+    pred = {"initial": ([100.0, 300.0], 300.0), "vllm-default": ([120.0, 280.0], 280.0),
+            "gem": ([160.0, 170.0], 170.0)}
+    switches = [{"config": f"g/{n}", "report": {"predicted_layer_us_after": top, "rank_us_after": ranks}}
+                for n, (ranks, top) in pred.items()]
+    rows = [{"config": f"g/{n}", "rate": "inf", "shape": "512x128", "tpot_p50": 1 + 0.01 * top}
+            for n, (_, top) in pred.items()]
+    rows.append({"config": "g/gem", "rate": "16", "shape": "512x128", "tpot_p50": 99.0})  # other rate
+    c = fitted_ceiling(rows, switches, "inf", "512x128")
+    assert c["slope_ms_per_us"] == pytest.approx(0.01)
+    assert c["floor_us"] == pytest.approx(150.0)  # 2 / (1/100 + 1/300)
+    assert c["ceiling_ms"] == pytest.approx(0.01 * (280 - 150))
+    assert c["shares"]["gem"] == pytest.approx((280 - 170) / (280 - 150))
+    assert c["shares"]["vllm-default"] == 0.0
+    with pytest.raises(ValueError, match="need initial, vllm-default"):
+        fitted_ceiling(rows[1:], switches[1:], "inf", "512x128")

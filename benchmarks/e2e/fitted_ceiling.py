@@ -1,0 +1,55 @@
+"""Session 4's ceiling reading, from a switched A/B run's summary.json.
+
+    python benchmarks/e2e/fitted_ceiling.py SUMMARY.json [--rate inf] [--shape 512x128]
+
+Fit TPOT p50 (the medians over rounds) against each placement's predicted slowest-rank MoE
+layer time. The slope gives the MoE share of a step. Take as the floor the start map's
+per-rank work split in proportion to the ranks' speeds, with fixed costs ignored: this is an
+optimistic *estimate*, not a bound. Then report each placement's share of the ceiling
+against vLLM's EPLB policy. When a plan's own prediction sits at that split, its share is
+near 100% by construction (docs/benchmarks.md, sixth run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+
+def fitted_ceiling(rows: list[dict], switches: list[dict], rate: str, shape: str,
+                   start: str = "initial", reference: str = "vllm-default") -> dict:
+    """rows: summary table rows; switches: switch records with GEM's reports.
+    -> {slope_ms_per_us, moe_share_start, floor_us, ceiling_ms, shares: {placement: share}}"""
+    pred = {sw["config"].rsplit("/", 1)[-1]: sw["report"] for sw in switches
+            if "predicted_layer_us_after" in sw.get("report", {})}
+    tpot = {r["config"].rsplit("/", 1)[-1]: r["tpot_p50"] for r in rows
+            if str(r["rate"]) == rate and r["shape"] == shape}
+    names = [n for n in pred if n in tpot]
+    if len(names) < 2 or start not in names or reference not in names:
+        raise ValueError(f"need {start}, {reference} and predictions for them; have {names}")
+    x = np.array([pred[n]["predicted_layer_us_after"] for n in names])
+    y = np.array([tpot[n] for n in names])
+    slope, _ = np.polyfit(x, y, 1)
+    ranks = np.array(pred[start]["rank_us_after"], dtype=np.float64)
+    floor = len(ranks) / (1.0 / ranks).sum()  # equal work, split in proportion to 1 / time
+    ceiling = slope * (pred[reference]["predicted_layer_us_after"] - floor)
+    return {"slope_ms_per_us": float(slope),
+            "moe_share_start": float(slope * pred[start]["predicted_layer_us_after"] / tpot[start]),
+            "floor_us": float(floor), "ceiling_ms": float(ceiling),
+            "shares": {n: float((tpot[reference] - tpot[n]) / ceiling) for n in names}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("summary")
+    p.add_argument("--rate", default="inf")
+    p.add_argument("--shape", default="512x128")
+    a = p.parse_args()
+    s = json.load(open(a.summary))
+    print(json.dumps(fitted_ceiling(s["rows"], s["switches"], a.rate, a.shape), indent=1))
+
+
+if __name__ == "__main__":
+    main()
