@@ -1,6 +1,7 @@
-"""Does the static equal-slots bound bind on our skewed trace? Per-step tight bound against the
-static one (bounds.py), mean over steps and layers, at the trace's own load and at decode-like
-loads drawn from it (multinomial, seeded).
+"""Do the static bounds bind on our skewed trace? Per-step tight bound against the static
+equal-slots and the static LP bound (bounds.py), and the simulated linear map and GEM's plan
+against them: mean over steps and layers, at the trace's own load and at decode-like loads
+drawn from it (multinomial, seeded).
 
     python benchmarks/static_bound.py   (CPU; writes nothing)
 
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_gem.bounds import lower_bounds
+from vllm_gem.bounds import lower_bounds, slot_bounds, static_lp_bound
 from vllm_gem.formats import GpuProfile, RoutingTrace, load
-from vllm_gem.vllm.planning import group_from_profiles
+from vllm_gem.vllm.planning import decide, group_from_profiles
 
 TRACE_SPEC = Path(__file__).parent / "e2e" / "skewed-128x12.json"
 PHYSICAL = 144  # 128 experts + 16 redundant slots, as served in benchmarks/e2e
@@ -32,18 +33,24 @@ def main() -> None:
                         str(TRACE_SPEC), "-o", str(path), "--model", "q"], check=True, capture_output=True)
         loads = load(path, RoutingTrace).loads
     data = importlib.resources.files("vllm_gem.data")
-    group = group_from_profiles([load(data / "profile-h200x2-0.json", GpuProfile),
-                                 load(data / "profile-h200x2-sm66-1.json", GpuProfile)])
+    profiles = [load(data / "profile-h200x2-0.json", GpuProfile),
+                load(data / "profile-h200x2-sm66-1.json", GpuProfile)]
+    group = group_from_profiles(profiles)
+    linear = np.tile(np.arange(PHYSICAL) % loads.shape[2], (loads.shape[1], 1))
     rng = np.random.default_rng(0)
     freq = loads / loads.sum(-1, keepdims=True)
     cases = {f"trace ({loads.sum(-1).mean():.0f} rows a step)": loads}
     for rows in (256, 64):
         cases[f"{rows} rows a step"] = np.stack([[rng.multinomial(rows, p) for p in step] for step in freq]
                                                 ).astype(np.float64)
-    print(f"{'load':28s} {'per-step tight us':>18s} {'static us':>10s}")
+    print(f"{'load':28s} {'per-step tight':>15s} {'static slots':>13s} {'static LP':>10s} "
+          f"{'simulator bound':>16s} {'linear':>7s} {'GEM':>7s}   (us per MoE layer)")
     for name, case in cases.items():
-        _, tight, static = lower_bounds(case, group, PHYSICAL)
-        print(f"{name:28s} {tight.mean():18.1f} {static.mean():10.1f}")
+        _, tight, _ = lower_bounds(case, group, PHYSICAL)
+        slots, lp = slot_bounds(case, group, PHYSICAL)[1], static_lp_bound(case, group, PHYSICAL)
+        d = decide(case, profiles, linear)
+        print(f"{name:28s} {tight.mean():15.1f} {slots.mean():13.1f} {lp.mean():10.1f} "
+              f"{d.predicted_bound_us:16.1f} {d.predicted_before_us:7.1f} {d.predicted_after_us:7.1f}")
 
 
 if __name__ == "__main__":

@@ -118,3 +118,17 @@ def test_static_bound_sees_that_a_placement_cannot_follow_bursty_decode_steps():
     assert best.mean == 25.0 and best.bound == 25.0  # proven optimal
     worst = simulate(loads, np.array([[2, 3, 0, 1]]), group)  # the slow GPU gets both of a pair
     assert worst.mean == (45.0 + 25.0) / 2 and worst.bound == 25.0
+
+
+def test_static_lp_bound_uses_each_ranks_own_coefficients():
+    # two GPUs whose fits trade one term for another: GPU 0 pays per expert, GPU 1 per token.
+    # Through one reference speed each, both look 5.5x faster than the reference, so those
+    # bounds fall far below any placement; the LP compares the ranks term by term
+    import itertools
+    loads = np.array([[[10.0, 10.0, 1.0, 1.0]], [[12.0, 8.0, 2.0, 0.0]]])
+    group = GroupModel(np.array([[0.0, 10.0, 0.0, 0.1], [0.0, 1.0, 0.0, 1.0]]), block_m=16)
+    fluid, tight, static = lower_bounds(loads, group, 4)
+    best = min(simulate(loads, np.array([p]), group).mean for p in itertools.permutations(range(4)))
+    assert tight.mean() < 0.2 * best  # the reference-speed bounds
+    assert 0.98 * best <= static[0] <= best  # the LP: within 2% of the best static placement
+    assert simulate(loads, np.array([[0, 3, 1, 2]]), group).bound == static[0]

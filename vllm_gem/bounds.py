@@ -21,13 +21,25 @@ unit of reference work in at most 1/speed[r] microseconds and always pays its fi
 - Static equal-slots bound: the same on the steps' *mean* pieces, for one placement held over
   all the steps (mean of the max over ranks >= max over ranks of the means). Per step, a
   decode step's cheapest slots are idle experts; a fixed placement cannot follow them.
+- Static LP bound: the linear relaxation of choosing one placement for all the steps, with
+  every rank's own coefficients. The bounds above compare ranks through one reference speed
+  each (the most favourable of its coefficient ratios), which is loose when two GPUs' fits
+  trade one term for another, as an emulated slow GPU's does: on session 7's 10% run that
+  bound was 59.5 us against plans near 175 us.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import linprog
+from scipy.sparse import coo_matrix, hstack, vstack
 
 from .latency import GroupModel
+
+LP_STEP_GROUPS = 8  # steps grouped by load for the LP: within 0.6% of 256 groups (design.md)
+# 2 x experts x ranks: 2 GPUs x 256 experts or 4 x 128 (about 0.2 s for 12 layers of 2 x 128);
+# 8 GPUs x 128 experts take 0.1 s a layer, too long for a recalibration's stall
+LP_MAX_VARIABLES = 1024
 
 
 def expert_work(loads: np.ndarray, group: GroupModel) -> np.ndarray:
@@ -129,13 +141,79 @@ def _cheapest_slots_time(piece: np.ndarray, mult: int, group: GroupModel, num_ph
     return per_rank.max(-1)
 
 
-def lower_bounds(loads: np.ndarray, group: GroupModel, num_physical: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def static_lp_bound(loads: np.ndarray, group: GroupModel, num_physical: int,
+                    step_groups: int = LP_STEP_GROUPS, max_variables: int = LP_MAX_VARIABLES) -> np.ndarray:
+    """loads: [steps, layers, experts] -> [layers] lower bound on the mean layer time of any ONE
+    placement held over all the steps (equal slots per rank), by linear programming.
+
+    A placement puts n[e, r] of expert e's n_e slots on rank r; the simulator gives each slot
+    L / n_e tokens. With x = n / n_e (rank r's token share of e) and y = n (its slots), rank
+    r's time at a step is fixed_r + sum_e pe_r a y + pt_r n ceil(L / (n_e B)) + ptok_r L x,
+    a = [L > 0]. Relaxed: x, y real, sum_r x = 1, x <= y <= 1 + spare slots, sum_e y = S, and
+    the tile term replaced by pt_r x max(L / B, a) (<= it, as n >= x and n_e >= 1). Steps are
+    grouped by load into step_groups groups; a group's mean of the max over ranks is at least
+    the max of its means, so grouping keeps the bound valid. Above max_variables the bound
+    is the largest fixed cost (trivially valid).
+    """
+    steps, layers, experts = loads.shape
+    ranks, slots = group.num_ranks, num_physical // group.num_ranks
+    c = group.coef  # [R, 4]: fixed, per_expert, per_tile, per_token
+    nv = 2 * experts * ranks  # x[e, r] then y[e, r], e-major
+    if nv > max_variables:
+        return np.full(layers, float(c[:, 0].max()))
+    groups = max(1, min(steps, step_groups))
+    # equalities: sum_r x[e, r] = 1, sum_e y[e, r] = S
+    eq_x = coo_matrix((np.ones(experts * ranks), (np.repeat(np.arange(experts), ranks),
+                                                  np.arange(experts * ranks))), (experts, nv))
+    eq_y = coo_matrix((np.ones(experts * ranks), (np.tile(np.arange(ranks), experts),
+                                                  experts * ranks + np.arange(experts * ranks))),
+                      (ranks, nv))
+    a_eq = vstack([eq_x, eq_y])
+    b_eq = np.concatenate([np.ones(experts), np.full(ranks, float(slots))])
+    # x[e, r] - y[e, r] <= 0
+    er = np.arange(experts * ranks)
+    x_le_y = coo_matrix((np.r_[np.ones(experts * ranks), -np.ones(experts * ranks)],
+                         (np.r_[er, er], np.r_[er, experts * ranks + er])), (experts * ranks, nv))
+    bounds = [(0.0, 1.0)] * (experts * ranks) + [(0.0, 1.0 + num_physical - experts)] * (experts * ranks)
+    out = np.empty(layers)
+    for layer in range(layers):
+        lay = loads[:, layer].astype(np.float64)
+        parts = np.array_split(np.argsort(lay.sum(-1)), groups)
+        weight = np.array([len(p) / steps for p in parts])
+        act = np.stack([(lay[p] > 0).mean(0) for p in parts])  # [G, E] mean of a
+        tile = np.stack([np.maximum(lay[p] / group.block_m, lay[p] > 0).mean(0) for p in parts])
+        tok = np.stack([lay[p].mean(0) for p in parts])
+        # step-group k, rank r: sum_e (coef_x x[e, r] + coef_y y[e, r]) - T_k <= -fixed_r
+        cx = tile[:, :, None] * c[None, None, :, 2] + tok[:, :, None] * c[None, None, :, 3]  # [G, E, R]
+        cy = act[:, :, None] * c[None, None, :, 1]
+        k, e, r = np.meshgrid(np.arange(groups), np.arange(experts), np.arange(ranks), indexing="ij")
+        row, col = (k * ranks + r).ravel(), (e * ranks + r).ravel()  # [G * E * R], as cx.ravel()
+        work = coo_matrix((np.r_[cx.ravel(), cy.ravel()],
+                           (np.r_[row, row], np.r_[col, experts * ranks + col])), (groups * ranks, nv))
+        t_cols = coo_matrix((-np.ones(groups * ranks), (np.arange(groups * ranks),
+                                                        np.repeat(np.arange(groups), ranks))),
+                            (groups * ranks, groups))
+        a_ub = vstack([hstack([work, t_cols]), hstack([x_le_y, coo_matrix((experts * ranks, groups))])])
+        b_ub = np.r_[-np.tile(c[:, 0], groups), np.zeros(experts * ranks)]
+        res = linprog(np.r_[np.zeros(nv), weight], A_ub=a_ub.tocsr(), b_ub=b_ub,
+                      A_eq=hstack([a_eq, coo_matrix((experts + ranks, groups))]).tocsr(), b_eq=b_eq,
+                      bounds=bounds + [(None, None)] * groups, method="highs-ipm")  # 3x the simplex
+        # the solver's tolerance could put its optimum a hair above the true one: give it back;
+        # an LP it cannot finish bounds nothing: fall back to the trivial bound
+        out[layer] = res.fun * (1 - 1e-6) if res.status == 0 else float(c[:, 0].max())
+    return out
+
+
+def lower_bounds(loads: np.ndarray, group: GroupModel, num_physical: int,
+                 lp_max_variables: int = LP_MAX_VARIABLES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fluid, tight, static): fluid and tight [steps, layers], tight = max(fluid, preemptive,
     equal-slots), each bounding any placement, even one chosen per step; static [layers],
-    bounding the mean layer time of one placement held over all the steps."""
+    bounding the mean layer time of one placement held over all the steps (the larger of the
+    static equal-slots and the static LP bound, the latter only up to lp_max_variables)."""
     fluid = fluid_bound(loads, group)
     slots, static = slot_bounds(loads, group, num_physical)
+    lp = static_lp_bound(loads, group, num_physical, max_variables=lp_max_variables)
+    static = np.maximum(static, lp)
     tight = np.maximum(preemptive_bound(loads, group, num_physical), slots)
     return fluid, np.maximum(fluid, tight), static
 
