@@ -141,7 +141,7 @@ def test_decision_is_a_valid_vllm_map_and_respects_min_gain():
     import torch
     from vllm.distributed.eplb.eplb_state import compute_logical_maps
 
-    from vllm_gem.vllm.planning import decide
+    from vllm_gem.vllm.planning import decide, group_from_profiles
     loads = skewed_loads()
     profiles = [example_profile("fast", 1.0, num_experts=12), example_profile("slow", 1.25, num_experts=12)]
     layers, experts, num_physical = 3, 16, 24
@@ -157,6 +157,9 @@ def test_decision_is_a_valid_vllm_map_and_respects_min_gain():
     assert d.apply and d.gain > 0.05  # the slow GPU got less work than linear gives it
     assert d.rank_us_after[1] < d.rank_us_before[1]
     assert 0 < d.predicted_bound_us <= d.predicted_after_us  # GEM's share of the ceiling is reportable
+    # the ranks' fitted models travel with the report, to recheck predictions and bounds offline
+    assert np.allclose(d.info["latency_coef"], group_from_profiles(profiles).coef, atol=1e-5)
+    json.dumps(d.info)
     keep = decide(loads, profiles, d.phys_to_log, min_gain=0.5)
     assert not keep.apply  # hysteresis: no move for a small predicted gain
     same = decide(loads, profiles, d.phys_to_log, min_gain=-1.0, target=d.phys_to_log)

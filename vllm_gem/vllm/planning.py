@@ -110,6 +110,9 @@ def decide(loads: np.ndarray, profiles: list[GpuProfile], old_phys_to_log: np.nd
     after = simulate(problem.loads, new, group, bounds)
     gain = 1.0 - after.mean / before.mean
     info = dict(info or {})
+    # each rank's fitted coefficients (fixed, per expert, per tile, per token; us): the bounds'
+    # and predictions' inputs, kept with every report for offline checks
+    info["latency_coef"] = np.round(group.coef, 5).tolist()
     in_use = np.array_equal(new, old_phys_to_log)
     if in_use:
         info["move_check"] = "the plan is the map in use"
