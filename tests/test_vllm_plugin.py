@@ -160,6 +160,9 @@ def test_decision_is_a_valid_vllm_map_and_respects_min_gain():
     # the ranks' fitted models travel with the report, to recheck predictions and bounds offline
     assert np.allclose(d.info["latency_coef"], group_from_profiles(profiles).coef, atol=1e-5)
     json.dumps(d.info)
+    # recalibration leaves the LP out of its reported bound (a valid, looser one): no stall for it
+    quick = decide(loads, profiles, old, lp_bound=False)
+    assert 0 < quick.predicted_bound_us <= d.predicted_bound_us
     keep = decide(loads, profiles, d.phys_to_log, min_gain=0.5)
     assert not keep.apply  # hysteresis: no move for a small predicted gain
     same = decide(loads, profiles, d.phys_to_log, min_gain=-1.0, target=d.phys_to_log)

@@ -77,14 +77,15 @@ def keep_slots(new: np.ndarray, old: np.ndarray, num_ranks: int) -> np.ndarray:
 def decide(loads: np.ndarray, profiles: list[GpuProfile], old_phys_to_log: np.ndarray, *,
            num_groups: int = 1, num_nodes: int = 1, planner: str = "gem",
            planner_params: dict[str, Any] | None = None, min_gain: float = 0.0,
-           target: np.ndarray | None = None) -> PlanDecision:
+           target: np.ndarray | None = None, lp_bound: bool = True) -> PlanDecision:
     """Plan a placement for `loads` [steps, layers, experts] on GPUs with these profiles.
 
     old_phys_to_log: [layers, num_physical] the map in use; the result keeps its shape.
     target: [layers, num_physical] a given map to assess instead of a planner's (vLLM's start
     map, for A/B switching); it is kept slot for slot.
     apply is False when the predicted gain is below min_gain (hysteresis) or the plan is the
-    map in use (nothing to move, whatever min_gain says).
+    map in use (nothing to move, whatever min_gain says). lp_bound=False leaves the static LP
+    out of the reported bound (recalibration: its solve would lengthen the serving stall).
     """
     if loads.shape[0] == 0 or loads.sum() == 0:
         raise GemInputError("routing history", "counts", "holds no routed tokens",
@@ -105,7 +106,8 @@ def decide(loads: np.ndarray, profiles: list[GpuProfile], old_phys_to_log: np.nd
                                 f"the map in use's shape {old_phys_to_log.shape}")
         new, info = target, {}
     seconds = time.perf_counter() - t0
-    bounds = lower_bounds(problem.loads, group, num_physical)  # same slots: one bound for both
+    bounds = lower_bounds(problem.loads, group, num_physical,  # same slots: one bound for both
+                          **({} if lp_bound else {"lp_max_variables": 0}))
     before = simulate(problem.loads, old_phys_to_log, group, bounds)
     after = simulate(problem.loads, new, group, bounds)
     gain = 1.0 - after.mean / before.mean

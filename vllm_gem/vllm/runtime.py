@@ -202,7 +202,8 @@ class GemWorker:
                                   num_groups=self.model.num_expert_groups, planner=planner,
                                   planner_params=self.cfg.planner_params,
                                   min_gain=-1.0 if switch_to else self.cfg.min_gain,
-                                  target=self.initial_map if switch_to == "initial" else None)
+                                  target=self.initial_map if switch_to == "initial" else None,
+                                  lp_bound=not horizon_steps)
                 if horizon_steps:
                     decision.apply, decision.info["move_check"] = worth_moving(
                         decision, old, slot_bytes(self.model.expert_weights), self.move_bandwidth,
