@@ -213,3 +213,12 @@ def test_fitted_ceiling_splits_the_start_maps_work_by_speed_and_reads_shares_aga
     assert c["shares"]["vllm-default"] == 0.0
     with pytest.raises(ValueError, match="need initial, vllm-default"):
         fitted_ceiling(rows[1:], switches[1:], "inf", "512x128")
+
+
+def test_benchmark_servers_run_without_prefix_caching_unless_asked(monkeypatch):
+    import serve_matrix
+    monkeypatch.setattr(serve_matrix, "num_gpus", lambda: 2)
+    cmd = serve_matrix.serve_command("m", {"args": ["--plugin", "gem"]}, 8000, max_num_seqs=64)
+    assert "--no-enable-prefix-caching" in cmd and cmd[cmd.index("--tensor-parallel-size") + 1] == "2"
+    assert cmd[-2:] == ["--max-num-seqs", "64"] and "--plugin" in cmd
+    assert "--no-enable-prefix-caching" not in serve_matrix.serve_command("m", {"prefix_caching": True}, 8000)

@@ -92,15 +92,26 @@ def rotated(entries: list[str], k: int) -> list[str]:
     return entries[k:] + entries[:k]
 
 
-def start_server(model: str, cfg: dict, port: int, log: Path, limit: float,
-                 max_num_seqs: int | None = None) -> tuple[subprocess.Popen, float]:
-    env = {**os.environ, **SAFE_ENV, **cfg.get("env", {})}
+def serve_command(model: str, cfg: dict, port: int, max_num_seqs: int | None = None) -> list[str]:
+    """`vllm serve` for one configuration. Prefix caching is off unless the configuration sets
+    "prefix_caching": the runs of one A/B round reuse one seed's prompts, so with it every run
+    after a round's first found 63-97% of its prompt tokens cached (session 7's log), and each
+    round's first run was the slow one whatever its placement."""
     tp = cfg.get("tensor_parallel_size", num_gpus())
     cmd = [*VLLM, "serve", model, "--load-format", cfg.get("load_format", "dummy"),
            "--tensor-parallel-size", str(tp), "--enable-expert-parallel",
            "--max-model-len", "4096", "--host", "127.0.0.1", "--port", str(port), *cfg.get("args", [])]
+    if not cfg.get("prefix_caching", False):
+        cmd.append("--no-enable-prefix-caching")
     if max_num_seqs:  # vLLM then captures CUDA graphs only up to 2 x max_num_seqs: a faster start
         cmd += ["--max-num-seqs", str(max_num_seqs)]
+    return cmd
+
+
+def start_server(model: str, cfg: dict, port: int, log: Path, limit: float,
+                 max_num_seqs: int | None = None) -> tuple[subprocess.Popen, float]:
+    env = {**os.environ, **SAFE_ENV, **cfg.get("env", {})}
+    cmd = serve_command(model, cfg, port, max_num_seqs)
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)  # own process group: kill workers with it
