@@ -26,7 +26,9 @@ TRACE_SPEC = Path(__file__).parent / "e2e" / "skewed-128x12.json"
 PHYSICAL = 144  # 128 experts + 16 redundant slots, as served in benchmarks/e2e
 
 
-def main() -> None:
+def skewed_cases() -> tuple[list[GpuProfile], dict[str, np.ndarray]]:
+    """The bundled H200 and 66-SM H200 profiles, and the skewed trace's loads
+    [steps, layers, experts] at its own load and at 256 and 64 rows a step (seeded)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.msgpack"
         subprocess.run([sys.executable, "-m", "vllm_gem.cli", "import-trace", "--format", "synthetic",
@@ -35,20 +37,29 @@ def main() -> None:
     data = importlib.resources.files("vllm_gem.data")
     profiles = [load(data / "profile-h200x2-0.json", GpuProfile),
                 load(data / "profile-h200x2-sm66-1.json", GpuProfile)]
-    group = group_from_profiles(profiles)
-    linear = np.tile(np.arange(PHYSICAL) % loads.shape[2], (loads.shape[1], 1))
     rng = np.random.default_rng(0)
     freq = loads / loads.sum(-1, keepdims=True)
-    cases = {f"trace ({loads.sum(-1).mean():.0f} rows a step)": loads}
+    cases = {f"trace ({loads.sum(-1).mean():.0f} rows a step)": loads.astype(np.float64)}
     for rows in (256, 64):
         cases[f"{rows} rows a step"] = np.stack([[rng.multinomial(rows, p) for p in step] for step in freq]
                                                 ).astype(np.float64)
+    return profiles, cases
+
+
+def linear_map(layers: int, experts: int) -> np.ndarray:
+    """vLLM's start map with PHYSICAL slots: [layers, PHYSICAL]."""
+    return np.tile(np.arange(PHYSICAL) % experts, (layers, 1))
+
+
+def main() -> None:
+    profiles, cases = skewed_cases()
+    group = group_from_profiles(profiles)
     print(f"{'load':28s} {'per-step tight':>15s} {'static slots':>13s} {'static LP':>10s} "
           f"{'simulator bound':>16s} {'linear':>7s} {'GEM':>7s}   (us per MoE layer)")
     for name, case in cases.items():
         _, tight, _ = lower_bounds(case, group, PHYSICAL)
         slots, lp = slot_bounds(case, group, PHYSICAL)[1], static_lp_bound(case, group, PHYSICAL)
-        d = decide(case, profiles, linear)
+        d = decide(case, profiles, linear_map(*case.shape[1:]))
         print(f"{name:28s} {tight.mean():15.1f} {slots.mean():13.1f} {lp.mean():10.1f} "
               f"{d.predicted_bound_us:16.1f} {d.predicted_before_us:7.1f} {d.predicted_after_us:7.1f}")
 
