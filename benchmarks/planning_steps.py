@@ -34,7 +34,8 @@ def main() -> None:
             d = decide(train, profiles, linear, planner_params={"max_steps": max_steps})
             seconds = time.perf_counter() - t0
             held_out = simulate(test, d.phys_to_log, group, bounds).mean
-            print(f"{name:28s} {max_steps:9d} {held_out:12.2f} {seconds:7.1f} {base.mean:7.2f} {base.bound:7.2f}")
+            print(f"{name:28s} {max_steps:9d} {held_out:12.2f} {seconds:7.1f} "
+                  f"{base.mean:7.2f} {base.bound:7.2f}")
 
 
 if __name__ == "__main__":
