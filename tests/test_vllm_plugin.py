@@ -471,6 +471,9 @@ def test_start_up_placement_from_files_moves_experts_and_exports(inputs, caplog)
     assert [s.generation for s in read_states(state)] == [1, 1]
     saved = load(inputs["dir"] + "/placement-gen1.json", Placement)
     assert saved.phys_to_log == res[0]["map"].tolist()
+    # the history the plan came from is kept for offline checks: here, the trace file's
+    planned_from = load(inputs["dir"] + "/planning-history-start.msgpack", RoutingTrace)
+    assert np.array_equal(planned_from.loads, load(inputs["trace"], RoutingTrace).loads)
 
     # the engine's start-up log names vLLM's EPLB communicator and the move's rate, and warns
     # when the weights went through CPU memory (vLLM's choice without NIXL)

@@ -106,6 +106,9 @@ for s in "$@"; do
     run_py benchmarks/e2e/serve_matrix.py /tmp/gem/model-$model "$out/e2e-$s" \
       --configs "benchmarks/e2e/configs/$cfg.json" --only $only --switch $sw $E2E_AB \
       2>&1 | tee "$out/e2e-$s.log" | tail -32
+    # what GEM planned from, and every placement it applied (the recorder's dump stays: 25 MB)
+    mkdir -p "$out/e2e-$s/gem-planning" && cp /tmp/gem/traces-$only/planning-history-start.msgpack \
+      /tmp/gem/traces-$only/placement-gen*.json "$out/e2e-$s/gem-planning/" 2>/dev/null
     grep -h "vllm-gem" "$out/e2e-$s"/raw/serve-*.log | cut -c1-500 | tail -8 ;;
   soak-plain)
     run_py benchmarks/e2e/soak.py /tmp/gem/model-q3 "$out/soak-plain" --num-prompts "${SOAK_PROMPTS:-4000}" \

@@ -22,7 +22,7 @@ from ..calibrate import (
     exchange_profiles,
 )
 from ..errors import GemInputError
-from ..formats import GpuProfile, RoutingTrace, load, save
+from ..formats import GpuProfile, NdArray, RoutingTrace, load, save
 from .apply import WeightsLostError, apply_placement, slot_bytes
 from .config import ON_WORDS, GemConfig, from_additional
 from .metrics import RankState, write_state
@@ -198,6 +198,8 @@ class GemWorker:
                     history = self.routing_history(live=bool(horizon_steps), last=horizon_steps)
                 if not horizon_steps and self.start_history is None:
                     self.start_history = history
+                    if self.cfg.trace_dir:  # what the start-up (and every switch) planned from
+                        self.save_history(history, "planning-history-start.msgpack")
                 decision = decide(history, self.profiles, old, num_nodes=self.num_nodes,
                                   num_groups=self.model.num_expert_groups, planner=planner,
                                   planner_params=self.cfg.planner_params,
@@ -260,6 +262,14 @@ class GemWorker:
                       planner=planner, predicted={"layer_us": d.predicted_after_us,
                                                           "layer_us_before": d.predicted_before_us})
         save(p, Path(self.cfg.trace_dir) / f"placement-gen{self.generation}.json")
+
+    def save_history(self, history: np.ndarray, name: str) -> None:
+        """history: [steps, layers, experts] routing counts -> a RoutingTrace in trace_dir, so
+        that predictions and bounds can be recomputed offline (with the reports' coefficients)."""
+        trace = RoutingTrace(model=self.recorder.model, source="vllm-gem planning history",
+                             counts=NdArray.from_numpy(np.asarray(history, dtype=np.int32)),
+                             layer_ids=self.recorder.layer_ids)
+        save(trace, Path(self.cfg.trace_dir) / name)
 
     def export(self, rank_us: list[float], rank_us_before: list[float], straggler: float) -> None:
         self.exported = (rank_us, rank_us_before, straggler)
