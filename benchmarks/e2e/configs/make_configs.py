@@ -28,6 +28,11 @@ def gem(**settings) -> list[str]:
     return ["--plugin", "gem", "--additional-config", json.dumps({"gem": settings})]
 
 
+def traces(name: str) -> str:
+    """trace_dir of an A/B server: plugin_session.sh brings back what GEM planned from."""
+    return f"/tmp/gem/traces-{name}"
+
+
 def redundant(slots: int) -> list[str]:
     return ["--eplb-config", json.dumps({"num_redundant_experts": slots})]
 
@@ -39,7 +44,8 @@ def slow(fraction: float, trace: str, slots: int, prefix: str = "") -> list[dict
         {"name": f"vllm-linear-{tag}", "args": gem(place=False, emulate_slowdown=e) + red, "env": env(trace)},
         {"name": f"vllm-eplb-{tag}", "args": gem(planner="vllm-default", min_gain=-1, emulate_slowdown=e) + red,
          "env": env(trace)},
-        {"name": f"gem-{tag}", "args": gem(emulate_slowdown=e) + red, "env": env(trace)},
+        {"name": f"gem-{tag}",
+         "args": gem(emulate_slowdown=e, trace_dir=traces(f"gem-{tag}")) + red, "env": env(trace)},
     ]
 
 
@@ -49,8 +55,10 @@ def main() -> None:
         "equal-gpus": [{"name": "vllm", "args": [], "env": env(q3)},
                        {"name": "gem-recorder-only", "args": gem(place=False), "env": env(q3)},
                        {"name": "gem", "args": gem(), "env": env(q3)},
-                       {"name": "gem-r16", "args": gem() + redundant(16), "env": env(q3)},
-                       {"name": "gem-r16-dummy", "args": gem() + redundant(16), "env": {}}],
+                       {"name": "gem-r16",
+                        "args": gem(trace_dir=traces("gem-r16")) + redundant(16), "env": env(q3)},
+                       {"name": "gem-r16-dummy",
+                        "args": gem(trace_dir=traces("gem-r16-dummy")) + redundant(16), "env": {}}],
         "slow20": slow(0.2, q3, 16),
         "slow10": slow(0.1, q3, 16),
         "mix-slow20": slow(0.2, mix, 2, prefix="mix-"),
