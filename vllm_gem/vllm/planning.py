@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..bounds import lower_bounds
+from ..bounds import LP_MAX_VARIABLES, lower_bounds
 from ..errors import GemInputError
 from ..formats import GpuProfile, RoutingTrace
 from ..planners import PlacementProblem, make
@@ -107,7 +107,7 @@ def decide(loads: np.ndarray, profiles: list[GpuProfile], old_phys_to_log: np.nd
         new, info = target, {}
     seconds = time.perf_counter() - t0
     bounds = lower_bounds(problem.loads, group, num_physical,  # same slots: one bound for both
-                          **({} if lp_bound else {"lp_max_variables": 0}))
+                          lp_max_variables=LP_MAX_VARIABLES if lp_bound else 0)
     before = simulate(problem.loads, old_phys_to_log, group, bounds)
     after = simulate(problem.loads, new, group, bounds)
     gain = 1.0 - after.mean / before.mean
@@ -151,5 +151,5 @@ def worth_moving(d: PlanDecision, old_phys_to_log: np.ndarray, bytes_per_slot: i
     why = (f"saves {saving_s:.2f} s over {horizon_steps} steps, moving {changed} slots costs "
            f"{cost_s:.2f} s")
     if not d.apply:  # the threshold (or nothing to move) decided, not the cost: say so first
-        return False, f"{d.info.get('move_check', 'not applied')}; {why}"
+        return False, f"{d.info['move_check']}; {why}"  # decide says why it is not applied
     return saving_s > cost_s, why
