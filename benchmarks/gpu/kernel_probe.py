@@ -41,7 +41,7 @@ def one(shape: str, tokens: int, ids_dtype: str, mode: str, path: str) -> None:
     torch.cuda.synchronize()
     ref = moe_ffn_reference(x, w13, w2, w, ids)
     print(f"rel err {((out.float() - ref).norm() / ref.norm()).item():.2e} one_row "
-          f"{align(ids, e, cfg.block_m).sorted_ids is None} cfg {cfg}")
+          f"{align(ids, e, cfg.block_m, expert_parallel=sort).sorted_ids is None} cfg {cfg}")
 
 
 if __name__ == "__main__":
