@@ -1,0 +1,88 @@
+"""Does a quick re-profile leave GPU memory behind? (issue 7: the 12000-prompt GEM soak's GPU
+memory floor rose about 3 MiB/s while plain vLLM's stayed flat.)
+
+Runs the serving recalibration's quick profile (`GemRuntime.local_profile(quick=True)`: the
+served model-q3's expert shape, 64 local experts, 20% extra work as on the emulated-slow GPU)
+`--repeats` times per variant, and prints after each run this process's GPU memory as the
+driver sees it (NVML, what nvidia-smi adds up) next to torch's allocated and reserved bytes:
+  graph   as served (CUDA-graph replays)
+  gc      the same with gc.collect() after each run (reference cycles holding graphs?)
+  eager   graph capture refused, so calibration times eager launches (graphs the cause?)
+  history no profile: what every recalibration does on the GPU besides (the recorder's newest
+          500 steps copied out and back, as GemRuntime.routing_history), 25 times per run
+  usage: python benchmarks/gpu/calibration_memory.py [--repeats 12] [--variants graph,gc,eager,history]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import os
+
+import numpy as np
+import pynvml
+import torch
+
+from vllm_gem.calibrate import CalibrationSpec, calibrate_device
+from vllm_gem.vllm.recorder import RoutingRecorder
+
+MIB = 2**20
+
+
+def process_mib(handle) -> float:
+    """This process's GPU memory as the driver accounts it (contexts, graphs, caches)."""
+    for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+        if p.pid == os.getpid():
+            return (p.usedGpuMemory or 0) / MIB
+    return float("nan")
+
+
+class RefusedGraph:
+    """Stands in for torch.cuda.CUDAGraph: capture fails, as on a device that refuses it."""
+
+    def __init__(self, *a, **k) -> None:
+        raise RuntimeError("graph capture refused (calibration_memory.py, eager variant)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=12)
+    ap.add_argument("--variants", default="graph,gc,eager,history")
+    a = ap.parse_args()
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    spec = CalibrationSpec(hidden=2048, intermediate=768, num_experts=64, extra_work=0.2, reps=10)
+    real_graph = torch.cuda.CUDAGraph
+    recorder = RoutingRecorder(12, 128, 4096, torch.device("cuda:0"))
+    load = torch.randint(0, 64, (12, 128), dtype=torch.int32, device="cuda:0")
+    phys_to_log = torch.arange(128, device="cuda:0").repeat(12, 1)
+    print(f"{'variant':8s} {'run':>3s} {'nvml MiB':>9s} {'reserved MiB':>12s} {'allocated MiB':>13s}")
+    for variant in a.variants.split(","):
+        torch.cuda.CUDAGraph = RefusedGraph if variant == "eager" else real_graph
+        used = []
+        for r in range(a.repeats):
+            if variant == "history":
+                for _ in range(25):
+                    for _ in range(500):
+                        recorder.record(load, phys_to_log)
+                    torch.from_numpy(recorder.history(500)).to("cuda:0").cpu()
+            else:
+                with contextlib.redirect_stderr(io.StringIO()):  # the eager variant's notices
+                    calibrate_device(0, spec)
+            torch.cuda.empty_cache()  # as GemRuntime.local_profile does
+            if variant == "gc":
+                gc.collect()
+                torch.cuda.empty_cache()
+            torch.cuda.synchronize()
+            used.append(process_mib(handle))
+            print(f"{variant:8s} {r:3d} {used[-1]:9.0f} {torch.cuda.memory_reserved() / MIB:12.1f} "
+                  f"{torch.cuda.memory_allocated() / MIB:13.1f}", flush=True)
+        slope = np.polyfit(np.arange(1, len(used)), used[1:], 1)[0] if len(used) > 2 else float("nan")
+        print(f"{variant}: {slope:+.1f} MiB per re-profile after the first (NVML)", flush=True)
+    torch.cuda.CUDAGraph = real_graph
+
+
+if __name__ == "__main__":
+    main()
