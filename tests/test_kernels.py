@@ -121,3 +121,33 @@ def test_calibration_on_gpu_gives_a_usable_profile(tmp_path):
     assert back.gpu.sm_count > 0 and back.state_before is not None
     rep = held_out_report(back)
     assert rep["held_out_rel_rms"] < 0.25, rep  # the 5% goal is measured in docs, not here
+
+
+@pytest.mark.gpu
+def test_repeated_calibration_leaves_no_gpu_memory_behind():
+    """Serving re-profiles every few hundred steps: each run used to leave a 32 MiB cuBLAS
+    workspace behind (one per new stream, benchmarks/gpu/calibration_memory.py)."""
+    from vllm_gem.calibrate import CalibrationSpec, calibrate_device
+    spec = CalibrationSpec(num_experts=16, reps=3, extra_work=0.2)
+    calibrate_device(0, spec)  # the first run may cache kernels and one workspace
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated(0)
+    for _ in range(3):
+        calibrate_device(0, spec)
+        torch.cuda.empty_cache()
+    assert torch.cuda.memory_allocated(0) == before
+
+
+def test_calibration_reuses_one_stream_per_device(monkeypatch):
+    """A new stream per calibration leaks a cuBLAS workspace each time (see the GPU test)."""
+    from vllm_gem import calibrate
+    made = []
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: made.append(device) or object())
+    calibrate.calibration_stream.cache_clear()
+    try:
+        first = calibrate.calibration_stream(0)
+        assert calibrate.calibration_stream(0) is first and first[0] is None
+        calibrate.calibration_stream(1)
+        assert made == [0, 1]
+    finally:
+        calibrate.calibration_stream.cache_clear()

@@ -19,6 +19,7 @@ which rank and why; no failure is silent.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
 import tempfile
@@ -141,15 +142,9 @@ def calibrate_device(device: int, spec: CalibrationSpec = CalibrationSpec()) -> 
     max_tokens = max(sum(p) for p in patterns)
     x_all = torch.randn(max_tokens, h, device=device, dtype=bf, generator=gen)
 
-    green = None
-    stream = torch.cuda.Stream(device)
-    if spec.sm_limit:
-        from torch.cuda.green_contexts import GreenContext
-        green = GreenContext.create(spec.sm_limit, device)
+    green, stream = calibration_stream(device, spec.sm_limit)
+    if green is not None:
         green.set_context()
-        gs = green.Stream()  # a generic torch.Stream: wrap it for torch.cuda APIs
-        stream = gs if isinstance(gs, torch.cuda.Stream) else torch.cuda.Stream(
-            stream_id=gs.stream_id, device_index=gs.device_index, device_type=gs.device_type)
     try:
         before = gpu_state(device)
         t0 = time.perf_counter()
@@ -173,6 +168,29 @@ def calibrate_device(device: int, spec: CalibrationSpec = CalibrationSpec()) -> 
         emulation=_emulation_text(spec, ident.sm_count),
         source="measured", created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     return prof
+
+
+@functools.cache
+def calibration_stream(device: int, sm_limit: int | None = None):
+    """(green context or None, torch.cuda.Stream) that calibration runs on, made once per
+    device and SM limit. Why once: the clock lift's matmul makes cuBLAS cache a workspace
+    (32 MiB on Hopper) for every stream it meets, for the life of the process; a new stream
+    per re-profile left 32 MiB behind each time, up to the 32 streams of torch's pool (about
+    1 GiB per GPU in the 12000-prompt soak, benchmarks/gpu/calibration_memory.py), and every
+    green context's new stream without bound."""
+    import torch
+    if not sm_limit:
+        return None, torch.cuda.Stream(device)
+    from torch.cuda.green_contexts import GreenContext
+    green = GreenContext.create(sm_limit, device)
+    green.set_context()
+    try:
+        gs = green.Stream()  # a generic torch.Stream: wrap it for torch.cuda APIs
+    finally:
+        green.pop_context()
+    stream = gs if isinstance(gs, torch.cuda.Stream) else torch.cuda.Stream(
+        stream_id=gs.stream_id, device_index=gs.device_index, device_type=gs.device_type)
+    return green, stream
 
 
 def _emulation_text(spec: CalibrationSpec, sm_count: int) -> str:
