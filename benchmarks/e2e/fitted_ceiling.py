@@ -8,6 +8,11 @@ per-rank work split in proportion to the ranks' speeds, with fixed costs ignored
 optimistic *estimate*, not a bound. Then report each placement's share of the ceiling
 against vLLM's EPLB policy. When a plan's own prediction sits at that split, its share is
 near 100% by construction (docs/benchmarks.md, sixth run).
+
+Where the switch reports carry GEM's lower bound on any static placement's slowest-rank time
+(`predicted_bound_us`: the LP relaxation with each rank's own coefficients, since session 7),
+the same reading is also given against it (`*_bound`): a true floor for the model's
+prediction, so a share against it is not 100% by construction.
 """
 
 from __future__ import annotations
@@ -35,10 +40,16 @@ def fitted_ceiling(rows: list[dict], switches: list[dict], rate: str, shape: str
     ranks = np.array(pred[start]["rank_us_after"], dtype=np.float64)
     floor = len(ranks) / (1.0 / ranks).sum()  # equal work, split in proportion to 1 / time
     ceiling = slope * (pred[reference]["predicted_layer_us_after"] - floor)
-    return {"slope_ms_per_us": float(slope),
-            "moe_share_start": float(slope * pred[start]["predicted_layer_us_after"] / tpot[start]),
-            "floor_us": float(floor), "ceiling_ms": float(ceiling),
-            "shares": {n: float((tpot[reference] - tpot[n]) / ceiling) for n in names}}
+    out = {"slope_ms_per_us": float(slope),
+           "moe_share_start": float(slope * pred[start]["predicted_layer_us_after"] / tpot[start]),
+           "floor_us": float(floor), "ceiling_ms": float(ceiling),
+           "shares": {n: float((tpot[reference] - tpot[n]) / ceiling) for n in names}}
+    bound = pred[reference].get("predicted_bound_us")
+    if bound:
+        ceiling_b = slope * (pred[reference]["predicted_layer_us_after"] - bound)
+        out.update(bound_us=float(bound), ceiling_ms_bound=float(ceiling_b),
+                   shares_bound={n: float((tpot[reference] - tpot[n]) / ceiling_b) for n in names})
+    return out
 
 
 def main() -> None:
