@@ -8,15 +8,17 @@ driver sees it (NVML, what nvidia-smi adds up) next to torch's allocated and res
   graph   as served (CUDA-graph replays)
   gc      the same with gc.collect() after each run (reference cycles holding graphs?)
   eager   graph capture refused, so calibration times eager launches (graphs the cause?)
+  green   as served, but in a green context of 100 SMs (`sm_limit`, the SM-limit emulation)
   history no profile: what every recalibration does on the GPU besides (the recorder's newest
           500 steps copied out and back, as GemRuntime.routing_history), 25 times per run
-  usage: python benchmarks/gpu/calibration_memory.py [--repeats 12] [--variants graph,gc,eager,history]
+  usage: python benchmarks/gpu/calibration_memory.py [--repeats 12] [--variants graph,gc,eager,green,history]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import io
 import os
@@ -49,11 +51,12 @@ class RefusedGraph:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=12)
-    ap.add_argument("--variants", default="graph,gc,eager,history")
+    ap.add_argument("--variants", default="graph,gc,eager,green,history")
     a = ap.parse_args()
     pynvml.nvmlInit()
     handle = pynvml.nvmlDeviceGetHandleByIndex(0)
     spec = CalibrationSpec(hidden=2048, intermediate=768, num_experts=64, extra_work=0.2, reps=10)
+    green_spec = dataclasses.replace(spec, sm_limit=100, extra_work=0.0)
     real_graph = torch.cuda.CUDAGraph
     recorder = RoutingRecorder(12, 128, 4096, torch.device("cuda:0"))
     load = torch.randint(0, 64, (12, 128), dtype=torch.int32, device="cuda:0")
@@ -70,7 +73,7 @@ def main() -> None:
                     torch.from_numpy(recorder.history(500)).to("cuda:0").cpu()
             else:
                 with contextlib.redirect_stderr(io.StringIO()):  # the eager variant's notices
-                    calibrate_device(0, spec)
+                    calibrate_device(0, spec if variant != "green" else green_spec)
             torch.cuda.empty_cache()  # as GemRuntime.local_profile does
             if variant == "gc":
                 gc.collect()
