@@ -247,7 +247,8 @@ def _fake_model_state(rank, world, layers, num_physical, experts=16, distinct_re
     log2phys, count = compute_logical_maps(old, experts)
     pad = torch.full((layers, experts, 1024), -1, dtype=log2phys.dtype)  # vLLM's padded width
     pad[..., :log2phys.shape[-1]] = log2phys
-    moe = types.SimpleNamespace(w13_weight=torch.empty(local, 2 * 768, 2048, device="meta"))
+    moe = types.SimpleNamespace(w13_weight=torch.empty(local, 2 * 768, 2048, device="meta"),
+                                w2_weight=torch.empty(local, 2048, 768, device="meta"))
     model = types.SimpleNamespace(num_logical_experts=experts, expert_weights=expert_weights,
                                   num_moe_layers=layers, num_expert_groups=1, modules=lambda: [moe])
     return types.SimpleNamespace(
@@ -693,3 +694,24 @@ def test_routing_drift_relabels_the_replayed_experts_in_place_at_step_multiples(
         routing.drift_steps()
     monkeypatch.setenv(routing.DRIFT_ENV, "3000")
     assert routing.drift_steps() == 3000
+
+
+def test_re_profiles_time_the_served_layers_own_experts(monkeypatch):
+    """No weight-sized copies while serving: bf16 experts on the worker's device are timed in
+    place; others (quantized, elsewhere) fall back to random weights."""
+    import torch
+
+    from vllm_gem.vllm import runtime
+    from vllm_gem.vllm.config import GemConfig
+    seen = []
+    monkeypatch.setattr(runtime, "calibrate_device", lambda dev, spec, weights=None: seen.append(weights))
+    w13, w2 = torch.zeros(4, 2 * 8, 16, dtype=torch.bfloat16), torch.zeros(4, 16, 8, dtype=torch.bfloat16)
+    moe = types.SimpleNamespace(w13_weight=w13, w2_weight=w2)
+    model = types.SimpleNamespace(modules=lambda: [moe])
+    worker = types.SimpleNamespace(cfg=GemConfig(), rank=0, hidden=16, intermediate=8, local_experts=4,
+                                   device=torch.device("cpu"), model=model)
+    runtime.GemWorker.local_profile(worker, quick=True)
+    assert seen[-1][0] is w13 and seen[-1][1] is w2
+    moe.w13_weight, moe.w2_weight = w13.float(), w2.float()  # e.g. not bf16: random weights instead
+    runtime.GemWorker.local_profile(worker, quick=True)
+    assert seen[-1] is None

@@ -27,6 +27,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -125,8 +126,14 @@ def measure_within(patterns: list, measure, limit_s: float | None, t0: float,
     return points
 
 
-def calibrate_device(device: int, spec: CalibrationSpec = CalibrationSpec()) -> GpuProfile:
-    """Time the calibration patterns on CUDA device `device` and return its GpuProfile."""
+def calibrate_device(device: int, spec: CalibrationSpec = CalibrationSpec(),
+                     weights: tuple[Any, Any] | None = None) -> GpuProfile:
+    """Time the calibration patterns on CUDA device `device` and return its GpuProfile.
+
+    weights: (w13 [experts, 2*inter, hidden], w2 [experts, hidden, inter]) in bf16 on that
+    device, only read: a served MoE layer's own experts, timed in place of random ones, so a
+    re-profile while serving allocates no weight copies (0.6 GB for model-q3's 64 local
+    experts, 2.8 GB for 32 of DeepSeek-V3's) in the memory vLLM left for the KV cache."""
     import torch
 
     from .kernels.moe_gemm import CALIBRATION_TILE, align, moe_ffn
@@ -136,8 +143,15 @@ def calibrate_device(device: int, spec: CalibrationSpec = CalibrationSpec()) -> 
     gen = torch.Generator(device=f"cuda:{device}").manual_seed(spec.seed)
     e, h, i = spec.num_experts, spec.hidden, spec.intermediate
     bf = torch.bfloat16
-    w13 = (torch.randn(e, 2 * i, h, device=device, dtype=bf, generator=gen) / h ** 0.5)
-    w2 = (torch.randn(e, h, i, device=device, dtype=bf, generator=gen) / i ** 0.5)
+    if weights is None:
+        w13 = (torch.randn(e, 2 * i, h, device=device, dtype=bf, generator=gen) / h ** 0.5)
+        w2 = (torch.randn(e, h, i, device=device, dtype=bf, generator=gen) / i ** 0.5)
+    else:
+        w13, w2 = weights
+        for name, w, shape in (("w13", w13, (e, 2 * i, h)), ("w2", w2, (e, h, i))):
+            if tuple(w.shape) != shape or w.dtype != bf or w.device != torch.device("cuda", device):
+                raise ValueError(f"calibration weights {name}: {tuple(w.shape)} {w.dtype} on {w.device}, "
+                                 f"expected {shape} torch.bfloat16 on cuda:{device} (the spec's shape)")
     patterns = calibration_patterns(e, cfg.block_m, spec.seed)
     max_tokens = max(sum(p) for p in patterns)
     x_all = torch.randn(max_tokens, h, device=device, dtype=bf, generator=gen)

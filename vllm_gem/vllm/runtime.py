@@ -135,7 +135,9 @@ class GemWorker:
                                num_experts=self.local_experts, extra_work=extra,
                                reps=10 if quick else CalibrationSpec.reps,
                                time_limit_s=self.cfg.calibration_time_limit_s)
-        prof = calibrate_device(self.device.index, spec)
+        w13, w2 = expert_tensors(self.model)
+        own = w13.dtype == w2.dtype == torch.bfloat16 and w13.device == w2.device == self.device
+        prof = calibrate_device(self.device.index, spec, (w13, w2) if own else None)
         torch.cuda.empty_cache()
         return prof
 
@@ -330,15 +332,21 @@ class PlacementError(RuntimeError):
     """GEM could not produce a placement that every rank agrees on."""
 
 
-def expert_shape(model: Any) -> tuple[int, int, int]:
-    """(hidden, intermediate, local experts) of the model's routed experts (bf16 w13/w2)."""
+def expert_tensors(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first MoE layer's routed experts: w13 [local experts, 2*inter, hidden] and
+    w2 [local experts, hidden, inter]."""
     for m in model.modules():
-        w13 = getattr(m, "w13_weight", None)
-        if isinstance(w13, torch.Tensor) and w13.dim() == 3:
-            e, two_i, h = w13.shape
-            return int(h), int(two_i // 2), int(e)
+        w13, w2 = getattr(m, "w13_weight", None), getattr(m, "w2_weight", None)
+        if isinstance(w13, torch.Tensor) and w13.dim() == 3 and isinstance(w2, torch.Tensor):
+            return w13, w2
     raise GemInputError("model", "w13_weight", "was not found in any MoE layer",
                         "unquantized FusedMoE experts (w13_weight: [experts, 2*inter, hidden])")
+
+
+def expert_shape(model: Any) -> tuple[int, int, int]:
+    """(hidden, intermediate, local experts) of the model's routed experts."""
+    e, two_i, h = expert_tensors(model)[0].shape
+    return int(h), int(two_i // 2), int(e)
 
 
 # ---------------------------------------------------------------------- entry points
