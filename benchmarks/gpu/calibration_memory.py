@@ -4,14 +4,18 @@ memory floor rose about 3 MiB/s while plain vLLM's stayed flat.)
 Runs the serving recalibration's quick profile (`GemRuntime.local_profile(quick=True)`: the
 served model-q3's expert shape, 64 local experts, 20% extra work as on the emulated-slow GPU)
 `--repeats` times per variant, and prints after each run this process's GPU memory as the
-driver sees it (NVML, what nvidia-smi adds up) next to torch's allocated and reserved bytes:
-  graph   as served (CUDA-graph replays)
-  gc      the same with gc.collect() after each run (reference cycles holding graphs?)
-  eager   graph capture refused, so calibration times eager launches (graphs the cause?)
-  green   as served, but in a green context of 100 SMs (`sm_limit`, the SM-limit emulation)
+driver sees it (NVML, what nvidia-smi adds up) next to torch's allocated and reserved bytes,
+and the run's peak allocation above what was allocated before it (the swing serving must have
+room for):
+  graph   random weights (as served until session 8), CUDA-graph replays
+  own     as served since: the layer's own experts timed in place (here made once, outside)
+  gc      graph with gc.collect() after each run (reference cycles holding graphs?)
+  eager   graph, capture refused, so calibration times eager launches (graphs the cause?)
+  green   graph in a green context of 100 SMs (`sm_limit`, the SM-limit emulation)
   history no profile: what every recalibration does on the GPU besides (the recorder's newest
           500 steps copied out and back, as GemRuntime.routing_history), 25 times per run
-  usage: python benchmarks/gpu/calibration_memory.py [--repeats 12] [--variants graph,gc,eager,green,history]
+  usage: python benchmarks/gpu/calibration_memory.py [--repeats 12]
+         [--variants graph,own,gc,eager,green,history]
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ class RefusedGraph:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=12)
-    ap.add_argument("--variants", default="graph,gc,eager,green,history")
+    ap.add_argument("--variants", default="graph,own,gc,eager,green,history")
     a = ap.parse_args()
     pynvml.nvmlInit()
     handle = pynvml.nvmlDeviceGetHandleByIndex(0)
@@ -61,11 +65,17 @@ def main() -> None:
     recorder = RoutingRecorder(12, 128, 4096, torch.device("cuda:0"))
     load = torch.randint(0, 64, (12, 128), dtype=torch.int32, device="cuda:0")
     phys_to_log = torch.arange(128, device="cuda:0").repeat(12, 1)
-    print(f"{'variant':8s} {'run':>3s} {'nvml MiB':>9s} {'reserved MiB':>12s} {'allocated MiB':>13s}")
+    e, h, i = spec.num_experts, spec.hidden, spec.intermediate
+    own = (torch.randn(e, 2 * i, h, device="cuda:0", dtype=torch.bfloat16) / h ** 0.5,
+           torch.randn(e, h, i, device="cuda:0", dtype=torch.bfloat16) / i ** 0.5)
+    print(f"{'variant':8s} {'run':>3s} {'nvml MiB':>9s} {'reserved MiB':>12s} {'allocated MiB':>13s} "
+          f"{'peak MiB':>8s}")
     for variant in a.variants.split(","):
         torch.cuda.CUDAGraph = RefusedGraph if variant == "eager" else real_graph
         used = []
         for r in range(a.repeats):
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
             if variant == "history":
                 for _ in range(25):
                     for _ in range(500):
@@ -73,7 +83,8 @@ def main() -> None:
                     torch.from_numpy(recorder.history(500)).to("cuda:0").cpu()
             else:
                 with contextlib.redirect_stderr(io.StringIO()):  # the eager variant's notices
-                    calibrate_device(0, spec if variant != "green" else green_spec)
+                    calibrate_device(0, spec if variant != "green" else green_spec,
+                                     own if variant == "own" else None)
             torch.cuda.empty_cache()  # as GemRuntime.local_profile does
             if variant == "gc":
                 gc.collect()
@@ -81,7 +92,8 @@ def main() -> None:
             torch.cuda.synchronize()
             used.append(process_mib(handle))
             print(f"{variant:8s} {r:3d} {used[-1]:9.0f} {torch.cuda.memory_reserved() / MIB:12.1f} "
-                  f"{torch.cuda.memory_allocated() / MIB:13.1f}", flush=True)
+                  f"{torch.cuda.memory_allocated() / MIB:13.1f} "
+                  f"{(torch.cuda.max_memory_allocated() - base) / MIB:8.0f}", flush=True)
         slope = np.polyfit(np.arange(1, len(used)), used[1:], 1)[0] if len(used) > 2 else float("nan")
         print(f"{variant}: {slope:+.1f} MiB per re-profile after the first (NVML)", flush=True)
     torch.cuda.CUDAGraph = real_graph
