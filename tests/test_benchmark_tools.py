@@ -94,6 +94,9 @@ def test_soak_memory_growth_reads_the_floor_not_the_swing():
     for s in samples[4:]:  # the floor of the second half rises: growth
         s["gpu_mib"] = [400.0]
     assert memory_growth(samples)["gpu_mib_floor_growth"] == [300.0]
+    assert g["gpu_mib_floor_by_quarter"] == [[100.0] * 4]
+    climbing = [dict(s, gpu_mib=[100.0 + 10 * i]) for i, s in enumerate(samples)]
+    assert memory_growth(climbing)["gpu_mib_floor_by_quarter"] == [[100.0, 120.0, 140.0, 160.0]]
 
 
 def test_soak_second_half_slope_tells_a_plateau_from_a_leak():

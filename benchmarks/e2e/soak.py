@@ -61,7 +61,8 @@ def group_rss_mib(pgid: int) -> dict[str, float]:
 def memory_growth(samples: list[dict], settle_s: float = 60) -> dict:
     """Growth after the first minute. GPU memory swings by a GB as recalibration allocates and
     frees its buffers, so a GPU grows only if its floor rises: the minimum of the second half
-    of the samples against the first half's. Host memory: the fitted slope of the server
+    of the samples against the first half's, and the floor of each quarter (a plateau or a
+    climb). Host memory: the fitted slope of the server
     processes' summed RSS, and of each process over all and over the second half (a leak keeps
     its slope there; memory that settles into a plateau flattens)."""
     late = [s for s in samples if s["t"] >= settle_s] or samples
@@ -77,7 +78,9 @@ def memory_growth(samples: list[dict], settle_s: float = 60) -> dict:
     names = sorted(set().union(*(rss(s) for s in late)))
     by_name = {n: np.array([rss(s).get(n, 0.0) for s in late]) for n in names}
     total = sum(by_name.values())
+    quarters = np.array_split(gpu, min(4, len(gpu)))  # floors over time: a plateau or a climb
     return {"gpu_mib_floor_growth": (gpu[half:].min(0) - gpu[:half].min(0)).tolist(),
+            "gpu_mib_floor_by_quarter": np.array([q.min(0) for q in quarters]).T.tolist(),  # [gpus][4]
             "gpu_mib_swing": (gpu.max(0) - gpu.min(0)).tolist(),
             "rss_mib_per_min": per_min(total), "rss_mib_growth": float(total[-1] - total[0]),
             "rss_mib_per_min_by_process": {n: per_min(v) for n, v in by_name.items()},
