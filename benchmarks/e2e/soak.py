@@ -62,9 +62,9 @@ def memory_growth(samples: list[dict], settle_s: float = 60) -> dict:
     """Growth after the first minute. GPU memory swings by a GB as recalibration allocates and
     frees its buffers, so a GPU grows only if its floor rises: the minimum of the second half
     of the samples against the first half's, and the floor of each quarter (a plateau or a
-    climb). Host memory: the fitted slope of the server
-    processes' summed RSS, and of each process over all and over the second half (a leak keeps
-    its slope there; memory that settles into a plateau flattens)."""
+    climb). Host memory: the fitted slope of the server processes' summed RSS, and of each
+    process over all and over the second half (a leak keeps its slope there; memory that
+    settles into a plateau flattens)."""
     late = [s for s in samples if s["t"] >= settle_s] or samples
     half = max(1, len(late) // 2)
     gpu = np.array([s["gpu_mib"] for s in late])  # [samples, gpus]
