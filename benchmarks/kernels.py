@@ -2,7 +2,8 @@
 
     python benchmarks/kernels.py [--json out.json] [--search]    (on a GPU; vLLM optional)
 
-Same inputs for all three (the bmm reference pads every expert to the largest count, untimed), bf16, CUDA-graph replays timed with CUDA events (median of
+Same inputs for all three (the bmm reference pads every expert to the largest count, untimed),
+bf16, CUDA-graph replays timed with CUDA events (median of
 triton.testing.do_bench_cudagraph). TFLOP/s counts 2 * rows * 3 * hidden * intermediate.
 Ratio = ours / vLLM (goal: within 10% at every size, since calibration must predict serving).
 --search also times every tile in SEARCH_TILES at every size and prints the fastest: the
@@ -43,8 +44,9 @@ SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8), "deepseek-v3": (7168, 2048, 32, 
           "mixtral": (4096, 14336, 8, 2)}
 TOKENS = [1, 16, 64, 256, 1024, 4096]
 SEARCH_TILES = list(dict.fromkeys([cfg for _, cfg in TILE_TABLE] + [
-    TileConfig(16, 64, 64, 1, 4, 4), TileConfig(16, 64, 256, 1, 4, 2), TileConfig(16, 128, 128, 1, 4, 2),
-    TileConfig(32, 256, 128, 16, 4, 2), TileConfig(64, 256, 64, 16, 8, 3), TileConfig(128, 128, 64, 16, 8, 3)]))
+    TileConfig(16, 64, 64, 1, 4, 4), TileConfig(16, 64, 256, 1, 4, 2),
+    TileConfig(16, 128, 128, 1, 4, 2), TileConfig(32, 256, 128, 16, 4, 2),
+    TileConfig(64, 256, 64, 16, 8, 3), TileConfig(128, 128, 64, 16, 8, 3)]))
 
 
 def vllm_function(module: str, name: str):
@@ -122,10 +124,49 @@ def in_context_us(fn, iters: int = 20) -> list[list]:
             for j in range(per_call)]
 
 
+def bench(fn) -> float:
+    """us per call of fn: median of CUDA-graph replays."""
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
+
+
+def measure_case(name: str, x, w13, w2, w, ids, fused, vllm_align, search: bool, stages: bool
+                 ) -> tuple[dict, str]:
+    """One (shape, tokens) point -> (row for the JSON, line for the table)."""
+    t, k = ids.shape
+    h, i = w13.shape[2], w2.shape[2]
+    # do_bench_cudagraph runs on a side stream that does not wait for the default one:
+    # without this, the first calls read ids still being written (after a shape's
+    # large weights, garbage expert ids: session 7's illegal access, session 2's assert)
+    torch.cuda.synchronize()
+    ours = bench(lambda: moe_ffn(x, w13, w2, w, ids))
+    ref_v = bench(lambda: fused(x, w13, w2, w, ids)) if fused else float("nan")
+    xin = bmm_inputs(x, ids, w13.shape[0])
+    bmm = bench(lambda: bmm_experts(xin, w13, w2))
+    tflops = 2 * t * k * 3 * h * i / (ours * 1e-6) / 1e12
+    row = dict(shape=name, tokens=t, ours_us=ours, vllm_us=ref_v, bmm_us=bmm,
+               ours_tflops=tflops, ours_over_vllm=ours / ref_v, tile=str(select_config(t, k, w13.shape[0])))
+    line = f"{name:14s} {t:6d} {ours:8.1f} {ref_v:8.1f} {bmm:8.1f} {tflops:9.1f} {ours / ref_v:9.3f}"
+    if search:
+        times = {str(c): bench(lambda c=c: moe_ffn(x, w13, w2, w, ids, c)) for c in SEARCH_TILES}
+        best = min(times, key=times.get)
+        row.update(search_us=times, best_tile=best)
+        line += f"  best {times[best]:8.1f} us ({best[len('TileConfig'):]})"
+    if stages:
+        row["stages_us"] = stage_times(bench, x, w13, w2, w, ids, vllm_align)
+        line += "  stages " + " ".join(f"{n} {us:.1f}" for n, us in row["stages_us"].items())
+        row["in_context_us"] = {"ours": in_context_us(lambda: moe_ffn(x, w13, w2, w, ids))}
+        if fused:
+            row["in_context_us"]["vllm"] = in_context_us(lambda: fused(x, w13, w2, w, ids))
+        for who, ks in row["in_context_us"].items():
+            line += f"\n    in pipeline, {who}: " + ", ".join(f"{n} {us:.1f}" for n, us in ks)
+    return row, line
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
-    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
+    ap.add_argument("--shapes", default=",".join(SHAPES),
+                    help="comma-separated subset of " + ",".join(SHAPES))
     ap.add_argument("--search", action="store_true", help="also time every tile in SEARCH_TILES")
     ap.add_argument("--stages", action="store_true", help="also time each launch alone")
     a = ap.parse_args()
@@ -144,32 +185,7 @@ def main() -> None:
             x = torch.randn(t, h, device="cuda", dtype=bf, generator=g)
             ids = torch.rand(t, e, device="cuda", generator=g).topk(k, dim=1).indices.to(torch.int32)
             w = torch.rand(t, k, device="cuda", generator=g)
-            # do_bench_cudagraph runs on a side stream that does not wait for the default one:
-            # without this, the first calls read ids still being written (after a shape's
-            # large weights, garbage expert ids: session 7's illegal access, session 2's assert)
-            torch.cuda.synchronize()
-            bench = lambda f: triton.testing.do_bench_cudagraph(f, rep=100, return_mode="median") * 1e3
-            ours = bench(lambda: moe_ffn(x, w13, w2, w, ids))
-            ref_v = bench(lambda: fused(x, w13, w2, w, ids)) if fused else float("nan")
-            xin = bmm_inputs(x, ids, e)
-            bmm = bench(lambda: bmm_experts(xin, w13, w2))
-            tflops = 2 * t * k * 3 * h * i / (ours * 1e-6) / 1e12
-            row = dict(shape=name, tokens=t, ours_us=ours, vllm_us=ref_v, bmm_us=bmm,
-                       ours_tflops=tflops, ours_over_vllm=ours / ref_v, tile=str(select_config(t, k, e)))
-            line = f"{name:14s} {t:6d} {ours:8.1f} {ref_v:8.1f} {bmm:8.1f} {tflops:9.1f} {ours / ref_v:9.3f}"
-            if a.search:
-                times = {str(c): bench(lambda c=c: moe_ffn(x, w13, w2, w, ids, c)) for c in SEARCH_TILES}
-                best = min(times, key=times.get)
-                row.update(search_us=times, best_tile=best)
-                line += f"  best {times[best]:8.1f} us ({best[len('TileConfig'):]})"
-            if a.stages:
-                row["stages_us"] = stage_times(bench, x, w13, w2, w, ids, vllm_align)
-                line += "  stages " + " ".join(f"{n} {us:.1f}" for n, us in row["stages_us"].items())
-                row["in_context_us"] = {"ours": in_context_us(lambda: moe_ffn(x, w13, w2, w, ids))}
-                if fused:
-                    row["in_context_us"]["vllm"] = in_context_us(lambda: fused(x, w13, w2, w, ids))
-                for who, ks in row["in_context_us"].items():
-                    line += f"\n    in pipeline, {who}: " + ", ".join(f"{n} {us:.1f}" for n, us in ks)
+            row, line = measure_case(name, x, w13, w2, w, ids, fused, vllm_align, a.search, a.stages)
             rows.append(row)
             print(line, flush=True)
     if a.json:
