@@ -347,7 +347,7 @@ def main(args) -> int:
     out_dir = Path(args.out_dir)
     rows = []
     base = np.array([p.median_us for p in profiles[0].points])
-    for d, p, spec in zip(devices, profiles, specs):
+    for d, p, spec in zip(devices, profiles, specs, strict=True):
         tag = f"-sm{spec.sm_limit}" if spec.sm_limit else ""
         path = save(p, out_dir / f"profile-gpu{d}{tag}.json")
         rep = held_out_report(p)

@@ -200,14 +200,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         m = fit(obj, str(path))
         info.update(gpu=obj.gpu.name, uuid=obj.gpu.uuid, source=obj.source, emulation=obj.emulation,
                     expert=msgspec.to_builtins(obj.expert), block_m=obj.kernel.block_m,
-                    points=len(obj.points), coef_us=dict(zip(("fixed", "per_expert", "per_tile", "per_token"),
-                                                             m.coef.round(5).tolist())),
+                    points=len(obj.points),
+                    coef_us=dict(zip(("fixed", "per_expert", "per_tile", "per_token"),
+                                     m.coef.round(5).tolist(), strict=True)),
                     fit_rel_rms=m.fit_rel_rms, held_out_rel_rms=held_out_error(obj))
     elif isinstance(obj, RoutingTrace):
         c = obj.loads
         share = c.sum(0) / np.maximum(c.sum(axis=(0, 2))[:, None], 1)
         info.update(model=obj.model, source=obj.source, steps=c.shape[0], layers=c.shape[1],
-                    experts=c.shape[2], top_k=obj.top_k, tokens_per_step=float(c.sum((1, 2)).mean() / c.shape[1]),
+                    experts=c.shape[2], top_k=obj.top_k,
+                    tokens_per_step=float(c.sum((1, 2)).mean() / c.shape[1]),
                     hottest_over_mean=float((share.max(1) * c.shape[2]).mean()), params=obj.params)
     else:
         a = obj.array

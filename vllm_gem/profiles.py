@@ -64,8 +64,10 @@ def analytic_model(shape: ExpertShape, block_m: int = 64, mem_gbps: float = 3000
 
 def example_profile(name: str, slowdown: float = 1.0, num_experts: int = 32, block_m: int = 64,
                     noise: float = 0.01, seed: int = 0,
-                    shape: ExpertShape = ExpertShape(hidden=2048, intermediate=768)) -> GpuProfile:
-    """A *synthetic* profile: the analytic model's times on calibration patterns, with noise."""
+                    shape: ExpertShape | None = None) -> GpuProfile:
+    """A *synthetic* profile: the analytic model's times on calibration patterns, with noise
+    (shape: Qwen3-30B-A3B's experts, hidden 2048 and intermediate 768, unless given)."""
+    shape = shape or ExpertShape(hidden=2048, intermediate=768)
     coef = analytic_model(shape, block_m, slowdown=slowdown)
     rng = np.random.default_rng(seed)
     model = LatencyModel(coef, block_m)

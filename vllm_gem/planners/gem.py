@@ -290,7 +290,8 @@ class GemPolicy(PlacementPolicy):
             obj = tmax.mean(-1)
             # bottleneck rank: most often the slowest (then the slowest on average); when
             # stuck, try the runner-up
-            score = (t >= tmax[..., None] - 1e-9).sum(1) + t.mean(1) / (t.mean(1).max(1, keepdims=True) + 1e-30)
+            mean = t.mean(1)
+            score = (t >= tmax[..., None] - 1e-9).sum(1) + mean / (mean.max(1, keepdims=True) + 1e-30)
             pick = (stale // windows) % min(ranks, 2)
             g1 = np.take_along_axis(np.argsort(-score, axis=1), pick[:, None], 1)[:, 0]
             on1 = rank_of == g1[:, None]
