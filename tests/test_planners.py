@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import load_cases, random_group
+from conftest import load_cases
 from vllm_gem.errors import GemInputError
 from vllm_gem.evaluate import compare
 from vllm_gem.latency import GroupModel
@@ -98,8 +98,8 @@ def test_migration_weight_trades_gain_for_moves():
 
     def moves(p2l):
         per = p2l.shape[1] // 4
-        return sum(len(set(p2l[l, r*per:(r+1)*per]) - set(old[l, r*per:(r+1)*per]))
-                   for l in range(p2l.shape[0]) for r in range(4))
+        return sum(len(set(p2l[ly, r*per:(r+1)*per]) - set(old[ly, r*per:(r+1)*per]))
+                   for ly in range(p2l.shape[0]) for r in range(4))
 
     res = {}
     for w in (0.0, 5.0, 1e9):

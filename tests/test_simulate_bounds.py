@@ -15,15 +15,15 @@ def brute_rank_times(loads, p2l, group):
     ranks, per = group.num_ranks, p2l.shape[1] // group.num_ranks
     out = np.zeros((steps, layers, ranks))
     for s in range(steps):
-        for l in range(layers):
-            reps = np.bincount(p2l[l], minlength=experts)
+        for ly in range(layers):
+            reps = np.bincount(p2l[ly], minlength=experts)
             for r in range(ranks):
                 t = group.coef[r, 0]
                 for slot in range(r * per, (r + 1) * per):
-                    tok = loads[s, l, p2l[l, slot]] / reps[p2l[l, slot]]
+                    tok = loads[s, ly, p2l[ly, slot]] / reps[p2l[ly, slot]]
                     t += (group.coef[r, 1] * (tok > 0) + group.coef[r, 2] * np.ceil(tok / group.block_m)
                           + group.coef[r, 3] * tok)
-                out[s, l, r] = t
+                out[s, ly, r] = t
     return out
 
 

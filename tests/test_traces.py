@@ -18,10 +18,10 @@ def write_harmoeny(root: Path, ranks=2, layers=3, experts=5, iters=2):
     truth = rng.integers(0, 50, (iters, ranks, layers, experts))
     for r in range(ranks):
         (root / str(r)).mkdir()
-        for l in range(layers):
+        for ly in range(layers):
             lines = ["iteration,latency (ms),expert distribution"]
-            lines += [f'{i},1.0,"{truth[i, r, l].tolist()}"' for i in range(iters)]
-            (root / str(r) / f"moe_layer-{l}.csv").write_text("\n".join(lines) + "\n")
+            lines += [f'{i},1.0,"{truth[i, r, ly].tolist()}"' for i in range(iters)]
+            (root / str(r) / f"moe_layer-{ly}.csv").write_text("\n".join(lines) + "\n")
     return truth
 
 
