@@ -25,8 +25,9 @@ def test_plan_simulate_inspect_roundtrip(tmp_path, capsys):
     rc, out, _ = run(capsys, "inspect", str(pl), "--json")
     assert rc == 0 and json.loads(out)["num_physical"] == 64
     # migration-aware re-plan from the current placement
-    rc, out, _ = run(capsys, "plan", "--trace", "bundled:qwen", "--speeds", "1,1,1,0.8", "--num-physical", "64",
-                     "--current", str(pl), "--migration-weight", "2", "-o", str(tmp_path / "p2.json"))
+    rc, out, _ = run(capsys, "plan", "--trace", "bundled:qwen", "--speeds", "1,1,1,0.8",
+                     "--num-physical", "64", "--current", str(pl), "--migration-weight", "2",
+                     "-o", str(tmp_path / "p2.json"))
     assert rc == 0, out
 
 

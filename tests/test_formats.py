@@ -55,7 +55,8 @@ def test_trace_values_checked(tmp_path):
     bad = trace(np.array([[[1, -3]]], dtype=np.int32))
     p = tmp_path / "neg.json"
     p.write_bytes(msgspec.json.encode(bad))
-    with pytest.raises(GemInputError, match=r"neg.json: counts\[0\]\[0\]\[1\]: is -3; expected a token count >= 0"):
+    with pytest.raises(GemInputError,
+                       match=r"neg.json: counts\[0\]\[0\]\[1\]: is -3; expected a token count >= 0"):
         load(p, RoutingTrace)
     nan = trace(np.array([[[1.0, np.nan]]], dtype=np.float32))
     p.write_bytes(msgspec.json.encode(nan))
@@ -79,7 +80,8 @@ def test_profile_values_checked(tmp_path):
     assert "$.points[0].median_us" in _err(tmp_path, "q.json", msgspec.json.encode(d), GpuProfile)
     d = msgspec.to_builtins(prof)
     d["points"][2]["tokens_per_expert"] = [1, 2]
-    assert "points[2].tokens_per_expert: has 2 experts" in _err(tmp_path, "r.json", msgspec.json.encode(d), GpuProfile)
+    err = _err(tmp_path, "r.json", msgspec.json.encode(d), GpuProfile)
+    assert "points[2].tokens_per_expert: has 2 experts" in err
     d = msgspec.to_builtins(prof)
     d["points"][1]["median_us"] = 1e12
     assert "a layer time under 10 s" in _err(tmp_path, "s.json", msgspec.json.encode(d), GpuProfile)

@@ -62,8 +62,10 @@ def test_gem_uses_speed_and_beats_speed_blind_greedy_on_heterogeneous_gpus():
     g = GroupModel.tokens_over_speed(np.array([1.0, 1.0, 1.0, 1 / 1.3]))
     wins = []
     for seed in range(3):
-        rows = {r.planner: r.result for r in compare(het_trace(seed), g, 32, ["linear", "greedy-speed", "gem"])}
-        wins.append(rows["gem"].mean <= rows["greedy-speed"].mean * 1.005 and rows["gem"].mean < rows["linear"].mean)
+        planners = ["linear", "greedy-speed", "gem"]
+        rows = {r.planner: r.result for r in compare(het_trace(seed), g, 32, planners)}
+        gem = rows["gem"].mean
+        wins.append(gem <= rows["greedy-speed"].mean * 1.005 and gem < rows["linear"].mean)
         # the slow rank ends up with less work
         assert rows["gem"].rank_mean[3] <= max(rows["gem"].rank_mean[:3]) * 1.02
     assert all(wins)
@@ -158,7 +160,8 @@ def test_vllm_default_unavailable_message(monkeypatch):
         return real(name, *a, **k)
     monkeypatch.setattr(builtins, "__import__", fake)
     with pytest.raises(PlannerUnavailable, match="install vllm-gem\\[vllm\\]"):
-        make("vllm-default").place(PlacementProblem(np.ones((1, 1, 4)), GroupModel.tokens_over_speed(np.ones(2)), 4))
+        problem = PlacementProblem(np.ones((1, 1, 4)), GroupModel.tokens_over_speed(np.ones(2)), 4)
+        make("vllm-default").place(problem)
 
 
 @pytest.mark.parametrize("slots_per_rank", [1, 3])

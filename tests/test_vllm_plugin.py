@@ -450,7 +450,8 @@ def inputs(tmp_path_factory):
         files.append(str(d / f"gpu{r}.json"))
         save(example_profile(f"gpu{r}", slow, num_experts=12, shape=shape), files[-1])
     trace = d / "trace.msgpack"
-    save(RoutingTrace(model="m", source="t", counts=NdArray.from_numpy(skewed_loads().astype(np.int32))), trace)
+    counts = NdArray.from_numpy(skewed_loads().astype(np.int32))
+    save(RoutingTrace(model="m", source="t", counts=counts), trace)
     wrong = d / "wrong.msgpack"
     save(RoutingTrace(model="m", source="t", counts=NdArray.from_numpy(np.ones((4, 3, 60), np.int32))), wrong)
     return {"profiles": files, "trace": str(trace), "wrong": str(wrong), "dir": str(d)}
