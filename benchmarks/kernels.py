@@ -79,7 +79,12 @@ def bmm_experts(xin, w13, w2):
     return torch.bmm(torch.nn.functional.silu(h[..., :inter]) * h[..., inter:], w2.transpose(1, 2))
 
 
-def stage_times(bench, x, w13, w2, w, ids, vllm_align=None) -> dict[str, float]:
+def bench(fn) -> float:
+    """us per call of fn: median of CUDA-graph replays."""
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
+
+
+def stage_times(x, w13, w2, w, ids, vllm_align=None) -> dict[str, float]:
     """us of each launch of moe_ffn alone, at its table tile, plus vLLM's align at that BLOCK_M."""
     tokens, k = ids.shape
     e, rows = w13.shape[0], ids.numel()
@@ -124,11 +129,6 @@ def in_context_us(fn, iters: int = 20) -> list[list]:
             for j in range(per_call)]
 
 
-def bench(fn) -> float:
-    """us per call of fn: median of CUDA-graph replays."""
-    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
-
-
 def measure_case(name: str, x, w13, w2, w, ids, fused, vllm_align, search: bool, stages: bool
                  ) -> tuple[dict, str]:
     """One (shape, tokens) point -> (row for the JSON, line for the table)."""
@@ -152,7 +152,7 @@ def measure_case(name: str, x, w13, w2, w, ids, fused, vllm_align, search: bool,
         row.update(search_us=times, best_tile=best)
         line += f"  best {times[best]:8.1f} us ({best[len('TileConfig'):]})"
     if stages:
-        row["stages_us"] = stage_times(bench, x, w13, w2, w, ids, vllm_align)
+        row["stages_us"] = stage_times(x, w13, w2, w, ids, vllm_align)
         line += "  stages " + " ".join(f"{n} {us:.1f}" for n, us in row["stages_us"].items())
         row["in_context_us"] = {"ours": in_context_us(lambda: moe_ffn(x, w13, w2, w, ids))}
         if fused:
