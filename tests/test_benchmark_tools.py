@@ -1,5 +1,5 @@
 """The serving benchmark's measuring helpers on CPU: profiler trace sums, the profiling window
-against a stand-in server, and the soak's memory-growth reading."""
+against a stand-in server, and the soak's memory-growth and recalibration-stall readings."""
 
 import gzip
 import json
@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks" / "e2e"))
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks" / "e2e"))
 import moe_profile  # noqa: E402
-from soak import memory_growth  # noqa: E402
+from soak import memory_growth, recalibration_stalls  # noqa: E402
 
 from vllm_gem.vllm.recorder import RECORD_RANGE  # noqa: E402
 
@@ -97,6 +98,18 @@ def test_soak_memory_growth_reads_the_floor_not_the_swing():
     assert g["gpu_mib_floor_by_quarter"] == [[100.0] * 4]
     climbing = [dict(s, gpu_mib=[100.0 + 10 * i]) for i, s in enumerate(samples)]
     assert memory_growth(climbing)["gpu_mib_floor_by_quarter"] == [[100.0, 120.0, 140.0, 160.0]]
+
+
+def test_soak_recalibration_stalls_from_session_8s_server_log():
+    # the 12000-prompt GEM soak on nvidia-h200-x2: every 4th recalibration re-profiled
+    text = (ROOT / "docs/results/plugin/soak-12k-s8/gem-server-lines.txt").read_text()
+    s = recalibration_stalls(text)
+    assert (s["profiled_count"], s["planned_only_count"], s["speed_checked_count"]) == (31, 91, 0)
+    assert s["recalibration_seconds"] == pytest.approx(60.0, abs=0.05)
+    assert s["profiled_median_s"] == pytest.approx(1.43, abs=0.01)
+    assert s["planned_only_median_s"] == pytest.approx(0.165, abs=0.002)
+    checked = "vllm-gem recalibration: {'profiled': False, 'speed_ratios': [1.0, nan], 'total_seconds': 0.3}"
+    assert recalibration_stalls(checked)["speed_checked_median_s"] == 0.3
 
 
 def test_soak_second_half_slope_tells_a_plateau_from_a_leak():

@@ -138,6 +138,41 @@ def test_repeated_calibration_leaves_no_gpu_memory_behind():
     assert torch.cuda.memory_allocated(0) == before
 
 
+@pytest.mark.gpu
+def test_a_speed_check_agrees_with_its_profile_and_sees_a_slower_gpu():
+    """The recalibration's cheap check: the same GPU reads as its profile, and the same GPU
+    doing 25% extra expert work (emulate.slow_down_experts' way) reads slower."""
+    from vllm_gem.calibrate import CalibrationSpec, calibrate_device, check_speed
+    spec = CalibrationSpec(num_experts=16, reps=10)
+    prof = calibrate_device(0, spec)
+    same = check_speed(0, spec, prof)
+    slower = check_speed(0, CalibrationSpec(num_experts=16, reps=10, extra_work=0.25), prof)
+    assert same.points == 8 and abs(same.ratio - 1) < 0.05, same
+    assert slower.ratio > 1.1, slower
+
+
+def test_speed_check_points_and_ratio():
+    from vllm_gem.calibrate import check_points, speed_ratio
+    from vllm_gem.formats import LatencyPoint
+    assert check_points(69).tolist() == [0, 10, 19, 29, 39, 49, 58, 68]  # decode .. mixed loads
+    assert check_points(3).tolist() == [0, 1, 2]
+    ref = [LatencyPoint([1, 0], t) for t in (10.0, 20.0, 40.0)]
+    now = [LatencyPoint([1, 0], t) for t in (11.0, 22.0, 80.0)]  # one outlier does not decide
+    assert speed_ratio(ref, now) == pytest.approx(1.1)
+    with pytest.raises(ValueError, match="2 measured points for 3 reference points"):
+        speed_ratio(ref, now[:2])
+
+
+def test_a_speed_check_against_a_profile_of_another_shape_names_it():
+    from vllm_gem.calibrate import CalibrationSpec, check_speed
+    from vllm_gem.formats import ExpertShape, GpuIdentity, GpuProfile, KernelSpec, LatencyPoint
+    prof = GpuProfile(gpu=GpuIdentity(name="H200", index=1), expert=ExpertShape(2048, 768, "bfloat16"),
+                      kernel=KernelSpec("k", 64, 64, 64), points=[LatencyPoint([1] * 8, 9.0)])
+    with pytest.raises(ValueError, match=r"reference profile of H200 #1: points.tokens_per_expert "
+                                         r"has 8 experts, expected 16"):
+        check_speed(0, CalibrationSpec(num_experts=16), prof)  # raised before any GPU work
+
+
 def test_calibration_reuses_one_stream_per_device(monkeypatch):
     """A new stream per calibration leaks a cuBLAS workspace each time (see the GPU test)."""
     from vllm_gem import calibrate

@@ -378,7 +378,8 @@ def test_a_move_that_destroys_the_only_copy_of_an_expert_says_so():
 
 
 # ---------------------------------------------------------------- a worker's start-up placement
-def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lose=False, switches=()):
+def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lose=False, switches=(),
+                  speeds=()):
     import torch
     import torch.distributed as dist
 
@@ -404,6 +405,15 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
             profiled.append(quick)
             return example_profile(f"gpu{rank}", 1.0 + 0.3 * rank, num_experts=12)
         w.local_profile = local_profile
+    if speeds:  # speed checks: rank 1's GPU time / its profile's at each check (rank 0: 1.0)
+        left = list(speeds)
+
+        def local_speed_ratio():
+            r = left.pop(0) if rank == 1 else 1.0
+            if isinstance(r, str):
+                raise RuntimeError(r)
+            return r
+        w.local_speed_ratio = local_speed_ratio
     runtime._WORKER = w
     if rank == inactive_rank:  # GEM could not attach on this rank
         from vllm.distributed import parallel_state
@@ -432,12 +442,12 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
     dist.destroy_process_group()
 
 
-def _run_place(cfg, fail_rank=None, world=2, inactive_rank=None, lose=False, switches=()):
+def _run_place(cfg, fail_rank=None, world=2, inactive_rank=None, lose=False, switches=(), speeds=()):
     import torch
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_place_worker, nprocs=world, args=(world, f"file://{tmp}/rdv", cfg, fail_rank, tmp,
-                                                    inactive_rank, lose, tuple(switches)))
+                                                    inactive_rank, lose, tuple(switches), tuple(speeds)))
         return [torch.load(f"{tmp}/rank{r}.pt") for r in range(world)]
 
 
@@ -552,14 +562,33 @@ def test_switching_placements_on_request_restores_the_start_map_and_keeps_every_
 
 
 def test_recalibration_reprofiles_the_gpus_every_nth_time_and_replans_in_between(inputs):
-    res = _run_place({"profiles": inputs["profiles"], "trace": inputs["trace"], "reprofile_every": 3},
-                     switches=["recalibrate"] * 5)
+    res = _run_place({"profiles": inputs["profiles"], "trace": inputs["trace"], "reprofile_every": 3,
+                      "speed_tolerance": 0}, switches=["recalibrate"] * 5)
     for r in res:
         reps = [s["report"] for s in r["switches"]]
         assert all(rep is not None for rep in reps), reps  # none failed
         assert [rep["profiled"] for rep in reps] == [True, False, False, True, False]
         assert r["profiled"] == [True, True]  # quick profiles, at the 1st and the 4th only
         assert all(rep["profile_seconds"] < 1.0 for rep in reps if not rep["profiled"])
+        assert not any("speed_ratios" in rep for rep in reps)  # tolerance 0: no speed checks
+        assert r["holds"]
+
+
+def test_recalibration_reprofiles_only_when_a_gpus_speed_moved_past_the_tolerance(inputs):
+    # rank 1's GPU at each check: as profiled, 12% slower, 4% faster, a failed check
+    res = _run_place({"profiles": inputs["profiles"], "trace": inputs["trace"], "reprofile_every": 1,
+                      "speed_tolerance": 0.05}, switches=["recalibrate"] * 4,
+                     speeds=[1.01, 1.12, 0.96, "CUDA error: out of memory"])
+    for r in res:  # every rank takes the same decision from the gathered ratios
+        reps = [s["report"] for s in r["switches"]]
+        assert all(rep is not None for rep in reps), reps
+        assert [rep["profiled"] for rep in reps] == [False, True, False, True]
+        assert r["profiled"] == [True, True]  # quick profiles after the 2nd and the 4th check
+        assert [rep["speed_ratios"][1] for rep in reps[:3]] == [1.01, 1.12, 0.96]
+        assert all(rep["speed_ratios"][0] == 1.0 for rep in reps)
+        assert np.isnan(reps[3]["speed_ratios"][1])
+        assert reps[3]["speed_errors"] == ["rank 1: RuntimeError: CUDA error: out of memory"]
+        assert all("speed_errors" not in rep for rep in reps[:3])
         assert r["holds"]
 
 
@@ -709,10 +738,11 @@ def test_re_profiles_time_the_served_layers_own_experts(monkeypatch):
     w13, w2 = torch.zeros(4, 2 * 8, 16, dtype=torch.bfloat16), torch.zeros(4, 16, 8, dtype=torch.bfloat16)
     moe = types.SimpleNamespace(w13_weight=w13, w2_weight=w2)
     model = types.SimpleNamespace(modules=lambda: [moe])
-    worker = types.SimpleNamespace(cfg=GemConfig(), rank=0, hidden=16, intermediate=8, local_experts=4,
-                                   device=torch.device("cpu"), model=model)
-    runtime.GemWorker.local_profile(worker, quick=True)
+    worker = runtime.GemWorker.__new__(runtime.GemWorker)
+    vars(worker).update(cfg=GemConfig(), rank=0, hidden=16, intermediate=8, local_experts=4,
+                        device=torch.device("cpu"), model=model)
+    worker.local_profile(quick=True)
     assert seen[-1][0] is w13 and seen[-1][1] is w2
     moe.w13_weight, moe.w2_weight = w13.float(), w2.float()  # e.g. not bf16: random weights instead
-    runtime.GemWorker.local_profile(worker, quick=True)
+    worker.local_profile(quick=True)
     assert seen[-1] is None

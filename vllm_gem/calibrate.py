@@ -38,6 +38,9 @@ from .latency import fit
 from .profiles import calibration_patterns
 
 N_HELD_OUT = 12  # calibration_patterns ends with this many random mixed loads
+LIFT_SECONDS = 0.4  # a profile's warm-up: lifts an idle GPU's clocks to where serving runs them
+SPEED_CHECK_POINTS = 8  # load patterns a speed check re-times (a profile has up to 69)
+SPEED_CHECK_LIFT_SECONDS = 0.05  # a speed check runs between serving steps: the clocks are up
 
 
 class CalibrationError(RuntimeError):
@@ -134,6 +137,67 @@ def calibrate_device(device: int, spec: CalibrationSpec = CalibrationSpec(),
     device, only read: a served MoE layer's own experts, timed in place of random ones, so a
     re-profile while serving allocates no weight copies (0.6 GB for model-q3's 64 local
     experts, 2.8 GB for 32 of DeepSeek-V3's) in the memory vLLM left for the KV cache."""
+    from .kernels.moe_gemm import CALIBRATION_TILE
+    cfg = CALIBRATION_TILE
+    patterns = calibration_patterns(spec.num_experts, cfg.block_m, spec.seed)
+    points, before, after = _measure(device, spec, weights, patterns, LIFT_SECONDS)
+    ident = gpu_identity(device)
+    return GpuProfile(
+        gpu=ident, expert=ExpertShape(spec.hidden, spec.intermediate, "bfloat16"),
+        kernel=KernelSpec("vllm_gem.kernels.moe_gemm", cfg.block_m, cfg.block_n, cfg.block_k),
+        points=points, state_before=before, state_after=after,
+        emulation=_emulation_text(spec, ident.sm_count),
+        source="measured", created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+@dataclass(frozen=True)
+class SpeedCheck:
+    """A GPU's speed now against a profile of it (`check_speed`)."""
+
+    ratio: float  # median over the checked points of (time now / the profile's time): > 1 slower
+    points: int  # how many of the profile's load patterns were timed again
+    seconds: float  # what the check took (serving stalls for it)
+
+
+def check_points(num_points: int, k: int = SPEED_CHECK_POINTS) -> np.ndarray:
+    """Indices [min(k, num_points)] of a profile's points to re-time, spread evenly over them
+    (calibration_patterns runs decode-like, then prefill-like, then random mixed loads)."""
+    return np.unique(np.linspace(0, num_points - 1, min(k, num_points)).round().astype(int))
+
+
+def speed_ratio(reference: list[LatencyPoint], measured: list[LatencyPoint]) -> float:
+    """Median over paired points of measured / reference median time (> 1: slower now)."""
+    if len(reference) != len(measured) or not reference:
+        raise ValueError(f"speed_ratio: {len(measured)} measured points for {len(reference)} "
+                         "reference points, expected the same number (> 0)")
+    ref = np.array([p.median_us for p in reference])
+    now = np.array([p.median_us for p in measured])
+    return float(np.median(now / ref))
+
+
+def check_speed(device: int, spec: CalibrationSpec, reference: GpuProfile,
+                weights: tuple[Any, Any] | None = None, k: int = SPEED_CHECK_POINTS) -> SpeedCheck:
+    """Re-time k of `reference`'s load patterns on `device` and compare: a speed check that
+    costs a few patterns (about a tenth of a quick re-profile) instead of all of them.
+
+    Its clock lift is short: it runs between serving steps, on a GPU that is already busy.
+    weights: as calibrate_device's. reference: a profile of this GPU with spec's expert count."""
+    t0 = time.perf_counter()
+    idx = check_points(len(reference.points), k)
+    chosen = [reference.points[i] for i in idx]
+    for p in chosen:
+        if len(p.tokens_per_expert) != spec.num_experts:
+            raise ValueError(f"reference profile of {reference.gpu.name} #{reference.gpu.index}: "
+                             f"points.tokens_per_expert has {len(p.tokens_per_expert)} experts, "
+                             f"expected {spec.num_experts} (this GPU's local experts)")
+    points, _, _ = _measure(device, spec, weights, [p.tokens_per_expert for p in chosen],
+                            SPEED_CHECK_LIFT_SECONDS)
+    return SpeedCheck(speed_ratio(chosen, points), len(points), time.perf_counter() - t0)
+
+
+def _measure(device: int, spec: CalibrationSpec, weights: tuple[Any, Any] | None,
+             patterns: list[list[int]], lift_s: float) -> tuple[list[LatencyPoint], Any, Any]:
+    """Time `patterns` [points][experts] on `device` -> (points, GPU state before, after)."""
     import torch
 
     from .kernels.moe_gemm import CALIBRATION_TILE, align, moe_ffn
@@ -152,7 +216,6 @@ def calibrate_device(device: int, spec: CalibrationSpec = CalibrationSpec(),
             if tuple(w.shape) != shape or w.dtype != bf or w.device != torch.device("cuda", device):
                 raise ValueError(f"calibration weights {name}: {tuple(w.shape)} {w.dtype} on {w.device}, "
                                  f"expected {shape} torch.bfloat16 on cuda:{device} (the spec's shape)")
-    patterns = calibration_patterns(e, cfg.block_m, spec.seed)
     max_tokens = max(sum(p) for p in patterns)
     x_all = torch.randn(max_tokens, h, device=device, dtype=bf, generator=gen)
 
@@ -164,7 +227,7 @@ def calibrate_device(device: int, spec: CalibrationSpec = CalibrationSpec(),
         t0 = time.perf_counter()
         with torch.cuda.stream(stream):
             big = torch.randn(4096, 4096, device=device, dtype=bf, generator=gen)
-            while time.perf_counter() - t0 < 0.4:  # lift the clocks out of idle
+            while time.perf_counter() - t0 < lift_s:  # lift the clocks out of idle
                 big @ big
                 torch.cuda.synchronize(device)
             points = measure_within(
@@ -174,14 +237,7 @@ def calibrate_device(device: int, spec: CalibrationSpec = CalibrationSpec(),
     finally:
         if green is not None:
             green.pop_context()
-    ident = gpu_identity(device)
-    prof = GpuProfile(
-        gpu=ident, expert=ExpertShape(h, i, "bfloat16"),
-        kernel=KernelSpec("vllm_gem.kernels.moe_gemm", cfg.block_m, cfg.block_n, cfg.block_k),
-        points=points, state_before=before, state_after=after,
-        emulation=_emulation_text(spec, ident.sm_count),
-        source="measured", created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    return prof
+    return points, before, after
 
 
 @functools.cache

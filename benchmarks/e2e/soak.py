@@ -88,6 +88,25 @@ def memory_growth(samples: list[dict], settle_s: float = 60) -> dict:
                                                        for n, v in by_name.items()}}
 
 
+def recalibration_stalls(log_text: str) -> dict:
+    """How long recalibrations held serving, from rank 0's report lines in a server log
+    (`vllm-gem recalibration: {...}`, each with its total_seconds), by kind: re-profiled,
+    speed-checked only (every GPU within speed_tolerance), planned only."""
+    kinds: dict[str, list[float]] = {"profiled": [], "speed_checked": [], "planned_only": []}
+    for line in re.findall(r"vllm-gem recalibration: (\{.*)", log_text):
+        total = re.search(r"'total_seconds': ([0-9.]+)", line)
+        if total is None:
+            continue
+        kind = ("profiled" if "'profiled': True" in line else
+                "speed_checked" if "'speed_ratios'" in line else "planned_only")
+        kinds[kind].append(float(total.group(1)))
+    out = {"recalibration_seconds": round(sum(sum(v) for v in kinds.values()), 2)}
+    for kind, secs in kinds.items():
+        out[f"{kind}_count"] = len(secs)
+        out[f"{kind}_median_s"] = round(float(np.median(secs)), 3) if secs else None
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
@@ -139,6 +158,7 @@ def main() -> int:
         "recalibration_failures": len(re.findall(r"recalibration failed", text)),
         "recalibration_moves": len(re.findall(r"recalibration: .*'applied': True", text)),
         "routing_drifts": len(re.findall(r"routing drift \(benchmark\)", text)),
+        **recalibration_stalls(text),
         **memory_growth(samples),
         "median_tpot_ms": res["median_tpot_ms"], "metrics": metrics, "samples": samples,
     }

@@ -3,6 +3,7 @@
 # GPU (all at once, twice for run-to-run spread), emulated slower GPUs (green contexts),
 # and, when vLLM is importable, the kernel benchmark against vLLM's fused_moe.
 #   usage: OUT=dir bash benchmarks/gpu/calibration_session.sh [stage...]   stages: tests calib slow kernels
+#          speed (a recalibration's GPU speed check against a quick re-profile: cost, ratios)
 #          recorder (GEM's routing recorder per engine step, GPU and host time; STEP_MS: a measured
 #          TPOT, default 4.2 ms = GEM's TPOT p50 in session 5's ab-slow20 on nvidia-h200-x2)
 #   env: SEARCH=0 times the tile table only (kernels), not every tile of the search;
@@ -36,6 +37,8 @@ slow)
     mkdir -p "$out/profiles-$tag-sm$sms" && mv "$out/profiles-$tag-slow/"*sm$sms* "$out/profiles-$tag-sm$sms/" 2>/dev/null
   done
   python3 benchmarks/gpu/summarize_calibration.py "$out" | tee "$out/calibration-summary-$tag.txt" ;;
+speed)
+  python3 benchmarks/gpu/speed_check.py --json "$out/speed-check-$tag.json" 2>&1 | tee "$out/speed-check-$tag.txt" ;;
 recorder)
   python3 benchmarks/recorder_overhead.py --step-ms "${STEP_MS:-4.2}" --json "$out/recorder-$tag.json" | tee "$out/recorder-$tag.txt" ;;
 kernels)

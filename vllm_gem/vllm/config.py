@@ -45,10 +45,14 @@ class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     recalibrate_steps: int = 0
     recalibrate_planner: str = "gem-migrate"  # prefers plans that move few experts
     min_gain: float = 0.02  # re-place only if the predicted layer-time gain beats this (< 0: always)
-    # re-profile the GPUs on every Nth recalibration only (1: every time): a quick profile
-    # stalls serving ~1.3 s (2xH200, session 6), re-planning from live routing ~0.1-0.4 s, and
-    # routing drifts faster than a GPU's speed
+    # check the GPUs on every Nth recalibration only (1: every time): routing drifts faster
+    # than a GPU's speed. A quick re-profile stalls serving ~1.3-1.4 s (2xH200, sessions 6
+    # and 8), re-planning from live routing ~0.1-0.2 s
     reprofile_every: int = 4
+    # that check first re-times a few of each GPU's profiled load patterns (calibrate.check_speed)
+    # and re-profiles every GPU only when one has sped up or slowed down by more than this
+    # fraction; 0: always re-profile
+    speed_tolerance: float = 0.05
     # metrics: one small JSON per rank, read by the API server's /metrics collector
     state_dir: str | None = None
     # experiments only: EP rank -> extra fraction of MoE expert work it does (a slower GPU)
@@ -66,6 +70,9 @@ class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.reprofile_every < 1:
             raise GemInputError(SOURCE, "reprofile_every", f"is {self.reprofile_every}",
                                 "an integer >= 1 (1: re-profile at every recalibration)")
+        if not 0.0 <= self.speed_tolerance < 1.0:
+            raise GemInputError(SOURCE, "speed_tolerance", f"is {self.speed_tolerance}",
+                                "a fraction in [0, 1) (0: re-profile at every check)")
         if not -1.0 <= self.min_gain < 1.0:
             raise GemInputError(SOURCE, "min_gain", f"is {self.min_gain}",
                                 "a fraction in [-1, 1) (negative: apply every plan)")

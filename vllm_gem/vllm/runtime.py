@@ -19,6 +19,7 @@ import torch
 from ..calibrate import (
     CalibrationSpec,
     calibrate_device,
+    check_speed,
     exchange_profiles,
 )
 from ..errors import GemInputError
@@ -129,17 +130,42 @@ class GemWorker:
             self.recalibrate(interval)
 
     # ------------------------------------------------------------------ profiles
-    def local_profile(self, quick: bool = False) -> GpuProfile:
+    def calibration_spec(self, quick: bool = False) -> CalibrationSpec:
         extra = self.cfg.emulate_slowdown.get(self.rank, 0.0)
-        spec = CalibrationSpec(hidden=self.hidden, intermediate=self.intermediate,
+        return CalibrationSpec(hidden=self.hidden, intermediate=self.intermediate,
                                num_experts=self.local_experts, extra_work=extra,
                                reps=10 if quick else CalibrationSpec.reps,
                                time_limit_s=self.cfg.calibration_time_limit_s)
+
+    def own_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The first MoE layer's experts to time in place, or None (not bf16 on this GPU)."""
         w13, w2 = expert_tensors(self.model)
         own = w13.dtype == w2.dtype == torch.bfloat16 and w13.device == w2.device == self.device
-        prof = calibrate_device(self.device.index, spec, (w13, w2) if own else None)
+        return (w13, w2) if own else None
+
+    def local_profile(self, quick: bool = False) -> GpuProfile:
+        prof = calibrate_device(self.device.index, self.calibration_spec(quick), self.own_weights())
         torch.cuda.empty_cache()
         return prof
+
+    def local_speed_ratio(self) -> float:
+        """This GPU's time now / its profile in use, over a few of the profile's patterns."""
+        check = check_speed(self.device.index, self.calibration_spec(quick=True),
+                            self.profiles[self.rank], self.own_weights())
+        torch.cuda.empty_cache()
+        return check.ratio
+
+    def gather_speed_ratios(self) -> tuple[list[float], list[str]]:
+        """Every rank's local_speed_ratio, in rank order, and the errors of ranks whose check
+        failed (their ratio is nan, so the caller re-profiles). Collective."""
+        ratio, err = float("nan"), ""
+        try:
+            ratio = float(self.local_speed_ratio())
+        except Exception as e:  # a full re-profile follows: it names a real failure again
+            err = f"rank {self.rank}: {type(e).__name__}: {e}"
+        out: list = [None] * self.size
+        torch.distributed.all_gather_object(out, (ratio, err), group=self.ep.cpu_group)
+        return [r for r, _ in out], [e for _, e in out if e]
 
     def gather_profiles(self, quick: bool = False) -> list[GpuProfile]:
         """Calibrate every GPU at once (or read the configured files) -> profiles in rank order."""
@@ -182,9 +208,18 @@ class GemWorker:
         switch_to (an A/B switch on request): plan with this planner ('initial': vLLM's start
         map) from the start-up's profiles and routing history, and apply it whatever its gain.
         reprofile=False: plan with the profiles already exchanged (recalibration between re-profiles).
+        A recalibration's re-profile is skipped when every GPU's speed check is within
+        cfg.speed_tolerance of its profile.
         """
         t0 = time.perf_counter()
         profiled = self.profiles is None or (switch_to is None and reprofile)
+        speed: dict[str, Any] = {}
+        if profiled and self.profiles is not None and horizon_steps and self.cfg.speed_tolerance > 0:
+            # recalibration: re-profile only if some GPU's speed moved past the tolerance
+            ratios, errors = self.gather_speed_ratios()
+            profiled = not all(abs(r - 1.0) <= self.cfg.speed_tolerance for r in ratios)  # nan: not
+            speed = {"speed_ratios": [round(r, 4) for r in ratios], **({"speed_errors": errors}
+                                                                        if errors else {})}
         if profiled:
             self.profiles = self.gather_profiles(quick_profile)
         t_prof = time.perf_counter() - t0
@@ -220,7 +255,7 @@ class GemWorker:
         if error:
             raise PlacementError(f"planning on EP rank 0 failed: {error}")
         report: dict[str, Any] = {
-            "reason": reason, "profiled": profiled, "profile_seconds": round(t_prof, 3),
+            "reason": reason, "profiled": profiled, **speed, "profile_seconds": round(t_prof, 3),
             "planning_seconds": round(decision.planning_seconds, 3),
             "predicted_layer_us_before": round(decision.predicted_before_us, 2),
             "predicted_layer_us_after": round(decision.predicted_after_us, 2),
@@ -287,7 +322,9 @@ class GemWorker:
         routing); moves only if the predicted gain beats min_gain and its saving over
         saving_horizon (until the next recalibration, or as long as the placement in use has
         served, whichever is longer) beats the move's cost. The GPUs are re-profiled on every
-        cfg.reprofile_every-th recalibration; the others re-plan with the last profiles.
+        cfg.reprofile_every-th recalibration if a speed check finds one GPU faster or slower
+        than its profile by more than cfg.speed_tolerance; the others re-plan with the last
+        profiles.
         Returns the report, or None when it failed (logged; serving goes on)."""
         reprofile = self.recalibrations % self.cfg.reprofile_every == 0
         self.recalibrations += 1
