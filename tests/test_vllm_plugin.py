@@ -1,6 +1,7 @@
 """The vLLM plugin on CPU, against the real vllm package: registration, flags, config flow,
 the decision's map format, the weight move (two gloo ranks), recorder, routing replay, metrics."""
 
+import datetime
 import importlib.metadata
 import json
 import os
@@ -378,21 +379,38 @@ def test_a_move_that_destroys_the_only_copy_of_an_expert_says_so():
 
 
 # ---------------------------------------------------------------- a worker's start-up placement
+def _step_until_the_plan_is_applied(w):
+    """Engine steps after a background recalibration started: -> the report of the one
+    recalibration finished, exactly at its due step."""
+    due, reports, serve = w.pending.due_step, [], w.serving_safely
+    w.serving_safely = lambda part: reports.append(serve(part)) or reports[-1]
+    while w.pending is not None:
+        w.after_step()
+    del w.serving_safely
+    assert w.steps == due and len(reports) == 1
+    return reports[0]
+
+
 def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lose=False, switches=(),
-                  speeds=()):
+                  speeds=(), dp=1):
     import torch
     import torch.distributed as dist
 
     from vllm_gem.vllm import runtime
     from vllm_gem.vllm.config import parse
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    # a collective that only some ranks join fails in 60 s instead of hanging CI for 30 min
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     if lose:  # the first layer's transfer wipes rank 0's slots: experts only it held are gone
         _inject_transfer_fault("lose", rank)
     ms = _fake_model_state(rank, world, layers=3, num_physical=24)
     ep = types.SimpleNamespace(rank_in_group=rank, world_size=world, ranks=list(range(world)),
                                cpu_group=dist.group.WORLD, device_group=dist.group.WORLD)
-    w = runtime.GemWorker.from_parts(parse(cfg), ms, ep, model_name="fake-moe")
+    w = runtime.GemWorker.from_parts(parse(cfg), ms, ep, dp_size=dp, model_name="fake-moe")
+    histories = []  # what each rank read as the routing history
+    read_history = w.routing_history
+    w.routing_history = lambda *a, **k: histories.append(read_history(*a, **k)) or histories[-1]
     if fail_rank is not None:  # calibrate instead of reading files; one rank's GPU fails
         def local_profile(quick=False):
             if rank == fail_rank:
@@ -400,7 +418,7 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
             return example_profile(f"gpu{rank}", 1.0 + 0.3 * rank, num_experts=12)
         w.local_profile = local_profile
     profiled = []
-    if "recalibrate" in switches:  # live quick profiles: a stand-in GPU per rank, counted
+    if any(s.startswith("recalibrate") for s in switches):  # live quick profiles: stand-in GPUs, counted
         def local_profile(quick=False):
             profiled.append(quick)
             return example_profile(f"gpu{rank}", 1.0 + 0.3 * rank, num_experts=12)
@@ -426,28 +444,39 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
     start_map = ms.physical_to_logical_map.clone()
     after = []  # A/B switches on request, after the start-up placement
     for planner in switches:
-        if planner == "recalibrate":  # a few recorded steps of skewed traffic, then recalibrate
+        if planner.startswith("recalibrate"):  # recorded steps of skewed traffic, then recalibrate
             phys = torch.as_tensor(skewed_loads()[0]).gather(1, ms.physical_to_logical_map)
-            for _ in range(8):
-                w.recorder.record(phys.to(torch.int32), ms.physical_to_logical_map)
+            for _ in range(8):  # with DP, each rank routed its own share (rank r: r + 1 times)
+                w.recorder.record(phys.to(torch.int32) * (rank + 1 if dp > 1 else 1),
+                                  ms.physical_to_logical_map)
             rep = w.recalibrate(8)
+            if planner == "recalibrate+switch":  # an A/B switch lands while the plan is made
+                assert runtime.switch_placement(None, "initial")["applied"]
+            if w.pending is not None:  # planning in the background: serve on until it is due
+                assert rep is None
+                rep = _step_until_the_plan_is_applied(w)
         else:
             rep = runtime.switch_placement(None, planner)
         after.append({"report": rep, "holds": _holds_its_experts(ms, rank, world),
                       "map": ms.physical_to_logical_map.clone()})
     torch.save({"report": report, "holds": _holds_its_experts(ms, rank, world),
                 "map": ms.physical_to_logical_map.clone(), "switches": after,
-                "start_map": start_map, "profiled": profiled}, f"{out}/rank{rank}.pt")
+                "start_map": start_map, "profiled": profiled,
+                "histories": [torch.as_tensor(h) for h in histories],
+                "recorded": torch.as_tensor(w.recorder.history(8).astype(np.float64))},
+               f"{out}/rank{rank}.pt")
     dist.barrier()  # no rank tears gloo down while a peer still uses it (an abort on 2-core CI)
     dist.destroy_process_group()
 
 
-def _run_place(cfg, fail_rank=None, world=2, inactive_rank=None, lose=False, switches=(), speeds=()):
+def _run_place(cfg, fail_rank=None, world=2, inactive_rank=None, lose=False, switches=(), speeds=(),
+               dp=1):
     import torch
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_place_worker, nprocs=world, args=(world, f"file://{tmp}/rdv", cfg, fail_rank, tmp,
-                                                    inactive_rank, lose, tuple(switches), tuple(speeds)))
+                                                    inactive_rank, lose, tuple(switches), tuple(speeds),
+                                                    dp))
         return [torch.load(f"{tmp}/rank{r}.pt") for r in range(world)]
 
 
@@ -590,6 +619,41 @@ def test_recalibration_reprofiles_only_when_a_gpus_speed_moved_past_the_toleranc
         assert reps[3]["speed_errors"] == ["rank 1: RuntimeError: CUDA error: out of memory"]
         assert all("speed_errors" not in rep for rep in reps[:3])
         assert r["holds"]
+
+
+def test_recalibration_plans_in_the_background_and_applies_at_the_due_step(inputs):
+    res = _run_place({"profiles": inputs["profiles"], "trace": inputs["trace"], "plan_delay_steps": 5,
+                      "min_gain": -1.0}, switches=["recalibrate"])
+    for r in res:  # the helper checked: None at first, one report exactly 5 steps later
+        rep = r["switches"][0]["report"]
+        assert rep["reason"] == "recalibration" and rep["waited_seconds"] >= 0
+        assert rep["planning_wall_seconds"] > 0 or r is not res[0]  # rank 0 planned
+        assert rep["total_seconds"] < 1.0 and r["holds"]
+    assert res[0]["switches"][0]["map"].equal(res[1]["switches"][0]["map"])
+
+
+def test_a_switch_while_a_recalibration_plans_drops_that_plan(inputs):
+    res = _run_place({"profiles": inputs["profiles"], "trace": inputs["trace"], "plan_delay_steps": 3,
+                      "min_gain": -1.0}, switches=["recalibrate+switch"])
+    initial = np.tile(np.arange(24) % 16, (3, 1)).tolist()
+    for r in res:
+        rep = r["switches"][0]["report"]
+        assert rep["applied"] is False and rep["why"] == "the map changed while planning; the plan is dropped"
+        assert r["switches"][0]["map"].tolist() == initial and r["holds"]  # the switch's map stays
+
+
+def test_recalibration_with_data_parallelism_sums_every_ranks_routing(inputs):
+    # each DP rank routes its own tokens: the history is a collective that every rank joins
+    # (rank 0 alone in it, as before session 9, left the other rank waiting elsewhere)
+    res = _run_place({"profiles": inputs["profiles"], "trace": inputs["trace"], "plan_delay_steps": 2},
+                     switches=["recalibrate"], dp=2)
+    for r in res:
+        assert r["switches"][0]["report"] is not None and r["holds"]
+    live = [h for h in res[0]["histories"] if h.shape[0] == 8]
+    mine, theirs = res[0]["recorded"], res[1]["recorded"]  # rank 1 routed twice rank 0's tokens
+    assert theirs.equal(2 * mine) and mine.sum() > 0
+    assert len(live) == 1 and live[0].equal(mine + theirs)  # rank 0 planned from both
+    assert [h.shape[0] for h in res[1]["histories"]] == [8]  # rank 1 joined for the live one only
 
 
 def test_a_trace_of_another_model_keeps_vllm_placement_or_fails_in_strict(inputs):

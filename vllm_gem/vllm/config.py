@@ -53,6 +53,10 @@ class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # and re-profiles every GPU only when one has sped up or slowed down by more than this
     # fraction; 0: always re-profile
     speed_tolerance: float = 0.05
+    # a recalibration plans in a background thread on EP rank 0 while serving goes on, and
+    # every rank applies the plan this many engine steps later (all at the same step); if the
+    # plan is not ready by then, serving waits for it. 0: plan inside the step
+    plan_delay_steps: int = 200
     # metrics: one small JSON per rank, read by the API server's /metrics collector
     state_dir: str | None = None
     # experiments only: EP rank -> extra fraction of MoE expert work it does (a slower GPU)
@@ -70,6 +74,9 @@ class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.reprofile_every < 1:
             raise GemInputError(SOURCE, "reprofile_every", f"is {self.reprofile_every}",
                                 "an integer >= 1 (1: re-profile at every recalibration)")
+        if self.plan_delay_steps < 0:
+            raise GemInputError(SOURCE, "plan_delay_steps", f"is {self.plan_delay_steps}",
+                                "0 (plan inside the step) or a number of engine steps")
         if not 0.0 <= self.speed_tolerance < 1.0:
             raise GemInputError(SOURCE, "speed_tolerance", f"is {self.speed_tolerance}",
                                 "a fraction in [0, 1) (0: re-profile at every check)")

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +101,8 @@ class GemWorker:
         self.started = False  # the start-up placement has run (recalibration waits for it)
         self.placed_at_step = 0  # engine step of the last applied move (hysteresis horizon)
         self.recalibrations = 0
+        self.pending: PendingPlan | None = None  # a recalibration planning in the background
+        self.has_start_history = False  # rank 0 keeps the start-up's routing history
         self.dump_requested = False
         self.drift_every = drift_steps()  # benchmarks only: replayed routing drifts
 
@@ -125,8 +130,10 @@ class GemWorker:
             self.export(*self.exported)
         if self.drift_every:
             maybe_drift(self.steps, self.drift_every)
+        if self.pending is not None and self.steps >= self.pending.due_step:
+            self.serving_safely(self.finish_pending)
         interval = self.cfg.recalibrate_interval
-        if self.started and interval and self.steps % interval == 0:
+        if self.started and interval and self.steps % interval == 0 and self.pending is None:
             self.recalibrate(interval)
 
     # ------------------------------------------------------------------ profiles
@@ -181,10 +188,21 @@ class GemWorker:
         return exchange_profiles(prof, err, group=self.ep.cpu_group)
 
     # ------------------------------------------------------------------ routing history
-    def routing_history(self, live: bool = False, last: int | None = None) -> np.ndarray:
-        """loads: [steps, layers, experts] from the configured trace (at start), else the
-        recorder's newest `last` steps (live traffic, used by recalibration)."""
-        if self.cfg.trace and not live:
+    def history_source(self, horizon_steps: int | None, switch_to: str | None) -> str:
+        """Where a placement's routing comes from, the same on every rank: 'start' (the
+        start-up's history, kept on rank 0, for A/B switches), 'trace' (the configured file,
+        at start) or 'recorder' (live traffic)."""
+        if switch_to is not None and self.has_start_history:
+            return "start"
+        return "trace" if self.cfg.trace and not horizon_steps else "recorder"
+
+    def routing_history(self, source: str, last: int | None = None) -> np.ndarray:
+        """loads: [steps, layers, experts] from `source` (history_source); from the recorder,
+        its newest `last` steps. Collective for the recorder with DP > 1 (every rank sums the
+        group's counts), so every rank calls it then; otherwise rank 0 only."""
+        if source == "start":
+            return self.start_history
+        if source == "trace":
             trace = load(self.cfg.trace, RoutingTrace)
             check_trace_matches(trace, self.cfg.trace, self.model.num_moe_layers,
                                 self.model.num_logical_experts)
@@ -200,7 +218,8 @@ class GemWorker:
 
     # ------------------------------------------------------------------ placement
     def place(self, reason: str, quick_profile: bool = False, horizon_steps: int | None = None,
-              switch_to: str | None = None, reprofile: bool = True) -> dict[str, Any]:
+              switch_to: str | None = None, reprofile: bool = True,
+              delay_steps: int = 0) -> dict[str, Any] | None:
         """Profile, plan on rank 0, broadcast, move. Collective: every EP rank calls it.
 
         horizon_steps (recalibration): plan from that many recent steps, and require the
@@ -210,6 +229,9 @@ class GemWorker:
         reprofile=False: plan with the profiles already exchanged (recalibration between re-profiles).
         A recalibration's re-profile is skipped when every GPU's speed check is within
         cfg.speed_tolerance of its profile.
+        delay_steps > 0: rank 0 plans in a background thread while serving goes on, and every
+        rank agrees and moves `delay_steps` engine steps later (after_step); returns None then.
+        Otherwise returns the report at once.
         """
         t0 = time.perf_counter()
         profiled = self.profiles is None or (switch_to is None and reprofile)
@@ -224,20 +246,43 @@ class GemWorker:
             self.profiles = self.gather_profiles(quick_profile)
         t_prof = time.perf_counter() - t0
         planner = switch_to or (self.cfg.recalibrate_planner if horizon_steps else self.cfg.planner)
-        decision: PlanDecision | None = None
-        error = ""
-        if self.rank == 0:
-            try:
-                old = self.ms.physical_to_logical_map.cpu().numpy()
-                if switch_to is not None and self.start_history is not None:
-                    history = self.start_history
-                else:
-                    history = self.routing_history(live=bool(horizon_steps), last=horizon_steps)
-                if not horizon_steps and self.start_history is None:
-                    self.start_history = history
-                    if self.cfg.trace_dir:  # what the start-up (and every switch) planned from
-                        self.save_history(history, "planning-history-start.msgpack")
-                decision = decide(history, self.profiles, old, num_nodes=self.num_nodes,
+        job = self.plan_job(planner, horizon_steps, switch_to)
+        head = {"reason": reason, "profiled": profiled, **speed, "profile_seconds": round(t_prof, 3)}
+        if delay_steps:
+            self.pending = PendingPlan(job, head, planner, self.steps + delay_steps,
+                                       time.perf_counter() - t0)
+            return None
+        return self.agree_and_apply(job.run() if job else (None, ""), head, planner, t0)
+
+    def plan_job(self, planner: str, horizon_steps: int | None, switch_to: str | None
+                 ) -> PlanJob | None:
+        """Read the routing history now (collective with DP > 1) and, on rank 0, return the
+        planning to run. None on the other ranks."""
+        source = self.history_source(horizon_steps, switch_to)
+        history, error = None, ""
+        if source == "recorder" and self.dp_size > 1:
+            history = self.routing_history(source, last=horizon_steps)  # every rank: a collective
+        if self.rank != 0:
+            return None
+        try:
+            if history is None:
+                history = self.routing_history(source, last=horizon_steps)
+            if not horizon_steps and self.start_history is None:
+                self.start_history = history
+                if self.cfg.trace_dir:  # what the start-up (and every switch) planned from
+                    self.save_history(history, "planning-history-start.msgpack")
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+        old = self.ms.physical_to_logical_map.cpu().numpy().copy()  # on CPU (tests) .numpy() is a view
+        horizon = saving_horizon(horizon_steps, self.steps - self.placed_at_step) if horizon_steps else 0
+        bytes_per_slot = slot_bytes(self.model.expert_weights)
+        bandwidth, profiles = self.move_bandwidth, self.profiles
+
+        def job() -> tuple[PlanDecision | None, str]:
+            if error:
+                return None, error
+            try:  # pure numpy from here on: safe off the serving thread
+                decision = decide(history, profiles, old, num_nodes=self.num_nodes,
                                   num_groups=self.model.num_expert_groups, planner=planner,
                                   planner_params=self.cfg.planner_params,
                                   min_gain=-1.0 if switch_to else self.cfg.min_gain,
@@ -245,17 +290,41 @@ class GemWorker:
                                   lp_bound=not horizon_steps)
                 if horizon_steps:
                     decision.apply, decision.info["move_check"] = worth_moving(
-                        decision, old, slot_bytes(self.model.expert_weights), self.move_bandwidth,
-                        saving_horizon(horizon_steps, self.steps - self.placed_at_step))
+                        decision, old, bytes_per_slot, bandwidth, horizon)
+                return decision, ""
             except Exception as e:
-                error = f"{type(e).__name__}: {e}"
-        box = [(decision, error)]
+                return None, f"{type(e).__name__}: {e}"
+        return PlanJob(job, old)
+
+    def finish_pending(self) -> dict[str, Any] | None:
+        """Agree on and apply the plan a background planning produced (every rank, same step)."""
+        pending, self.pending = self.pending, None
+        t0 = time.perf_counter()
+        decision, error = result = pending.wait()
+        if decision is not None and not np.array_equal(
+                pending.job.planned_from, self.ms.physical_to_logical_map.cpu().numpy()):
+            decision.apply = False  # a switch moved experts while this plan was made
+            decision.info["move_check"] = "the map changed while planning; the plan is dropped"
+        report = self.agree_and_apply(result, pending.head, pending.planner, t0,
+                                      stall_before=pending.stall_seconds)
+        report.update(planning_wall_seconds=round(pending.wall_seconds, 3),
+                      waited_seconds=round(pending.waited_seconds, 3))
+        return report
+
+    def agree_and_apply(self, result: tuple[PlanDecision | None, str], head: dict[str, Any],
+                        planner: str, t0: float, stall_before: float = 0.0) -> dict[str, Any]:
+        """Broadcast rank 0's (decision, error), move if it says so, and report. Collective.
+        total_seconds: how long serving was held (stall_before: by the start of a background
+        recalibration)."""
+        box = [result]
         torch.distributed.broadcast_object_list(box, src=self.ep.ranks[0], group=self.ep.cpu_group)
         decision, error = box[0]
         if error:
             raise PlacementError(f"planning on EP rank 0 failed: {error}")
+        if head["reason"] != "recalibration":
+            self.has_start_history = True  # rank 0 keeps what it planned from: switches re-use it
         report: dict[str, Any] = {
-            "reason": reason, "profiled": profiled, **speed, "profile_seconds": round(t_prof, 3),
+            **head,
             "planning_seconds": round(decision.planning_seconds, 3),
             "predicted_layer_us_before": round(decision.predicted_before_us, 2),
             "predicted_layer_us_after": round(decision.predicted_after_us, 2),
@@ -288,7 +357,7 @@ class GemWorker:
         self.export(decision.rank_us_after if after else decision.rank_us_before,
                     decision.rank_us_before,
                     decision.straggler_after if after else decision.straggler_before)
-        report["total_seconds"] = round(time.perf_counter() - t0, 3)
+        report["total_seconds"] = round(stall_before + time.perf_counter() - t0, 3)
         return report
 
     def save_placement(self, d: PlanDecision, planner: str) -> None:
@@ -324,14 +393,21 @@ class GemWorker:
         served, whichever is longer) beats the move's cost. The GPUs are re-profiled on every
         cfg.reprofile_every-th recalibration if a speed check finds one GPU faster or slower
         than its profile by more than cfg.speed_tolerance; the others re-plan with the last
-        profiles.
-        Returns the report, or None when it failed (logged; serving goes on)."""
+        profiles. With cfg.plan_delay_steps the planning runs in the background and the plan
+        is applied that many steps later (after_step). Returns the report (None when planning
+        in the background, or when it failed: logged, serving goes on)."""
         reprofile = self.recalibrations % self.cfg.reprofile_every == 0
         self.recalibrations += 1
+        return self.serving_safely(lambda: self.place(
+            "recalibration", quick_profile=True, horizon_steps=horizon_steps, reprofile=reprofile,
+            delay_steps=self.cfg.plan_delay_steps))
+
+    def serving_safely(self, recalibration: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+        """Run a recalibration's part and log its report; a failure keeps the placement in use
+        (one warning) unless strict. Lost weights always stop the worker."""
         try:
-            report = self.place("recalibration", quick_profile=True, horizon_steps=horizon_steps,
-                                reprofile=reprofile)
-            if self.rank == 0:
+            report = recalibration()
+            if report is not None and self.rank == 0:
                 logger.info("vllm-gem recalibration: %s", report)
             return report
         except WeightsLostError:  # serving on would give wrong outputs: stop the worker
@@ -363,6 +439,46 @@ def _node_count() -> int:
         return int(get_node_count())
     except Exception:  # an older or stripped vLLM: plan as one node
         return 1
+
+
+@dataclass
+class PlanJob:
+    """Rank 0's planning, ready to run on or off the serving thread."""
+
+    run: Callable[[], tuple[PlanDecision | None, str]]  # -> (decision, '') or (None, error)
+    planned_from: np.ndarray  # [layers, num_physical] the map in use when its inputs were read
+
+
+class PendingPlan:
+    """A recalibration being planned in a background thread (rank 0; nothing runs on the
+    others), to be agreed on and applied by every rank at engine step `due_step`.
+
+    Why a thread: planning is numpy (mostly GIL-free) and a little Python. Beside a stand-in
+    serving loop it cost serving 0.012-0.035 s, against 0.30 s held for it inside the step
+    (2 CPU cores, benchmarks/planning_overlap.py)."""
+
+    def __init__(self, job: PlanJob | None, head: dict[str, Any], planner: str, due_step: int,
+                 stall_seconds: float) -> None:
+        self.job, self.head, self.planner, self.due_step = job, head, planner, due_step
+        self.stall_seconds = stall_seconds  # serving held while the inputs were gathered
+        self.result: tuple[PlanDecision | None, str] = (None, "")
+        self.wall_seconds = self.waited_seconds = 0.0
+        self.thread = None
+        if job is not None:
+            self.thread = threading.Thread(target=self._run, name="vllm-gem-planner", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        self.result = self.job.run()  # never raises: errors come back as text
+        self.wall_seconds = time.perf_counter() - t0
+
+    def wait(self) -> tuple[PlanDecision | None, str]:
+        if self.thread is not None:
+            t0 = time.perf_counter()
+            self.thread.join()
+            self.waited_seconds = time.perf_counter() - t0
+        return self.result
 
 
 class PlacementError(RuntimeError):
