@@ -205,6 +205,19 @@ def test_eplb_communicator_is_merged_into_the_eplb_config_or_added_and_vllm_acce
     assert rotated(["a", "b", "c"], 4) == ["b", "c", "a"] and rotated([], 1) == []
 
 
+def test_the_dp_soak_serves_one_gpu_per_dp_rank_with_gems_trace():
+    from serve_matrix import serve_command
+    from soak import soak_config
+    gem = '{"trace": "/tmp/gem/trace-skewed.msgpack"}'
+    cfg = soak_config(gem, "/tmp/gem/trace-skewed.msgpack", data_parallel_size=2)
+    cmd = serve_command("m", cfg, 8000)
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "1"
+    assert cmd[cmd.index("--data-parallel-size") + 1] == "2" and "--enable-expert-parallel" in cmd
+    assert json.loads(cmd[cmd.index("--additional-config") + 1]) == {"gem": json.loads(gem)}
+    plain = soak_config("{}", "t", no_gem=True)
+    assert plain["args"] == [] and "tensor_parallel_size" not in plain  # TP over every GPU
+
+
 def test_the_profiled_window_runs_at_the_saturating_rate_when_there_is_one():
     from serve_matrix import profile_rate
     assert profile_rate(["16", "inf"]) == "inf"

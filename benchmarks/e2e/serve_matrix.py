@@ -97,7 +97,7 @@ def serve_command(model: str, cfg: dict, port: int, max_num_seqs: int | None = N
     "prefix_caching": the runs of one A/B round reuse one seed's prompts, so with it every run
     after a round's first found 63-97% of its prompt tokens cached (session 7's log), and each
     round's first run was the slow one whatever its placement."""
-    tp = cfg.get("tensor_parallel_size", num_gpus())
+    tp = cfg["tensor_parallel_size"] if "tensor_parallel_size" in cfg else num_gpus()  # asks nvidia-smi
     cmd = [*VLLM, "serve", model, "--load-format", cfg.get("load_format", "dummy"),
            "--tensor-parallel-size", str(tp), "--enable-expert-parallel",
            "--max-model-len", "4096", "--host", "127.0.0.1", "--port", str(port), *cfg.get("args", [])]

@@ -9,6 +9,7 @@ memory did not grow after the first minute, and how often GEM recalibrated and r
     VLLM_GEM_RECALIBRATE=500 python3 benchmarks/e2e/soak.py MODEL OUT [--num-prompts 4000]
         [--rate 40] [--gem '{"emulate_slowdown": {"1": 0.2}}'] [--trace /tmp/gem/trace.msgpack]
         [--no-gem]   (the control: plain vLLM, same load)
+        [--data-parallel-size 2]   (DP ranks of TP 1; GEM's --gem then needs "trace")
 """
 
 from __future__ import annotations
@@ -88,6 +89,20 @@ def memory_growth(samples: list[dict], settle_s: float = 60) -> dict:
                                                        for n, v in by_name.items()}}
 
 
+def soak_config(gem: str, trace: str, no_gem: bool = False, eplb_communicator: str | None = None,
+                data_parallel_size: int = 1) -> dict:
+    """The serving matrix's configuration of the soak's one server (serve_matrix.serve_command)."""
+    args = ["--plugin", "gem", "--additional-config", json.dumps({"gem": json.loads(gem)})]
+    if eplb_communicator:
+        args = with_eplb_communicator(args, eplb_communicator)
+    cfg = {"name": "soak", "args": [] if no_gem else args,
+           "env": {"VLLM_MOE_ROUTING_SIMULATION_STRATEGY": "gem_trace", "VLLM_GEM_ROUTING_TRACE": trace}}
+    if data_parallel_size > 1:  # each DP rank one GPU: TP 1, EP across the DP ranks
+        cfg["tensor_parallel_size"] = 1
+        cfg["args"] = ["--data-parallel-size", str(data_parallel_size), *cfg["args"]]
+    return cfg
+
+
 def recalibration_stalls(log_text: str) -> dict:
     """How long recalibrations held serving, from rank 0's report lines in a server log
     (`vllm-gem recalibration: {...}`, each with its total_seconds), by kind: re-profiled,
@@ -120,13 +135,11 @@ def main() -> int:
     p.add_argument("--trace", default="/tmp/gem/trace-skewed.msgpack", help="routing to replay")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--eplb-communicator", default=None, help="vLLM's EPLB weight-transfer backend")
+    p.add_argument("--data-parallel-size", type=int, default=1,
+                   help="> 1: that many DP ranks of TP 1, EP over them (GEM then needs a trace in --gem)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    gem_args = ["--plugin", "gem", "--additional-config", json.dumps({"gem": json.loads(a.gem)})]
-    if a.eplb_communicator:
-        gem_args = with_eplb_communicator(gem_args, a.eplb_communicator)
-    cfg = {"name": "soak", "args": [] if a.no_gem else gem_args,
-           "env": {"VLLM_MOE_ROUTING_SIMULATION_STRATEGY": "gem_trace", "VLLM_GEM_ROUTING_TRACE": a.trace}}
+    cfg = soak_config(a.gem, a.trace, a.no_gem, a.eplb_communicator, a.data_parallel_size)
     log = a.out / "serve-soak.log"
     proc, ready = start_server(a.model, cfg, a.port, log, 400)
     samples, stop = [], threading.Event()

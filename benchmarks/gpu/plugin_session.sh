@@ -24,6 +24,8 @@
 #           dp2        data parallelism 2 x TP 1, EP over both GPUs, GPU 1 20% slower: vLLM's placement /
 #                      GEM from the trace file, one server each (DP > 1)
 #           soak       4000 requests, GPU 1 20% slower, recalibration every 500 steps
+#           soak-dp2   2000 requests on DP 2 x TP 1 (EP over both), GEM from the trace, GPU 1 20%
+#                      slower, recalibration every 500 steps (DP ranks join its collectives)
 #           soak-plain the same load on plain vLLM (the control for memory growth)
 #           soak-drift the soak with the replayed routing drifting every DRIFT (4000) steps: hot
 #                      experts change, so recalibration should move experts while serving
@@ -110,6 +112,11 @@ for s in "$@"; do
     mkdir -p "$out/e2e-$s/gem-planning" && cp /tmp/gem/traces-$only/planning-history-start.msgpack \
       /tmp/gem/traces-$only/placement-gen*.json "$out/e2e-$s/gem-planning/" 2>/dev/null
     grep -h "vllm-gem" "$out/e2e-$s"/raw/serve-*.log | cut -c1-500 | tail -8 ;;
+  soak-dp2)
+    VLLM_GEM_RECALIBRATE=${RECALIBRATE:-500} run_py benchmarks/e2e/soak.py /tmp/gem/model-q3 "$out/soak-dp2" \
+      --num-prompts "${SOAK_PROMPTS:-2000}" --data-parallel-size 2 \
+      --gem '{"trace": "/tmp/gem/trace-skewed.msgpack", "emulate_slowdown": {"1": 0.2}}' 2>&1 | tail -22
+    grep -h "vllm-gem" "$out/soak-dp2/serve-soak.log" | grep -E "recalibration|failed" | cut -c1-400 | tail -6 ;;
   soak-plain)
     run_py benchmarks/e2e/soak.py /tmp/gem/model-q3 "$out/soak-plain" --num-prompts "${SOAK_PROMPTS:-4000}" \
       --no-gem 2>&1 | tail -20 ;;
