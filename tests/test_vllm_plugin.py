@@ -632,6 +632,23 @@ def test_recalibration_plans_in_the_background_and_applies_at_the_due_step(input
     assert res[0]["switches"][0]["map"].equal(res[1]["switches"][0]["map"])
 
 
+def test_a_background_planning_that_fails_or_hangs_keeps_the_placement(inputs):
+    res = _run_place({"profiles": inputs["profiles"], "trace": inputs["trace"], "plan_delay_steps": 2,
+                      "recalibrate_planner": "no-such-planner"}, switches=["recalibrate"])
+    for r in res:  # the failure reached every rank through the broadcast: one warning, no move
+        assert r["switches"][0]["report"] is None and r["holds"]  # a plan that ran reports a dict
+        assert r["switches"][0]["map"].equal(r["start_map"])
+    import threading
+
+    from vllm_gem.vllm.runtime import PendingPlan, PlanJob
+    release = threading.Event()
+    stuck = PendingPlan(PlanJob(lambda: (release.wait(), (None, ""))[1], np.zeros((1, 2))),
+                        {}, "gem-migrate", due_step=5, stall_seconds=0.0)
+    assert stuck.wait(limit_s=0.05) == (None, "planning (gem-migrate) was not done 0.05 s after its "
+                                              "due step; the placement in use stays")
+    release.set()
+
+
 def test_a_switch_while_a_recalibration_plans_drops_that_plan(inputs):
     res = _run_place({"profiles": inputs["profiles"], "trace": inputs["trace"], "plan_delay_steps": 3,
                       "min_gain": -1.0}, switches=["recalibrate+switch"])

@@ -44,6 +44,7 @@ from .routing import drift_steps, maybe_drift
 logger = logging.getLogger("vllm.gem")
 DEFAULT_MOVE_BANDWIDTH = 5e9  # bytes/s until a move has been timed (gloo-staged transfers)
 EXPORT_EVERY = 1000  # engine steps between metric file refreshes
+PLAN_WAIT_LIMIT_S = 120.0  # how long a due background plan may hold serving (planning takes < 10 s)
 
 _WORKER: "GemWorker | None" = None
 
@@ -473,11 +474,16 @@ class PendingPlan:
         self.result = self.job.run()  # never raises: errors come back as text
         self.wall_seconds = time.perf_counter() - t0
 
-    def wait(self) -> tuple[PlanDecision | None, str]:
+    def wait(self, limit_s: float = PLAN_WAIT_LIMIT_S) -> tuple[PlanDecision | None, str]:
+        """(decision, '') or (None, error); a planning still running after `limit_s` seconds of
+        waiting is an error (its thread is left to end on its own), not a hung server."""
         if self.thread is not None:
             t0 = time.perf_counter()
-            self.thread.join()
+            self.thread.join(limit_s)
             self.waited_seconds = time.perf_counter() - t0
+            if self.thread.is_alive():
+                return None, (f"planning ({self.planner}) was not done {limit_s:g} s after its due "
+                              f"step; the placement in use stays")
         return self.result
 
 
