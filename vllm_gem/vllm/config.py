@@ -55,7 +55,8 @@ class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     speed_tolerance: float = 0.05
     # a recalibration plans in a background thread on EP rank 0 while serving goes on, and
     # every rank applies the plan this many engine steps later (all at the same step); if the
-    # plan is not ready by then, serving waits for it. 0: plan inside the step
+    # plan is not ready by then, serving waits for it. At most half the recalibration
+    # interval. 0: plan inside the step
     plan_delay_steps: int = 200
     # metrics: one small JSON per rank, read by the API server's /metrics collector
     state_dir: str | None = None

@@ -395,13 +395,16 @@ class GemWorker:
         cfg.reprofile_every-th recalibration if a speed check finds one GPU faster or slower
         than its profile by more than cfg.speed_tolerance; the others re-plan with the last
         profiles. With cfg.plan_delay_steps the planning runs in the background and the plan
-        is applied that many steps later (after_step). Returns the report (None when planning
-        in the background, or when it failed: logged, serving goes on)."""
+        is applied that many steps later (at most horizon_steps // 2; after_step). Returns the
+        report (None when planning in the background, or when it failed: logged, serving goes
+        on)."""
         reprofile = self.recalibrations % self.cfg.reprofile_every == 0
         self.recalibrations += 1
+        # applied within half an interval, so the next recalibration never finds one pending
+        delay = min(self.cfg.plan_delay_steps, horizon_steps // 2)
         return self.serving_safely(lambda: self.place(
             "recalibration", quick_profile=True, horizon_steps=horizon_steps, reprofile=reprofile,
-            delay_steps=self.cfg.plan_delay_steps))
+            delay_steps=delay))
 
     def serving_safely(self, recalibration: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
         """Run a recalibration's part and log its report; a failure keeps the placement in use
