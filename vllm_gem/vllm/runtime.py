@@ -208,14 +208,16 @@ class GemWorker:
             check_trace_matches(trace, self.cfg.trace, self.model.num_moe_layers,
                                 self.model.num_logical_experts)
             return trace.loads
-        hist = torch.from_numpy(self.recorder.history(last)).to(self.device)
-        if self.dp_size > 1:  # each DP rank routed its own tokens: sum over the group
+        hist = self.recorder.history(last)
+        if self.dp_size > 1:  # each DP rank routed its own tokens: sum the newest common steps
             dist, group = torch.distributed, self.ep.device_group
-            n = torch.tensor([hist.shape[0]], device=self.device)
+            counts = torch.from_numpy(hist).to(self.device)
+            n = torch.tensor([counts.shape[0]], device=self.device)
             dist.all_reduce(n, op=dist.ReduceOp.MIN, group=group)
-            hist = hist[hist.shape[0] - int(n):].contiguous()
-            dist.all_reduce(hist, group=group)
-        return hist.cpu().numpy().astype(np.float64)
+            counts = counts[counts.shape[0] - int(n):].contiguous()
+            dist.all_reduce(counts, group=group)
+            hist = counts.cpu().numpy()
+        return hist.astype(np.float64)
 
     # ------------------------------------------------------------------ placement
     def place(self, reason: str, quick_profile: bool = False, horizon_steps: int | None = None,
