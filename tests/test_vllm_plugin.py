@@ -392,7 +392,7 @@ def _step_until_the_plan_is_applied(w):
 
 
 def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lose=False, switches=(),
-                  speeds=(), dp=1):
+                  speeds=(), dp=1, gpu_uuids=()):
     import torch
     import torch.distributed as dist
 
@@ -408,6 +408,8 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
     ep = types.SimpleNamespace(rank_in_group=rank, world_size=world, ranks=list(range(world)),
                                cpu_group=dist.group.WORLD, device_group=dist.group.WORLD)
     w = runtime.GemWorker.from_parts(parse(cfg), ms, ep, dp_size=dp, model_name="fake-moe")
+    if gpu_uuids:  # the GPU each rank runs on, as NVML names it
+        w.local_gpu_uuid = lambda: gpu_uuids[rank]
     histories = []  # what each rank read as the routing history
     read_history = w.routing_history
     w.routing_history = lambda *a, **k: histories.append(read_history(*a, **k)) or histories[-1]
@@ -470,13 +472,13 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
 
 
 def _run_place(cfg, fail_rank=None, world=2, inactive_rank=None, lose=False, switches=(), speeds=(),
-               dp=1):
+               dp=1, gpu_uuids=()):
     import torch
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_place_worker, nprocs=world, args=(world, f"file://{tmp}/rdv", cfg, fail_rank, tmp,
                                                     inactive_rank, lose, tuple(switches), tuple(speeds),
-                                                    dp))
+                                                    dp, tuple(gpu_uuids)))
         return [torch.load(f"{tmp}/rank{r}.pt") for r in range(world)]
 
 
@@ -671,6 +673,28 @@ def test_recalibration_with_data_parallelism_sums_every_ranks_routing(inputs):
     assert theirs.equal(2 * mine) and mine.sum() > 0
     assert len(live) == 1 and live[0].equal(mine + theirs)  # rank 0 planned from both
     assert [h.shape[0] for h in res[1]["histories"]] == [8]  # rank 1 joined for the live one only
+
+
+def test_profile_files_of_other_gpus_keep_vllm_placement_or_fail_in_strict(inputs, tmp_path):
+    files = []
+    for r, (uuid, slow) in enumerate((("GPU-aaaa", 1.0), ("GPU-bbbb", 1.3))):
+        prof = example_profile(f"gpu{r}", slow, num_experts=12)
+        prof.gpu.uuid, prof.gpu.index = uuid, r
+        files.append(str(save(prof, tmp_path / f"gpu{r}.json")))
+    cfg = {"profiles": files, "trace": inputs["trace"]}
+    res = _run_place(cfg, gpu_uuids=["GPU-aaaa", "GPU-bbbb"])  # the GPUs they were measured on
+    assert all(r["report"].get("applied") for r in res), [r["report"] for r in res]
+    res = _run_place(cfg, gpu_uuids=["GPU-aaaa", "GPU-cccc"])  # rank 1's file is of another GPU
+    for r in res:  # every rank says the same, no move
+        assert r["report"]["applied"] is False and r["holds"]
+        assert r["report"]["why"] == (
+            f"GemInputError: {files[1]}: gpu.uuid: is GPU-bbbb (gpu1 #1); expected the GPU of EP rank 1, "
+            "GPU-cccc: its own profile (`vllm-gem calibrate` on this host), or no gem.profiles, to "
+            "calibrate at start")
+    res = _run_place({**cfg, "strict": True}, gpu_uuids=["GPU-dddd", "GPU-cccc"])
+    for r in res:
+        assert r["report"]["raised"].startswith(f"GemInputError: {files[0]}: gpu.uuid: is GPU-aaaa")
+        assert "(and the profiles of 1 more rank(s) are of other GPUs)" in r["report"]["raised"]
 
 
 def test_a_trace_of_another_model_keeps_vllm_placement_or_fails_in_strict(inputs):

@@ -24,6 +24,7 @@ from ..calibrate import (
     calibrate_device,
     check_speed,
     exchange_profiles,
+    gpu_identity,
 )
 from ..errors import GemInputError
 from ..formats import GpuProfile, NdArray, RoutingTrace, load, save
@@ -180,6 +181,7 @@ class GemWorker:
         if self.cfg.profiles and not quick:
             profiles = [load(p, GpuProfile) for p in self.cfg.profiles]
             check_profiles_match(profiles, self.cfg.profiles, self.size, self.hidden, self.intermediate)
+            self.check_profiles_are_these_gpus(profiles, self.cfg.profiles)
             return profiles
         prof, err = None, ""
         try:
@@ -187,6 +189,32 @@ class GemWorker:
         except Exception as e:  # reported to every rank by the exchange
             err = f"GPU {self.device.index}: {type(e).__name__}: {e}"
         return exchange_profiles(prof, err, group=self.ep.cpu_group)
+
+    def local_gpu_uuid(self) -> str:
+        """This rank's GPU as NVML names it ('' when that cannot be read, or not on a GPU)."""
+        if self.device.type != "cuda":
+            return ""
+        uuid = gpu_identity(self.device.index).uuid
+        return "" if uuid.startswith("unknown") else uuid
+
+    def check_profiles_are_these_gpus(self, profiles: list[GpuProfile], sources: list[str]) -> None:
+        """Each rank's profile file must be of that rank's GPU (by NVML UUID): a profile of
+        another GPU would plan for its speed. Collective, so every rank raises the same error.
+        A profile or GPU without a readable UUID (the bundled examples) is not checked."""
+        mine, here = profiles[self.rank].gpu, self.local_gpu_uuid()
+        wrong = None  # (file, field, problem, expected) of this rank's profile
+        if here and mine.uuid and not mine.uuid.startswith("unknown") and mine.uuid != here:
+            wrong = (sources[self.rank], "gpu.uuid", f"is {mine.uuid} ({mine.name} #{mine.index})",
+                     f"the GPU of EP rank {self.rank}, {here}: its own profile (`vllm-gem calibrate` "
+                     "on this host), or no gem.profiles, to calibrate at start")
+        out: list = [None] * self.size
+        torch.distributed.all_gather_object(out, wrong, group=self.ep.cpu_group)
+        wrongs = [w for w in out if w]
+        if wrongs:
+            source, field, problem, expected = wrongs[0]
+            if len(wrongs) > 1:
+                problem += f" (and the profiles of {len(wrongs) - 1} more rank(s) are of other GPUs)"
+            raise GemInputError(source, field, problem, expected)
 
     # ------------------------------------------------------------------ routing history
     def history_source(self, horizon_steps: int | None, switch_to: str | None) -> str:
