@@ -448,9 +448,12 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
     for planner in switches:
         if planner.startswith("recalibrate"):  # recorded steps of skewed traffic, then recalibrate
             phys = torch.as_tensor(skewed_loads()[0]).gather(1, ms.physical_to_logical_map)
-            for _ in range(8):  # with DP, each rank routed its own share (rank r: r + 1 times)
-                w.recorder.record(phys.to(torch.int32) * (rank + 1 if dp > 1 else 1),
-                                  ms.physical_to_logical_map)
+            for step in range(8):  # with DP, each rank routes its own share (rank r: r + 1 times)
+                if dp > 1 and step % 4 == 1 + rank:  # and runs a dummy batch now and then
+                    w.recorder.record_idle()
+                else:
+                    w.recorder.record(phys.to(torch.int32) * (rank + 1 if dp > 1 else 1),
+                                      ms.physical_to_logical_map)
             rep = w.recalibrate(8)
             if planner == "recalibrate+switch":  # an A/B switch lands while the plan is made
                 assert runtime.switch_placement(None, "initial")["applied"]
@@ -465,7 +468,7 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
                 "map": ms.physical_to_logical_map.clone(), "switches": after,
                 "start_map": start_map, "profiled": profiled,
                 "histories": [torch.as_tensor(h) for h in histories],
-                "recorded": torch.as_tensor(w.recorder.history(8).astype(np.float64))},
+                "recorded": torch.as_tensor(w.recorder.history(8, keep_idle=True).astype(np.float64))},
                f"{out}/rank{rank}.pt")
     dist.barrier()  # no rank tears gloo down while a peer still uses it (an abort on 2-core CI)
     dist.destroy_process_group()
@@ -670,9 +673,12 @@ def test_recalibration_with_data_parallelism_sums_every_ranks_routing(inputs):
         assert r["switches"][0]["report"] is not None and r["holds"]
     live = [h for h in res[0]["histories"] if h.shape[0] == 8]
     mine, theirs = res[0]["recorded"], res[1]["recorded"]  # rank 1 routed twice rank 0's tokens
-    assert theirs.equal(2 * mine) and mine.sum() > 0
-    assert len(live) == 1 and live[0].equal(mine + theirs)  # rank 0 planned from both
+    idle = lambda c: [i for i in range(8) if c[i].sum() == 0]  # noqa: E731
+    assert idle(mine) == [1, 5] and idle(theirs) == [2, 6]  # their dummy batches
+    assert theirs[0].equal(2 * mine[0]) and mine.sum() > 0
+    assert len(live) == 1 and live[0].equal(mine + theirs)  # summed step by step, none idle in both
     assert [h.shape[0] for h in res[1]["histories"]] == [8]  # rank 1 joined for the live one only
+    assert live[0][1].equal(theirs[1]) and live[0][2].equal(mine[2])  # not shifted by idle steps
 
 
 def test_profile_files_of_other_gpus_keep_vllm_placement_or_fail_in_strict(inputs, tmp_path):
@@ -753,6 +759,9 @@ def test_recorder_folds_physical_counts_into_logical_steps():
     np.testing.assert_array_equal(hist[-1], [[10, 5, 5], [5, 5, 10]])
     tr = rec.trace("test")
     assert tr.shape == (4, 2, 3) and tr.params["overflowed"]
+    rec.record_idle()  # a dummy batch: a row of its own, dropped unless kept
+    assert rec.history(2).shape == (1, 2, 3) and rec.history(2, keep_idle=True).shape == (2, 2, 3)
+    assert rec.history(2, keep_idle=True)[-1].sum() == 0 and rec.steps == 7
 
 
 def test_trace_replay_draws_distinct_experts_in_proportion():

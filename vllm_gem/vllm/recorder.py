@@ -38,22 +38,34 @@ class RoutingRecorder:
             row.scatter_add_(1, phys_to_log, load_pass.to(row.dtype))
         self.steps += 1
 
+    def record_idle(self) -> None:
+        """A step without tokens of this rank (a DP rank's dummy batch): an empty row, so that
+        the rows of every DP rank stay aligned step for step (their counts are summed)."""
+        self.ring[self.steps % self.capacity].zero_()
+        self.steps += 1
+
     @property
     def overflowed(self) -> bool:
         """True when older steps were overwritten (the trace keeps the newest `capacity`)."""
         return self.steps > self.capacity
 
-    def history(self, last: int | None = None) -> np.ndarray:
-        """counts: [steps, layers, num_logical] of the newest `last` steps, oldest first (syncs)."""
+    def history(self, last: int | None = None, keep_idle: bool = False) -> np.ndarray:
+        """counts: [steps, layers, num_logical] of the newest `last` steps, oldest first (syncs);
+        steps without tokens are dropped unless keep_idle (DP ranks sum theirs row by row)."""
         n = min(self.steps, self.capacity, last or self.capacity)
         if n == 0:
             return np.zeros((0, *self.ring.shape[1:]), dtype=np.int32)
         idx = (torch.arange(self.steps - n, self.steps, device=self.ring.device) % self.capacity)
         counts = self.ring.index_select(0, idx).cpu().numpy()
-        return counts[counts.reshape(n, -1).any(axis=1)]  # drop idle steps (no tokens)
+        return counts if keep_idle else drop_idle(counts)
 
     def trace(self, source: str, last: int | None = None) -> RoutingTrace:
         counts = self.history(last)
         return RoutingTrace(model=self.model, source=source, counts=NdArray.from_numpy(counts),
                             layer_ids=self.layer_ids,
                             params={"recorded_steps": self.steps, "overflowed": self.overflowed})
+
+
+def drop_idle(counts: np.ndarray) -> np.ndarray:
+    """counts: [steps, layers, experts] -> the steps that routed any token."""
+    return counts[counts.reshape(counts.shape[0], -1).any(axis=1)]

@@ -39,7 +39,7 @@ from .planning import (
     saving_horizon,
     worth_moving,
 )
-from .recorder import RoutingRecorder
+from .recorder import RoutingRecorder, drop_idle
 from .routing import drift_steps, maybe_drift
 
 logger = logging.getLogger("vllm.gem")
@@ -115,8 +115,11 @@ class GemWorker:
         eplb._should_record_current_step = lambda log_stats=False: True
 
         def step(is_dummy: bool = False, is_profile: bool = False, log_stats: bool = False) -> None:
-            if self.cfg.record and not is_dummy and not is_profile:
-                self.recorder.record(self.ms.expert_load_pass, self.ms.physical_to_logical_map)
+            if self.cfg.record and not is_profile:
+                if is_dummy:  # vLLM zeroes the pass: an empty row keeps DP ranks step-aligned
+                    self.recorder.record_idle()
+                else:
+                    self.recorder.record(self.ms.expert_load_pass, self.ms.physical_to_logical_map)
             original_step(is_dummy=is_dummy, is_profile=is_profile, log_stats=log_stats)
             if not is_profile:
                 self.after_step()
@@ -236,16 +239,17 @@ class GemWorker:
             check_trace_matches(trace, self.cfg.trace, self.model.num_moe_layers,
                                 self.model.num_logical_experts)
             return trace.loads
-        hist = self.recorder.history(last)
-        if self.dp_size > 1:  # each DP rank routed its own tokens: sum the newest common steps
-            dist, group = torch.distributed, self.ep.device_group
-            counts = torch.from_numpy(hist).to(self.device)
-            n = torch.tensor([counts.shape[0]], device=self.device)
-            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=group)
-            counts = counts[counts.shape[0] - int(n):].contiguous()
-            dist.all_reduce(counts, group=group)
-            hist = counts.cpu().numpy()
-        return hist.astype(np.float64)
+        if self.dp_size == 1:
+            return self.recorder.history(last).astype(np.float64)
+        # each DP rank routed its own tokens, one row per engine step (dummy steps included):
+        # sum the newest steps every rank holds, row by row, then drop the idle ones
+        dist, group = torch.distributed, self.ep.device_group
+        counts = torch.from_numpy(self.recorder.history(last, keep_idle=True)).to(self.device)
+        n = torch.tensor([counts.shape[0]], device=self.device)
+        dist.all_reduce(n, op=dist.ReduceOp.MIN, group=group)
+        counts = counts[counts.shape[0] - int(n):].contiguous()
+        dist.all_reduce(counts, group=group)
+        return drop_idle(counts.cpu().numpy()).astype(np.float64)
 
     # ------------------------------------------------------------------ placement
     def place(self, reason: str, quick_profile: bool = False, horizon_steps: int | None = None,
