@@ -645,7 +645,7 @@ def test_a_background_planning_that_fails_or_hangs_keeps_the_placement(inputs):
         assert r["switches"][0]["map"].equal(r["start_map"])
     import threading
 
-    from vllm_gem.vllm.runtime import PendingPlan, PlanJob
+    from vllm_gem.vllm.background import PendingPlan, PlanJob
     release = threading.Event()
     stuck = PendingPlan(PlanJob(lambda: (release.wait(), (None, ""))[1], np.zeros((1, 2))),
                         {}, "gem-migrate", due_step=5, stall_seconds=0.0)
