@@ -420,15 +420,15 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
             return example_profile(f"gpu{rank}", 1.0 + 0.3 * rank, num_experts=12)
         w.local_profile = local_profile
     profiled = []
-    if any(s.startswith("recalibrate") for s in switches):  # live quick profiles: stand-in GPUs, counted
+    if speeds or any(s.startswith("recalibrate") for s in switches):  # live profiles: stand-ins, counted
         def local_profile(quick=False):
             profiled.append(quick)
             return example_profile(f"gpu{rank}", 1.0 + 0.3 * rank, num_experts=12)
         w.local_profile = local_profile
-    if speeds:  # speed checks: rank 1's GPU time / its profile's at each check (rank 0: 1.0)
+    if speeds:  # speed checks (start-up's first): rank 1's GPU time / its profile's (rank 0: 1.0)
         left = list(speeds)
 
-        def local_speed_ratio():
+        def local_speed_ratio(reference, lift_s):
             r = left.pop(0) if rank == 1 else 1.0
             if isinstance(r, str):
                 raise RuntimeError(r)
@@ -609,10 +609,11 @@ def test_recalibration_reprofiles_the_gpus_every_nth_time_and_replans_in_between
 
 
 def test_recalibration_reprofiles_only_when_a_gpus_speed_moved_past_the_tolerance(inputs):
-    # rank 1's GPU at each check: as profiled, 12% slower, 4% faster, a failed check
+    # rank 1's GPU at each check: its file at start, then as profiled, 12% slower, 4% faster,
+    # a failed check
     res = _run_place({"profiles": inputs["profiles"], "trace": inputs["trace"], "reprofile_every": 1,
                       "speed_tolerance": 0.05}, switches=["recalibrate"] * 4,
-                     speeds=[1.01, 1.12, 0.96, "CUDA error: out of memory"])
+                     speeds=[1.0, 1.01, 1.12, 0.96, "CUDA error: out of memory"])
     for r in res:  # every rank takes the same decision from the gathered ratios
         reps = [s["report"] for s in r["switches"]]
         assert all(rep is not None for rep in reps), reps
@@ -624,6 +625,23 @@ def test_recalibration_reprofiles_only_when_a_gpus_speed_moved_past_the_toleranc
         assert reps[3]["speed_errors"] == ["rank 1: RuntimeError: CUDA error: out of memory"]
         assert all("speed_errors" not in rep for rep in reps[:3])
         assert r["holds"]
+
+
+@pytest.mark.parametrize("speed, source", [
+    (1.03, "files"),  # within speed_tolerance: the files are planned with, nothing measured
+    (0.88, "calibration (files off by more than speed_tolerance)"),  # a stale file: calibrate
+    ("CUDA error: out of memory", "files"),  # no check: the files, as they are
+])
+def test_profile_files_are_checked_against_the_gpus_at_start(inputs, speed, source):
+    res = _run_place({"profiles": inputs["profiles"], "trace": inputs["trace"]}, speeds=[speed])
+    for r in res:
+        rep = r["report"]
+        assert rep["applied"] and rep["profiles_from"] == source and r["holds"]
+        assert r["profiled"] == ([False] if source.startswith("calibration") else [])  # full profiles
+        if isinstance(speed, float):
+            assert rep["speed_ratios"] == [1.0, speed] and "speed_errors" not in rep
+        else:
+            assert rep["speed_errors"] == [f"rank 1: RuntimeError: {speed}"]
 
 
 def test_recalibration_plans_in_the_background_and_applies_at_the_due_step(inputs):

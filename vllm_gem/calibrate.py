@@ -176,12 +176,14 @@ def speed_ratio(reference: list[LatencyPoint], measured: list[LatencyPoint]) -> 
 
 
 def check_speed(device: int, spec: CalibrationSpec, reference: GpuProfile,
-                weights: tuple[Any, Any] | None = None, k: int = SPEED_CHECK_POINTS) -> SpeedCheck:
+                weights: tuple[Any, Any] | None = None, k: int = SPEED_CHECK_POINTS,
+                lift_s: float = SPEED_CHECK_LIFT_SECONDS) -> SpeedCheck:
     """Re-time k of `reference`'s load patterns on `device` and compare: a speed check that
     times 8 patterns after a 0.05 s clock lift, where a quick re-profile times up to 69 after
     0.4 s (its GPU time: benchmarks/gpu/speed_check.py).
 
-    Its clock lift is short: it runs between serving steps, on a GPU that is already busy.
+    The short lift is for a check between serving steps, on a GPU that is already busy; an
+    idle GPU (before serving) needs LIFT_SECONDS, as a profile does.
     weights: as calibrate_device's. reference: a profile of this GPU with spec's expert count."""
     t0 = time.perf_counter()
     idx = check_points(len(reference.points), k)
@@ -191,8 +193,7 @@ def check_speed(device: int, spec: CalibrationSpec, reference: GpuProfile,
             raise ValueError(f"reference profile of {reference.gpu.name} #{reference.gpu.index}: "
                              f"points.tokens_per_expert has {len(p.tokens_per_expert)} experts, "
                              f"expected {spec.num_experts} (this GPU's local experts)")
-    points, _, _ = _measure(device, spec, weights, [p.tokens_per_expert for p in chosen],
-                            SPEED_CHECK_LIFT_SECONDS)
+    points, _, _ = _measure(device, spec, weights, [p.tokens_per_expert for p in chosen], lift_s)
     return SpeedCheck(speed_ratio(chosen, points), len(points), time.perf_counter() - t0)
 
 

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from ..calibrate import (
+    LIFT_SECONDS,
+    SPEED_CHECK_LIFT_SECONDS,
     CalibrationSpec,
     calibrate_device,
     check_speed,
@@ -158,38 +160,62 @@ class GemWorker:
         torch.cuda.empty_cache()
         return prof
 
-    def local_speed_ratio(self) -> float:
-        """This GPU's time now / its profile in use, over a few of the profile's patterns."""
-        check = check_speed(self.device.index, self.calibration_spec(quick=True),
-                            self.profiles[self.rank], self.own_weights())
+    def local_speed_ratio(self, reference: GpuProfile, lift_s: float) -> float:
+        """This GPU's time now / `reference`'s, over a few of the reference's load patterns."""
+        check = check_speed(self.device.index, self.calibration_spec(quick=True), reference,
+                            self.own_weights(), lift_s=lift_s)
         torch.cuda.empty_cache()
         return check.ratio
 
-    def gather_speed_ratios(self) -> tuple[list[float], list[str]]:
-        """Every rank's local_speed_ratio, in rank order, and the errors of ranks whose check
-        failed (their ratio is nan, so the caller re-profiles). Collective."""
+    def gather_speed_ratios(self, references: list[GpuProfile], lift_s: float = SPEED_CHECK_LIFT_SECONDS
+                            ) -> tuple[list[float], list[str]]:
+        """Every rank's local_speed_ratio against its reference [ranks], in rank order, and the
+        errors of ranks whose check failed (their ratio is nan). Collective."""
         ratio, err = float("nan"), ""
         try:
-            ratio = float(self.local_speed_ratio())
-        except Exception as e:  # a full re-profile follows: it names a real failure again
+            ratio = float(self.local_speed_ratio(references[self.rank], lift_s))
+        except Exception as e:  # the caller decides: re-profile (serving) or trust the files
             err = f"rank {self.rank}: {type(e).__name__}: {e}"
         out: list = [None] * self.size
         torch.distributed.all_gather_object(out, (ratio, err), group=self.ep.cpu_group)
         return [r for r, _ in out], [e for _, e in out if e]
 
-    def gather_profiles(self, quick: bool = False) -> list[GpuProfile]:
-        """Calibrate every GPU at once (or read the configured files) -> profiles in rank order."""
+    def speed_report(self, ratios: list[float], errors: list[str]) -> dict[str, Any]:
+        return {"speed_ratios": [round(r, 4) for r in ratios], **({"speed_errors": errors} if errors else {})}
+
+    def gather_profiles(self, quick: bool = False) -> tuple[list[GpuProfile], dict[str, Any]]:
+        """Calibrate every GPU at once, or read the configured files -> (profiles in rank order,
+        what the report says of them). Files must be of these GPUs (UUIDs); each GPU then
+        re-times a few of its file's patterns, and if one reads off by more than
+        speed_tolerance (a stale file: clocks, power cap, another driver) every GPU is
+        calibrated instead. A check that cannot run leaves the files as they are."""
+        info: dict[str, Any] = {"profiles_from": "calibration"}
         if self.cfg.profiles and not quick:
             profiles = [load(p, GpuProfile) for p in self.cfg.profiles]
             check_profiles_match(profiles, self.cfg.profiles, self.size, self.hidden, self.intermediate)
             self.check_profiles_are_these_gpus(profiles, self.cfg.profiles)
-            return profiles
+            if self.cfg.speed_tolerance <= 0:
+                return profiles, {"profiles_from": "files"}
+            ratios, errors = self.gather_speed_ratios(profiles, LIFT_SECONDS)  # idle GPUs: full lift
+            info = self.speed_report(ratios, errors)
+            off = [f"{self.cfg.profiles[r]} {x - 1:+.1%}" for r, x in enumerate(ratios)
+                   if np.isfinite(x) and abs(x - 1.0) > self.cfg.speed_tolerance]
+            if not off:
+                if errors and self.rank == 0:
+                    logger.warning("vllm-gem: could not check the profile files against the GPUs "
+                                   "(%s); planning with them as they are", "; ".join(errors))
+                return profiles, {"profiles_from": "files", **info}
+            if self.rank == 0:
+                logger.warning("vllm-gem: these GPUs now time differently from their profile files "
+                               "(%s; speed_tolerance %.0f%%): calibrating every GPU instead",
+                               ", ".join(off), 100 * self.cfg.speed_tolerance)
+            info["profiles_from"] = "calibration (files off by more than speed_tolerance)"
         prof, err = None, ""
         try:
             prof = self.local_profile(quick)
         except Exception as e:  # reported to every rank by the exchange
             err = f"GPU {self.device.index}: {type(e).__name__}: {e}"
-        return exchange_profiles(prof, err, group=self.ep.cpu_group)
+        return exchange_profiles(prof, err, group=self.ep.cpu_group), info
 
     def local_gpu_uuid(self) -> str:
         """This rank's GPU as NVML names it ('' when that cannot be read, or not on a GPU)."""
@@ -271,12 +297,13 @@ class GemWorker:
         speed: dict[str, Any] = {}
         if profiled and self.profiles is not None and horizon_steps and self.cfg.speed_tolerance > 0:
             # recalibration: re-profile only if some GPU's speed moved past the tolerance
-            ratios, errors = self.gather_speed_ratios()
+            ratios, errors = self.gather_speed_ratios(self.profiles)
             profiled = not all(abs(r - 1.0) <= self.cfg.speed_tolerance for r in ratios)  # nan: not
-            speed = {"speed_ratios": [round(r, 4) for r in ratios], **({"speed_errors": errors}
-                                                                        if errors else {})}
+            speed = self.speed_report(ratios, errors)
         if profiled:
-            self.profiles = self.gather_profiles(quick_profile)
+            self.profiles, gathered = self.gather_profiles(quick_profile)
+            if not horizon_steps:  # start-up: where the profiles came from, and how they were checked
+                speed = gathered
         t_prof = time.perf_counter() - t0
         planner = switch_to or (self.cfg.recalibrate_planner if horizon_steps else self.cfg.planner)
         job = self.plan_job(planner, horizon_steps, switch_to)
