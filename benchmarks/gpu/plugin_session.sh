@@ -24,6 +24,8 @@
 #           dp2        data parallelism 2 x TP 1, EP over both GPUs, GPU 1 20% slower: vLLM's placement /
 #                      GEM from the trace file, one server each (DP > 1)
 #           soak       4000 requests, GPU 1 20% slower, recalibration every 500 steps
+#           stale-profiles  calibrate into files, then serve with them while GPU 1 does 20% extra
+#                      work: the start-up speed check should find the file stale and calibrate
 #           soak-dp2   2000 requests on DP 2 x TP 1 (EP over both), GEM from the trace, GPU 1 20%
 #                      slower, recalibration every 500 steps (DP ranks join its collectives)
 #           soak-plain the same load on plain vLLM (the control for memory growth)
@@ -112,6 +114,14 @@ for s in "$@"; do
     mkdir -p "$out/e2e-$s/gem-planning" && cp /tmp/gem/traces-$only/planning-history-start.msgpack \
       /tmp/gem/traces-$only/placement-gen*.json "$out/e2e-$s/gem-planning/" 2>/dev/null
     grep -h "vllm-gem" "$out/e2e-$s"/raw/serve-*.log | cut -c1-500 | tail -8 ;;
+  stale-profiles)
+    # profile files of these GPUs, then a server whose GPU 1 does 20% extra work: its file is
+    # stale, so the start-up speed check should calibrate every GPU instead (one warning)
+    python3 -m vllm_gem.cli calibrate --experts 64 --out-dir /tmp/gem/profiles-here > "$out/stale-calibrate.log" 2>&1
+    run_py benchmarks/e2e/soak.py /tmp/gem/model-q3 "$out/stale-profiles" --num-prompts 64 \
+      --gem '{"profiles": ["/tmp/gem/profiles-here/profile-gpu0.json", "/tmp/gem/profiles-here/profile-gpu1.json"], "emulate_slowdown": {"1": 0.2}}' \
+      2>&1 | tail -4
+    grep -h "vllm-gem" "$out/stale-profiles/serve-soak.log" | grep -E "profile files|placed experts" | cut -c1-500 ;;
   soak-dp2)
     VLLM_GEM_RECALIBRATE=${RECALIBRATE:-500} run_py benchmarks/e2e/soak.py /tmp/gem/model-q3 "$out/soak-dp2" \
       --num-prompts "${SOAK_PROMPTS:-2000}" --data-parallel-size 2 \
