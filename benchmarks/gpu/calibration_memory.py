@@ -14,8 +14,10 @@ room for):
   green   graph in a green context of 100 SMs (`sm_limit`, the SM-limit emulation)
   history no profile: what every recalibration does on the GPU besides (the recorder's newest
           500 steps copied out and back, as GemRuntime.routing_history), 25 times per run
+  speed   a recalibration's speed check (calibrate.check_speed, own weights) against one
+          profile made before the first run (session 9)
   usage: python benchmarks/gpu/calibration_memory.py [--repeats 12]
-         [--variants graph,own,gc,eager,green,history]
+         [--variants graph,own,gc,eager,green,history,speed]
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 import pynvml
 import torch
 
-from vllm_gem.calibrate import CalibrationSpec, calibrate_device
+from vllm_gem.calibrate import CalibrationSpec, calibrate_device, check_speed
 from vllm_gem.vllm.recorder import RoutingRecorder
 
 MIB = 2**20
@@ -55,7 +57,7 @@ class RefusedGraph:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=12)
-    ap.add_argument("--variants", default="graph,own,gc,eager,green,history")
+    ap.add_argument("--variants", default="graph,own,gc,eager,green,history,speed")
     a = ap.parse_args()
     pynvml.nvmlInit()
     handle = pynvml.nvmlDeviceGetHandleByIndex(0)
@@ -68,6 +70,7 @@ def main() -> None:
     e, h, i = spec.num_experts, spec.hidden, spec.intermediate
     own = (torch.randn(e, 2 * i, h, device="cuda:0", dtype=torch.bfloat16) / h ** 0.5,
            torch.randn(e, h, i, device="cuda:0", dtype=torch.bfloat16) / i ** 0.5)
+    reference = calibrate_device(0, spec, own) if "speed" in a.variants else None
     print(f"{'variant':8s} {'run':>3s} {'nvml MiB':>9s} {'reserved MiB':>12s} {'allocated MiB':>13s} "
           f"{'peak MiB':>8s}")
     for variant in a.variants.split(","):
@@ -76,7 +79,9 @@ def main() -> None:
         for r in range(a.repeats):
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-            if variant == "history":
+            if variant == "speed":
+                check_speed(0, spec, reference, own)
+            elif variant == "history":
                 for _ in range(25):
                     for _ in range(500):
                         recorder.record(load, phys_to_log)
