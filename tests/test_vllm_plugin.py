@@ -392,7 +392,7 @@ def _step_until_the_plan_is_applied(w):
 
 
 def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lose=False, switches=(),
-                  speeds=(), dp=1, gpu_uuids=()):
+                  speeds=(), dp=1, gpu_uuids=(), missing_on_rank=None):
     import torch
     import torch.distributed as dist
 
@@ -408,6 +408,9 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
     ep = types.SimpleNamespace(rank_in_group=rank, world_size=world, ranks=list(range(world)),
                                cpu_group=dist.group.WORLD, device_group=dist.group.WORLD)
     w = runtime.GemWorker.from_parts(parse(cfg), ms, ep, dp_size=dp, model_name="fake-moe")
+    if rank == missing_on_rank:  # the profile files are not on this rank's node
+        cfg = {**cfg, "profiles": [f + ".not-here" for f in cfg["profiles"]]}
+        w.cfg = parse(cfg)
     if gpu_uuids:  # the GPU each rank runs on, as NVML names it
         w.local_gpu_uuid = lambda: gpu_uuids[rank]
     histories = []  # what each rank read as the routing history
@@ -475,13 +478,13 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
 
 
 def _run_place(cfg, fail_rank=None, world=2, inactive_rank=None, lose=False, switches=(), speeds=(),
-               dp=1, gpu_uuids=()):
+               dp=1, gpu_uuids=(), missing_on_rank=None):
     import torch
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_place_worker, nprocs=world, args=(world, f"file://{tmp}/rdv", cfg, fail_rank, tmp,
                                                     inactive_rank, lose, tuple(switches), tuple(speeds),
-                                                    dp, tuple(gpu_uuids)))
+                                                    dp, tuple(gpu_uuids), missing_on_rank))
         return [torch.load(f"{tmp}/rank{r}.pt") for r in range(world)]
 
 
@@ -712,13 +715,18 @@ def test_profile_files_of_other_gpus_keep_vllm_placement_or_fail_in_strict(input
     for r in res:  # every rank says the same, no move
         assert r["report"]["applied"] is False and r["holds"]
         assert r["report"]["why"] == (
-            f"GemInputError: {files[1]}: gpu.uuid: is GPU-bbbb (gpu1 #1); expected the GPU of EP rank 1, "
-            "GPU-cccc: its own profile (`vllm-gem calibrate` on this host), or no gem.profiles, to "
-            "calibrate at start")
+            f"GemInputError: {files[1]}: gpu.uuid: is GPU-bbbb (gpu1 #1) (EP rank 1; problems found on "
+            "rank(s) 1); expected the GPU of EP rank 1, GPU-cccc: its own profile (`vllm-gem calibrate` "
+            "on this host), or no gem.profiles, to calibrate at start")
     res = _run_place({**cfg, "strict": True}, gpu_uuids=["GPU-dddd", "GPU-cccc"])
     for r in res:
         assert r["report"]["raised"].startswith(f"GemInputError: {files[0]}: gpu.uuid: is GPU-aaaa")
-        assert "(and the profiles of 1 more rank(s) are of other GPUs)" in r["report"]["raised"]
+        assert "(EP rank 0; problems found on rank(s) 0, 1)" in r["report"]["raised"]
+    res = _run_place(cfg, gpu_uuids=["GPU-aaaa", "GPU-bbbb"], missing_on_rank=1)  # one node lacks them
+    for r in res:  # no rank is left waiting: both say what rank 1 found
+        assert r["report"]["why"] == (f"GemInputError: {files[0]}.not-here: file: cannot be read (No such "
+                                      "file or directory) (EP rank 1; problems found on rank(s) 1); "
+                                      "expected a readable file")
 
 
 def test_a_trace_of_another_model_keeps_vllm_placement_or_fails_in_strict(inputs):

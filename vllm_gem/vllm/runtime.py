@@ -191,9 +191,7 @@ class GemWorker:
         calibrated instead. A check that cannot run leaves the files as they are."""
         info: dict[str, Any] = {"profiles_from": "calibration"}
         if self.cfg.profiles and not quick:
-            profiles = [load(p, GpuProfile) for p in self.cfg.profiles]
-            check_profiles_match(profiles, self.cfg.profiles, self.size, self.hidden, self.intermediate)
-            self.check_profiles_are_these_gpus(profiles, self.cfg.profiles)
+            profiles = self.load_profile_files(self.cfg.profiles)
             if self.cfg.speed_tolerance <= 0:
                 return profiles, {"profiles_from": "files"}
             ratios, errors = self.gather_speed_ratios(profiles, LIFT_SECONDS)  # idle GPUs: full lift
@@ -224,24 +222,32 @@ class GemWorker:
         uuid = gpu_identity(self.device.index).uuid
         return "" if uuid.startswith("unknown") else uuid
 
-    def check_profiles_are_these_gpus(self, profiles: list[GpuProfile], sources: list[str]) -> None:
-        """Each rank's profile file must be of that rank's GPU (by NVML UUID): a profile of
-        another GPU would plan for its speed. Collective, so every rank raises the same error.
-        A profile or GPU without a readable UUID (the bundled examples) is not checked."""
-        mine, here = profiles[self.rank].gpu, self.local_gpu_uuid()
-        wrong = None  # (file, field, problem, expected) of this rank's profile
-        if here and mine.uuid and not mine.uuid.startswith("unknown") and mine.uuid != here:
-            wrong = (sources[self.rank], "gpu.uuid", f"is {mine.uuid} ({mine.name} #{mine.index})",
-                     f"the GPU of EP rank {self.rank}, {here}: its own profile (`vllm-gem calibrate` "
-                     "on this host), or no gem.profiles, to calibrate at start")
+    def load_profile_files(self, sources: list[str]) -> list[GpuProfile]:
+        """Every rank reads the profile files (one per EP rank) and checks them: the model's
+        expert shape, and each rank's file of that rank's GPU (by NVML UUID; a profile of
+        another GPU would plan for its speed). Collective: every rank raises the same
+        GemInputError, so that a file missing on one node leaves no rank waiting.
+        A profile or GPU without a readable UUID (the bundled examples) is not UUID-checked."""
+        wrong, profiles = None, []  # wrong: (file, field, problem, expected) seen on this rank
+        try:
+            profiles = [load(p, GpuProfile) for p in sources]
+            check_profiles_match(profiles, sources, self.size, self.hidden, self.intermediate)
+            mine, here = profiles[self.rank].gpu, self.local_gpu_uuid()
+            if here and mine.uuid and not mine.uuid.startswith("unknown") and mine.uuid != here:
+                wrong = (sources[self.rank], "gpu.uuid", f"is {mine.uuid} ({mine.name} #{mine.index})",
+                         f"the GPU of EP rank {self.rank}, {here}: its own profile (`vllm-gem "
+                         "calibrate` on this host), or no gem.profiles, to calibrate at start")
+        except GemInputError as e:
+            wrong = (e.source, e.field, e.problem, e.expected)
         out: list = [None] * self.size
         torch.distributed.all_gather_object(out, wrong, group=self.ep.cpu_group)
-        wrongs = [w for w in out if w]
-        if wrongs:
-            source, field, problem, expected = wrongs[0]
-            if len(wrongs) > 1:
-                problem += f" (and the profiles of {len(wrongs) - 1} more rank(s) are of other GPUs)"
+        ranks = [r for r, w in enumerate(out) if w]
+        if ranks:
+            source, field, problem, expected = out[ranks[0]]
+            if len(ranks) < self.size or len({w for w in out}) > 1:  # say where, unless all alike
+                problem += f" (EP rank {ranks[0]}; problems found on rank(s) {', '.join(map(str, ranks))})"
             raise GemInputError(source, field, problem, expected)
+        return profiles
 
     # ------------------------------------------------------------------ routing history
     def history_source(self, horizon_steps: int | None, switch_to: str | None) -> str:
