@@ -18,6 +18,7 @@ from vllm_gem.formats import (
     encode,
 )
 from vllm_gem.profiles import example_profile
+from vllm_gem.vllm.config import GemConfig
 
 
 def valid_files():
@@ -75,9 +76,7 @@ json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
     max_leaves=6)
-GEM_FIELDS = ["trace", "profiles", "strict", "place", "planner", "min_gain", "record_capacity",
-              "recalibrate_steps", "emulate_slowdown", "warmup_prompts", "state_dir",
-              "calibration_time_limit_s", "bogus"]
+GEM_FIELDS = [f.name for f in msgspec.structs.fields(GemConfig)] + ["bogus"]  # and one unknown
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
