@@ -653,6 +653,7 @@ def test_recalibration_plans_in_the_background_and_applies_at_the_due_step(input
     for r in res:  # the helper checked: None at first, one report exactly 5 steps later
         rep = r["switches"][0]["report"]
         assert rep["reason"] == "recalibration" and rep["waited_seconds"] >= 0
+        assert rep["plan_delay_steps"] == 4  # 5 asked, at most half the 8-step interval
         assert rep["planning_wall_seconds"] > 0 or r is not res[0]  # rank 0 planned
         assert rep["total_seconds"] < 1.0 and r["holds"]
     assert res[0]["switches"][0]["map"].equal(res[1]["switches"][0]["map"])
@@ -669,10 +670,12 @@ def test_a_background_planning_that_fails_or_hangs_keeps_the_placement(inputs):
     from vllm_gem.vllm.background import PendingPlan, PlanJob
     release = threading.Event()
     stuck = PendingPlan(PlanJob(lambda: (release.wait(), (None, ""))[1], np.zeros((1, 2))),
-                        {}, "gem-migrate", due_step=5, stall_seconds=0.0)
+                        {}, "gem-migrate", started_step=0, due_step=5, stall_seconds=0.0)
     assert stuck.wait(limit_s=0.05) == (None, "planning (gem-migrate) was not done 0.05 s after its "
                                               "due step; the placement in use stays")
     release.set()
+    from vllm_gem.vllm.background import next_delay  # serving waited 0.05 s: more steps next time
+    assert next_delay(200, stuck.waited_seconds) == 400 and next_delay(200, 0.0) == 200
 
 
 def test_a_switch_while_a_recalibration_plans_drops_that_plan(inputs):

@@ -20,6 +20,15 @@ import numpy as np
 from .planning import PlanDecision
 
 PLAN_WAIT_LIMIT_S = 120.0  # how long a due background plan may hold serving (planning takes < 10 s)
+WAITED_S = 0.01  # serving waited longer than this for a due plan: give the next one more steps
+
+
+def next_delay(delay_steps: int, waited_s: float) -> int:
+    """The next background plan's delay in engine steps: doubled while serving had to wait
+    for the last one (a large model plans for seconds: 3-8 s for DeepSeek-V3-like and
+    Qwen3-235B-like models, docs/scale.md), so that planning stops holding serving. The
+    caller still caps it at half the recalibration interval."""
+    return 2 * delay_steps if waited_s > WAITED_S else delay_steps
 
 
 @dataclass
@@ -34,9 +43,10 @@ class PendingPlan:
     """A recalibration being planned in a background thread (rank 0; nothing runs on the
     others), to be agreed on and applied by every rank at engine step `due_step`."""
 
-    def __init__(self, job: PlanJob | None, head: dict[str, Any], planner: str, due_step: int,
-                 stall_seconds: float) -> None:
-        self.job, self.head, self.planner, self.due_step = job, head, planner, due_step
+    def __init__(self, job: PlanJob | None, head: dict[str, Any], planner: str, started_step: int,
+                 due_step: int, stall_seconds: float) -> None:
+        self.job, self.head, self.planner = job, head, planner
+        self.started_step, self.due_step = started_step, due_step
         self.stall_seconds = stall_seconds  # serving held while the inputs were gathered
         self.result: tuple[PlanDecision | None, str] = (None, "")
         self.wall_seconds = self.waited_seconds = 0.0

@@ -29,7 +29,7 @@ from ..calibrate import (
 from ..errors import GemInputError
 from ..formats import GpuProfile, NdArray, RoutingTrace, load, save
 from .apply import WeightsLostError, apply_placement, slot_bytes
-from .background import PendingPlan, PlanJob
+from .background import PendingPlan, PlanJob, next_delay
 from .config import ON_WORDS, GemConfig, from_additional
 from .metrics import RankState, write_state
 from .planning import (
@@ -104,6 +104,7 @@ class GemWorker:
         self.placed_at_step = 0  # engine step of the last applied move (hysteresis horizon)
         self.recalibrations = 0
         self.pending: PendingPlan | None = None  # a recalibration planning in the background
+        self.plan_delay = cfg.plan_delay_steps  # grows while plans are not ready in time
         self.has_start_history = False  # rank 0 keeps the start-up's routing history
         self.dump_requested = False
         self.drift_every = drift_steps()  # benchmarks only: replayed routing drifts
@@ -315,7 +316,7 @@ class GemWorker:
         job = self.plan_job(planner, horizon_steps, switch_to)
         head = {"reason": reason, "profiled": profiled, **speed, "profile_seconds": round(t_prof, 3)}
         if delay_steps:
-            self.pending = PendingPlan(job, head, planner, self.steps + delay_steps,
+            self.pending = PendingPlan(job, head, planner, self.steps, self.steps + delay_steps,
                                        time.perf_counter() - t0)
             return None
         return self.agree_and_apply(job.run() if job else (None, ""), head, planner, t0)
@@ -374,7 +375,9 @@ class GemWorker:
         report = self.agree_and_apply(result, pending.head, pending.planner, t0,
                                       stall_before=pending.stall_seconds)
         report.update(planning_wall_seconds=round(pending.wall_seconds, 3),
-                      waited_seconds=round(pending.waited_seconds, 3))
+                      waited_seconds=round(pending.waited_seconds, 3),
+                      plan_delay_steps=pending.due_step - pending.started_step)
+        self.plan_delay = next_delay(self.plan_delay, pending.waited_seconds)
         return report
 
     def agree_and_apply(self, result: tuple[PlanDecision | None, str], head: dict[str, Any],
@@ -466,7 +469,7 @@ class GemWorker:
         reprofile = self.recalibrations % self.cfg.reprofile_every == 0
         self.recalibrations += 1
         # applied within half an interval, so the next recalibration never finds one pending
-        delay = min(self.cfg.plan_delay_steps, horizon_steps // 2)
+        delay = min(self.plan_delay, horizon_steps // 2)
         return self.serving_safely(lambda: self.place(
             "recalibration", quick_profile=True, horizon_steps=horizon_steps, reprofile=reprofile,
             delay_steps=delay))
