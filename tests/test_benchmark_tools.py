@@ -8,6 +8,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).parents[1]
@@ -288,3 +289,18 @@ def test_recheck_plans_recomputes_what_the_server_logged(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"switches": [{"report": report}, {"report": other}]}))
     with pytest.raises(ValueError, match="expected one set of plan_latency_coef"):
         recheck(tmp_path, profiles[0].kernel.block_m)
+
+
+def test_speed_drift_a_placement_for_the_old_speeds_loses_to_a_replan():
+    """benchmarks/speed_drift.py's reading, which sets speed_tolerance's default (docs/plugin.md):
+    a GPU 20% slower than GEM placed for costs the stale placement, a re-plan wins it back."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from speed_drift import case
+
+    from vllm_gem.evaluate import bundled_trace
+    rows = case(bundled_trace("qwen").loads.astype(np.float64), ranks=2, slowdowns=[0.0, 0.2])
+    same, slow = rows
+    assert abs(same["missed_cost"]) < 0.01  # nothing changed: nothing to win back
+    assert slow["missed_cost"] > 0.03 and slow["replanned_vs_eplb"] < 0.95
+    assert slow["bound_us"] <= slow["replanned_us"] <= slow["stale_us"]
+
