@@ -117,7 +117,7 @@ for s in "$@"; do
   stale-profiles)
     # profile files of these GPUs, then a server whose GPU 1 does 20% extra work: its file is
     # stale, so the start-up speed check should calibrate every GPU instead (one warning)
-    python3 -m vllm_gem.cli calibrate --experts 64 --out-dir /tmp/gem/profiles-here > "$out/stale-calibrate.log" 2>&1
+    run_py -m vllm_gem.cli calibrate --experts 64 --out-dir /tmp/gem/profiles-here > "$out/stale-calibrate.log" 2>&1
     run_py benchmarks/e2e/soak.py /tmp/gem/model-q3 "$out/stale-profiles" --num-prompts 64 \
       --gem '{"profiles": ["/tmp/gem/profiles-here/profile-gpu0.json", "/tmp/gem/profiles-here/profile-gpu1.json"], "emulate_slowdown": {"1": 0.2}}' \
       2>&1 | tail -4
