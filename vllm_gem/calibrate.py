@@ -339,16 +339,22 @@ def held_out_report(prof: GpuProfile) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- a group of GPUs
+def gather_objects(obj: Any, group=None) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank of `group`. Collective."""
+    import torch.distributed as dist
+    out: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def exchange_profiles(profile: GpuProfile | None, error: str, group=None) -> list[GpuProfile]:
     """All-gather every rank's profile (msgpack bytes) over torch.distributed.
 
     A rank that failed passes profile=None and its error; then every rank raises one
     CalibrationError naming the failed ranks, so no rank goes on with a partial set.
     """
-    import torch.distributed as dist
     blob = encode(profile, json=False) if profile is not None else b""
-    out: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, (blob, error), group=group)
+    out = gather_objects((blob, error), group)
     failed = [f"rank {r}: {err}" for r, (b, err) in enumerate(out) if not b]
     if failed:
         raise CalibrationError("calibration failed on " + "; ".join(failed))

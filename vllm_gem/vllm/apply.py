@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..calibrate import gather_objects
+
 CHUNK_SLOTS = 4
 RTOL = 1e-9  # float64 sums of the same bf16 rows; another expert differs by far more
 
@@ -174,8 +176,7 @@ def transfer(old: torch.Tensor, new: torch.Tensor, model_state, group) -> str:
         flag.fill_(1 if error else 0)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         if int(flag.item()):  # rare: only now exchange the messages, so every rank names the same
-            errors: list = [None] * dist.get_world_size(group)
-            dist.all_gather_object(errors, error, group=group)
+            errors = gather_objects(error, group)
             who = next(r for r, e in enumerate(errors) if e)
             return f"the move was interrupted at layer {ly} on EP rank {who}: {errors[who]}"
     return ""

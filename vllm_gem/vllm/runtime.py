@@ -24,6 +24,7 @@ from ..calibrate import (
     calibrate_device,
     check_speed,
     exchange_profiles,
+    gather_objects,
     gpu_identity,
 )
 from ..errors import GemInputError
@@ -177,8 +178,7 @@ class GemWorker:
             ratio = float(self.local_speed_ratio(references[self.rank], lift_s))
         except Exception as e:  # the caller decides: re-profile (serving) or trust the files
             err = f"rank {self.rank}: {type(e).__name__}: {e}"
-        out: list = [None] * self.size
-        torch.distributed.all_gather_object(out, (ratio, err), group=self.ep.cpu_group)
+        out = gather_objects((ratio, err), self.ep.cpu_group)
         return [r for r, _ in out], [e for _, e in out if e]
 
     def speed_report(self, ratios: list[float], errors: list[str]) -> dict[str, Any]:
@@ -240,8 +240,7 @@ class GemWorker:
                          "calibrate` on this host), or no gem.profiles, to calibrate at start")
         except GemInputError as e:
             wrong = (e.source, e.field, e.problem, e.expected)
-        out: list = [None] * self.size
-        torch.distributed.all_gather_object(out, wrong, group=self.ep.cpu_group)
+        out = gather_objects(wrong, self.ep.cpu_group)
         ranks = [r for r, w in enumerate(out) if w]
         if ranks:
             source, field, problem, expected = out[ranks[0]]
@@ -575,8 +574,7 @@ def _inactive_ranks() -> str:
         from vllm.distributed.parallel_state import get_ep_group
         group = get_ep_group().cpu_group
     why = "" if w is not None else "GEM is not active on this worker"
-    states: list = [None] * torch.distributed.get_world_size(group)
-    torch.distributed.all_gather_object(states, why, group=group)
+    states = gather_objects(why, group)
     return "; ".join(f"rank {r}: {s}" for r, s in enumerate(states) if s)
 
 
