@@ -181,6 +181,10 @@ class GemWorker:
         out = gather_objects((ratio, err), self.ep.cpu_group)
         return [r for r, _ in out], [e for _, e in out if e]
 
+    def speed_moved(self, ratio: float) -> bool:
+        """A speed check's ratio farther from 1 than speed_tolerance (nan, a failed check: no)."""
+        return bool(np.isfinite(ratio)) and abs(ratio - 1.0) > self.cfg.speed_tolerance
+
     def speed_report(self, ratios: list[float], errors: list[str]) -> dict[str, Any]:
         return {"speed_ratios": [round(r, 4) for r in ratios], **({"speed_errors": errors} if errors else {})}
 
@@ -198,7 +202,7 @@ class GemWorker:
             ratios, errors = self.gather_speed_ratios(profiles, LIFT_SECONDS)  # idle GPUs: full lift
             info = self.speed_report(ratios, errors)
             off = [f"{self.cfg.profiles[r]} {x - 1:+.1%}" for r, x in enumerate(ratios)
-                   if np.isfinite(x) and abs(x - 1.0) > self.cfg.speed_tolerance]
+                   if self.speed_moved(x)]
             if not off:
                 if errors and self.rank == 0:
                     logger.warning("vllm-gem: could not check the profile files against the GPUs "
@@ -304,7 +308,8 @@ class GemWorker:
         if profiled and self.profiles is not None and horizon_steps and self.cfg.speed_tolerance > 0:
             # recalibration: re-profile only if some GPU's speed moved past the tolerance
             ratios, errors = self.gather_speed_ratios(self.profiles)
-            profiled = not all(abs(r - 1.0) <= self.cfg.speed_tolerance for r in ratios)  # nan: not
+            # a failed check (nan) re-profiles too
+            profiled = any(not np.isfinite(r) or self.speed_moved(r) for r in ratios)
             speed = self.speed_report(ratios, errors)
         if profiled:
             self.profiles, gathered = self.gather_profiles(quick_profile)
