@@ -157,6 +157,9 @@ class SpeedCheck:
     ratio: float  # median over the checked points of (time now / the profile's time): > 1 slower
     points: int  # how many of the profile's load patterns were timed again
     seconds: float  # what the check took (serving stalls for it)
+    point_ratios: tuple[float, ...] = ()  # [points] time now / profiled time, per checked pattern
+    before: GpuState | None = None  # NVML clocks, power, temperature around the check
+    after: GpuState | None = None
 
 
 def check_points(num_points: int, k: int = SPEED_CHECK_POINTS) -> np.ndarray:
@@ -170,9 +173,12 @@ def speed_ratio(reference: list[LatencyPoint], measured: list[LatencyPoint]) -> 
     if len(reference) != len(measured) or not reference:
         raise ValueError(f"speed_ratio: {len(measured)} measured points for {len(reference)} "
                          "reference points, expected the same number (> 0)")
-    ref = np.array([p.median_us for p in reference])
-    now = np.array([p.median_us for p in measured])
-    return float(np.median(now / ref))
+    return float(np.median(point_ratios(reference, measured)))
+
+
+def point_ratios(reference: list[LatencyPoint], measured: list[LatencyPoint]) -> np.ndarray:
+    """[points] measured / reference median time of paired points."""
+    return np.array([p.median_us for p in measured]) / np.array([p.median_us for p in reference])
 
 
 def check_speed(device: int, spec: CalibrationSpec, reference: GpuProfile,
@@ -193,8 +199,9 @@ def check_speed(device: int, spec: CalibrationSpec, reference: GpuProfile,
             raise ValueError(f"reference profile of {reference.gpu.name} #{reference.gpu.index}: "
                              f"points.tokens_per_expert has {len(p.tokens_per_expert)} experts, "
                              f"expected {spec.num_experts} (this GPU's local experts)")
-    points, _, _ = _measure(device, spec, weights, [p.tokens_per_expert for p in chosen], lift_s)
-    return SpeedCheck(speed_ratio(chosen, points), len(points), time.perf_counter() - t0)
+    points, before, after = _measure(device, spec, weights, [p.tokens_per_expert for p in chosen], lift_s)
+    return SpeedCheck(speed_ratio(chosen, points), len(points), time.perf_counter() - t0,
+                      tuple(point_ratios(chosen, points).round(4).tolist()), before, after)
 
 
 def _measure(device: int, spec: CalibrationSpec, weights: tuple[Any, Any] | None,

@@ -8,7 +8,11 @@ experts): a start-up profile (30 replays per point), then `--repeats` times a qu
 start-up profile (`calibrate.check_speed`, as `GemWorker.local_speed_ratio`), each timed on the
 host. Then speed checks of the same GPU doing extra expert work (the in-process emulation of
 a slower GPU, `emulate.slow_down_experts`' way): the ratio a check reads for each.
-  usage: python benchmarks/gpu/speed_check.py [--repeats 5] [--json FILE]
+Then where a check's reading of the unchanged GPU comes from (session 10 read 1.03-1.07 on
+nvidia-h200, and over 1.05 at 16 experts in the GPU test): the check after the GPU idled or
+right after work, with a longer clock lift, with as many replays as the profile, over all
+points, and a full re-profile, each `--repeats` times, with per-point ratios and SM clocks.
+  usage: python benchmarks/gpu/speed_check.py [--repeats 5] [--experts 64] [--json FILE]
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ import json
 import statistics
 import time
 
-from vllm_gem.calibrate import CalibrationSpec, calibrate_device, check_speed
+import numpy as np
+import torch
+
+from vllm_gem.calibrate import (LIFT_SECONDS, CalibrationSpec, calibrate_device, check_points,
+                                check_speed, point_ratios)
 
 EXTRA_WORK = (0.0, 0.05, 0.1, 0.2)  # what a check should read as about 1.0, 1.05, 1.1, 1.2
 
@@ -30,12 +38,63 @@ def timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
+def idle(seconds: float) -> None:
+    torch.cuda.synchronize(0)
+    time.sleep(seconds)
+
+
+def busy(seconds: float) -> None:
+    """Keep cuda:0 doing matmuls, as serving would before a check."""
+    a = torch.randn(4096, 4096, device=0, dtype=torch.bfloat16)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ a
+        torch.cuda.synchronize(0)
+
+
+def error_sources(spec: CalibrationSpec, quick: CalibrationSpec, start, repeats: int) -> list[dict]:
+    """What each way of re-timing the unchanged GPU reads against its start-up profile."""
+    variants = {  # name: (before, spec, check_speed keywords); spec None: a full re-profile
+        "check after 2 s idle": (lambda: idle(2), quick, {}),
+        "check right after 1 s of work": (lambda: busy(1), quick, {}),
+        f"check after 2 s idle, {LIFT_SECONDS} s lift": (lambda: idle(2), quick, {"lift_s": LIFT_SECONDS}),
+        f"check after work, {spec.reps} replays": (lambda: busy(1), spec, {}),
+        "check after work, all points": (lambda: busy(1), quick, {"k": len(start.points)}),
+        f"full re-profile, {spec.reps} replays": (lambda: busy(1), None, {}),
+    }
+    idx = check_points(len(start.points))
+    print("profiled us at the check points: "
+          + " ".join(f"{start.points[i].median_us:.1f}" for i in idx), flush=True)
+    rows = []
+    for name, (before, s, kw) in variants.items():
+        for r in range(repeats):
+            before()
+            if s is None:
+                prof = calibrate_device(0, spec)
+                every = point_ratios(start.points, prof.points)
+                row = {"ratio": float(np.median(every)),
+                       "ratio_at_check_points": float(np.median(every[idx])),
+                       "point_ratios": every[idx].round(4).tolist(),
+                       "sm_mhz": [prof.state_before.sm_clock_mhz if prof.state_before else None,
+                                  prof.state_after.sm_clock_mhz if prof.state_after else None]}
+            else:
+                c = check_speed(0, s, start, **kw)
+                row = {"ratio": c.ratio, "point_ratios": list(c.point_ratios),
+                       "sm_mhz": [c.before.sm_clock_mhz if c.before else None,
+                                  c.after.sm_clock_mhz if c.after else None]}
+            rows.append({"variant": name, "repeat": r, **row})
+            print(f"{name:40s} #{r} ratio {row['ratio']:.4f} SM MHz {row['sm_mhz']} "
+                  f"points {' '.join(f'{x:.3f}' for x in row['point_ratios'])}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--experts", type=int, default=64, help="local experts (the GPU test uses 16)")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
-    spec = CalibrationSpec(hidden=2048, intermediate=768, num_experts=64)
+    spec = CalibrationSpec(hidden=2048, intermediate=768, num_experts=a.experts)
     quick = dataclasses.replace(spec, reps=10)
     start, start_s = timed(calibrate_device, 0, spec)
     print(f"start-up profile: {len(start.points)} points in {start_s:.2f} s", flush=True)
@@ -51,13 +110,14 @@ def main() -> None:
         check = check_speed(0, dataclasses.replace(quick, extra_work=extra), start)
         slower.append({"extra_work": extra, "ratio": check.ratio, "check_s": check.seconds})
         print(f"extra work {extra:.0%}: ratio {check.ratio:.4f}", flush=True)
+    sources = error_sources(spec, quick, start, a.repeats)
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     print(f"median: quick re-profile {med['quick_profile_s']:.3f} s, speed check {med['check_s']:.3f} s "
           f"({med['check_s'] / med['quick_profile_s']:.2f}x), ratio {med['check_ratio']:.4f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"start_profile_s": start_s, "points": len(start.points), "runs": runs,
-                       "median": med, "extra_work": slower}, f, indent=1)
+                       "median": med, "extra_work": slower, "sources": sources}, f, indent=1)
 
 
 if __name__ == "__main__":
