@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -139,16 +140,38 @@ def test_repeated_calibration_leaves_no_gpu_memory_behind():
 
 
 @pytest.mark.gpu
-def test_a_speed_check_agrees_with_its_profile_and_sees_a_slower_gpu():
-    """The recalibration's cheap check: the same GPU reads as its profile, and the same GPU
-    doing 25% extra expert work (emulate.slow_down_experts' way) reads slower."""
-    from vllm_gem.calibrate import CalibrationSpec, calibrate_device, check_speed
-    spec = CalibrationSpec(num_experts=16, reps=10)
+def test_speed_checks_of_one_gpu_agree_with_each_other_and_see_it_slower():
+    """The recalibration's cheap check. Against a profile from idle, the same GPU reads 2-25%
+    slower at small loads after heavy work (its clocks): session 10, so checks are compared
+    with each other (relative_speed_changes), as the GPUs of a group are. Two checks of the
+    unchanged GPU agree; one doing 25% extra expert work (emulate.slow_down_experts' way)
+    reads slower than the one before it."""
+    from vllm_gem.calibrate import CalibrationSpec, calibrate_device, check_speed, relative_speed_changes
+    spec = CalibrationSpec(num_experts=64, reps=10)  # model-q3's local experts on 2 GPUs
     prof = calibrate_device(0, spec)
-    same = check_speed(0, spec, prof)
-    slower = check_speed(0, CalibrationSpec(num_experts=16, reps=10, extra_work=0.25), prof)
-    assert same.points == 8 and abs(same.ratio - 1) < 0.05, same
-    assert slower.ratio > 1.1, slower
+    first, second = check_speed(0, spec, prof), check_speed(0, spec, prof)
+    slower = check_speed(0, CalibrationSpec(num_experts=64, reps=10, extra_work=0.25), prof)
+    assert first.points == len(first.point_ratios) == 8
+    same = relative_speed_changes([first.point_ratios, second.point_ratios])
+    assert np.abs(same - 1).max() < 0.05, (first, second)
+    assert relative_speed_changes([second.point_ratios, slower.point_ratios])[1] > 1.1, (second, slower)
+
+
+def test_relative_speed_changes_compare_each_gpu_with_the_others():
+    from vllm_gem.calibrate import relative_speed_changes
+    clocks = np.array([1.2, 1.05, 1.0, 0.96])  # every GPU after heavy work: small loads slowest
+    np.testing.assert_allclose(relative_speed_changes([clocks, clocks]), [1, 1])
+    np.testing.assert_allclose(relative_speed_changes([clocks, clocks, clocks, 1.1 * clocks]),
+                               [1, 1, 1, 1.1])  # the median of the others: the slow one aside
+    np.testing.assert_allclose(relative_speed_changes([clocks, 1.1 * clocks]), [1 / 1.1, 1.1])
+    failed = relative_speed_changes([clocks, None, 1.1 * clocks])  # compared with who checked
+    np.testing.assert_allclose(failed, [1 / 1.1, np.nan, 1.1])
+    assert np.isnan(relative_speed_changes([clocks, None])).all()  # nobody to compare with
+    unpaired = relative_speed_changes([[1.0, 1.2], [1.2, 1.3, 1.4]])  # other patterns: medians
+    np.testing.assert_allclose(unpaired, [1.1 / 1.3, 1.3 / 1.1])
+    np.testing.assert_allclose(relative_speed_changes([clocks, 1.1 * clocks], paired=False),
+                               [1 / 1.1, 1.1])
+    np.testing.assert_allclose(relative_speed_changes([clocks]), [np.median(clocks)])  # one GPU
 
 
 def test_speed_check_points_and_ratio():

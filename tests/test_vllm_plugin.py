@@ -11,6 +11,7 @@ import types
 import numpy as np
 import pytest
 
+from vllm_gem.calibrate import SpeedCheck
 from vllm_gem.errors import GemInputError
 from vllm_gem.formats import (
     NdArray,
@@ -428,15 +429,16 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
             profiled.append(quick)
             return example_profile(f"gpu{rank}", 1.0 + 0.3 * rank, num_experts=12)
         w.local_profile = local_profile
-    if speeds:  # speed checks (start-up's first): rank 1's GPU time / its profile's (rank 0: 1.0)
-        left = list(speeds)
+    if speeds:  # speed checks (start-up's first), each GPU time / its profile's at 8 points:
+        left = list(speeds)  # rank 1's (rank 0: 1.0), or (rank 0's, rank 1's), or an error
 
-        def local_speed_ratio(reference, lift_s):
-            r = left.pop(0) if rank == 1 else 1.0
+        def local_speed_check(reference, lift_s):
+            s = left.pop(0)
+            r = s[rank] if isinstance(s, tuple) else s if rank == 1 else 1.0
             if isinstance(r, str):
                 raise RuntimeError(r)
-            return r
-        w.local_speed_ratio = local_speed_ratio
+            return SpeedCheck(r, 8, 0.1, (r,) * 8)
+        w.local_speed_check = local_speed_check
     runtime._WORKER = w
     if rank == inactive_rank:  # GEM could not attach on this rank
         from vllm.distributed import parallel_state
@@ -611,22 +613,25 @@ def test_recalibration_reprofiles_the_gpus_every_nth_time_and_replans_in_between
         assert r["holds"]
 
 
-def test_recalibration_reprofiles_only_when_a_gpus_speed_moved_past_the_tolerance(inputs):
-    # rank 1's GPU at each check: its file at start, then as profiled, 12% slower, 4% faster,
-    # a failed check
+def test_recalibration_reprofiles_only_when_a_gpus_speed_moved_against_the_others(inputs):
+    # the GPUs at each check: rank 1's file at start, then as profiled, both 10% slower (their
+    # clocks after heavy work: nothing moved between them), rank 1 12% slower, rank 1 4%
+    # faster, rank 1's check failed
     res = _run_place({"profiles": inputs["profiles"], "trace": inputs["trace"], "reprofile_every": 1,
-                      "speed_tolerance": 0.05}, switches=["recalibrate"] * 4,
-                     speeds=[1.0, 1.01, 1.12, 0.96, "CUDA error: out of memory"])
+                      "speed_tolerance": 0.05}, switches=["recalibrate"] * 5,
+                     speeds=[1.0, 1.01, (1.1, 1.1), 1.12, 0.96, "CUDA error: out of memory"])
     for r in res:  # every rank takes the same decision from the gathered ratios
         reps = [s["report"] for s in r["switches"]]
         assert all(rep is not None for rep in reps), reps
-        assert [rep["profiled"] for rep in reps] == [False, True, False, True]
-        assert r["profiled"] == [True, True]  # quick profiles after the 2nd and the 4th check
-        assert [rep["speed_ratios"][1] for rep in reps[:3]] == [1.01, 1.12, 0.96]
-        assert all(rep["speed_ratios"][0] == 1.0 for rep in reps)
-        assert np.isnan(reps[3]["speed_ratios"][1])
-        assert reps[3]["speed_errors"] == ["rank 1: RuntimeError: CUDA error: out of memory"]
-        assert all("speed_errors" not in rep for rep in reps[:3])
+        assert [rep["profiled"] for rep in reps] == [False, False, True, False, True]
+        assert r["profiled"] == [True, True]  # quick profiles after the 3rd and the 5th check
+        assert [rep["speed_ratios"] for rep in reps[:4]] == [[1.0, 1.01], [1.1, 1.1], [1.0, 1.12],
+                                                             [1.0, 0.96]]
+        assert [rep["speed_relative"][1] for rep in reps[:4]] == [1.01, 1.0, 1.12, 0.96]
+        assert reps[2]["speed_relative"][0] == round(1 / 1.12, 4)
+        assert np.isnan(reps[4]["speed_ratios"][1]) and np.isnan(reps[4]["speed_relative"]).all()
+        assert reps[4]["speed_errors"] == ["rank 1: RuntimeError: CUDA error: out of memory"]
+        assert all("speed_errors" not in rep for rep in reps[:4])
         assert r["holds"]
 
 
@@ -643,6 +648,7 @@ def test_profile_files_are_checked_against_the_gpus_at_start(inputs, speed, sour
         assert r["profiled"] == ([False] if source.startswith("calibration") else [])  # full profiles
         if isinstance(speed, float):
             assert rep["speed_ratios"] == [1.0, speed] and "speed_errors" not in rep
+            assert rep["speed_relative"] == [round(1 / speed, 4), speed]
         else:
             assert rep["speed_errors"] == [f"rank 1: RuntimeError: {speed}"]
 

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,40 @@ def speed_ratio(reference: list[LatencyPoint], measured: list[LatencyPoint]) -> 
 def point_ratios(reference: list[LatencyPoint], measured: list[LatencyPoint]) -> np.ndarray:
     """[points] measured / reference median time of paired points."""
     return np.array([p.median_us for p in measured]) / np.array([p.median_us for p in reference])
+
+
+def relative_speed_changes(point_ratios: list[Any], paired: bool = True) -> np.ndarray:
+    """[ranks] how much each GPU's speed moved against the other GPUs' since their profiles
+    (> 1: this GPU slowed more than the others; nan where its check, or all others', failed).
+
+    point_ratios: per rank, [points] time now / profiled time (SpeedCheck.point_ratios), or
+    None where the check failed; the ranks timed at the same moment. paired: every rank timed
+    the same load patterns (profiles made by calibration_patterns with one expert count and
+    seed), so rank g's change is the median over points p of ratio[g, p] / the median over the
+    other ranks of ratio[h, p]; otherwise over each rank's median ratio. One rank: its own.
+    Why relative: a GPU's clocks follow its recent load, so the same unchanged GPU re-times
+    2-25% slower at small loads after heavy work than in a profile taken from idle (nvidia-h200,
+    session 10, docs/calibration.md), and every GPU of an EP group runs the same steps; a
+    placement depends only on how the GPUs' speeds compare."""
+    n = max((len(r) for r in point_ratios if r is not None), default=1)
+    rows = np.full((len(point_ratios), n), np.nan)
+    for g, r in enumerate(point_ratios):
+        if r is not None:
+            if paired and len(r) == n:
+                rows[g] = r
+            else:
+                paired = False
+    if not paired:  # no pairing by pattern: each rank's median only
+        rows = np.array([[np.nan if r is None else float(np.median(r))] for r in point_ratios])
+    if len(rows) == 1:
+        return np.array([np.median(rows[0])])
+    out = np.full(len(rows), np.nan)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-nan slices: failed checks
+        for g in range(len(rows)):
+            others = np.nanmedian(np.delete(rows, g, axis=0), axis=0)  # [points]
+            out[g] = np.median(rows[g] / others)
+    return out
 
 
 def check_speed(device: int, spec: CalibrationSpec, reference: GpuProfile,

@@ -5,7 +5,7 @@ session 8's soak, 19% of the run at 500 steps).
 On cuda:0, in the served model-q3's expert shape (hidden 2048, intermediate 768, 64 local
 experts): a start-up profile (30 replays per point), then `--repeats` times a quick re-profile
 (10 replays per point, as `GemWorker.local_profile(quick=True)`) and a speed check against the
-start-up profile (`calibrate.check_speed`, as `GemWorker.local_speed_ratio`), each timed on the
+start-up profile (`calibrate.check_speed`, as `GemWorker.local_speed_check`), each timed on the
 host. Then speed checks of the same GPU doing extra expert work (the in-process emulation of
 a slower GPU, `emulate.slow_down_experts`' way): the ratio a check reads for each.
 Then where a check's reading of the unchanged GPU comes from (session 10 read 1.03-1.07 on

@@ -21,11 +21,14 @@ from ..calibrate import (
     LIFT_SECONDS,
     SPEED_CHECK_LIFT_SECONDS,
     CalibrationSpec,
+    SpeedCheck,
     calibrate_device,
+    check_points,
     check_speed,
     exchange_profiles,
     gather_objects,
     gpu_identity,
+    relative_speed_changes,
 )
 from ..errors import GemInputError
 from ..formats import GpuProfile, NdArray, RoutingTrace, load, save
@@ -162,46 +165,55 @@ class GemWorker:
         torch.cuda.empty_cache()
         return prof
 
-    def local_speed_ratio(self, reference: GpuProfile, lift_s: float) -> float:
-        """This GPU's time now / `reference`'s, over a few of the reference's load patterns."""
+    def local_speed_check(self, reference: GpuProfile, lift_s: float) -> SpeedCheck:
+        """This GPU's time now against `reference`'s, over a few of the reference's load patterns."""
         check = check_speed(self.device.index, self.calibration_spec(quick=True), reference,
                             self.own_weights(), lift_s=lift_s)
         torch.cuda.empty_cache()
-        return check.ratio
+        return check
 
-    def gather_speed_ratios(self, references: list[GpuProfile], lift_s: float = SPEED_CHECK_LIFT_SECONDS
-                            ) -> tuple[list[float], list[str]]:
-        """Every rank's local_speed_ratio against its reference [ranks], in rank order, and the
-        errors of ranks whose check failed (their ratio is nan). Collective."""
-        ratio, err = float("nan"), ""
+    def gather_speed_checks(self, references: list[GpuProfile], lift_s: float = SPEED_CHECK_LIFT_SECONDS
+                            ) -> tuple[np.ndarray, list[float], list[str]]:
+        """Every rank's speed check against its reference, at once -> (each GPU's speed change
+        against the others' [ranks], calibrate.relative_speed_changes; each GPU's own time now /
+        profiled time [ranks]; the errors of ranks whose check failed: nan for them).
+        Collective."""
+        ratios, err = None, ""
         try:
-            ratio = float(self.local_speed_ratio(references[self.rank], lift_s))
+            ratios = list(self.local_speed_check(references[self.rank], lift_s).point_ratios)
         except Exception as e:  # the caller decides: re-profile (serving) or trust the files
             err = f"rank {self.rank}: {type(e).__name__}: {e}"
-        out = gather_objects((ratio, err), self.ep.cpu_group)
-        return [r for r, _ in out], [e for _, e in out if e]
+        out = gather_objects((ratios, err), self.ep.cpu_group)
+        rows = [r for r, _ in out]
+        patterns = {tuple(tuple(ref.points[i].tokens_per_expert) for i in check_points(len(ref.points)))
+                    for ref in references}
+        relative = relative_speed_changes(rows, paired=len(patterns) == 1)
+        own = [float("nan") if r is None else float(np.median(r)) for r in rows]
+        return relative, own, [e for _, e in out if e]
 
-    def speed_moved(self, ratio: float) -> bool:
-        """A speed check's ratio farther from 1 than speed_tolerance (nan, a failed check: no)."""
-        return bool(np.isfinite(ratio)) and abs(ratio - 1.0) > self.cfg.speed_tolerance
+    def speed_moved(self, relative: float) -> bool:
+        """A GPU's speed change against the others' farther from 1 than speed_tolerance (nan,
+        a failed check: no)."""
+        return bool(np.isfinite(relative)) and abs(relative - 1.0) > self.cfg.speed_tolerance
 
-    def speed_report(self, ratios: list[float], errors: list[str]) -> dict[str, Any]:
-        return {"speed_ratios": [round(r, 4) for r in ratios], **({"speed_errors": errors} if errors else {})}
+    def speed_report(self, relative: np.ndarray, own: list[float], errors: list[str]) -> dict[str, Any]:
+        return {"speed_relative": [round(float(r), 4) for r in relative],
+                "speed_ratios": [round(r, 4) for r in own], **({"speed_errors": errors} if errors else {})}
 
     def gather_profiles(self, quick: bool = False) -> tuple[list[GpuProfile], dict[str, Any]]:
         """Calibrate every GPU at once, or read the configured files -> (profiles in rank order,
         what the report says of them). Files must be of these GPUs (UUIDs); each GPU then
-        re-times a few of its file's patterns, and if one reads off by more than
-        speed_tolerance (a stale file: clocks, power cap, another driver) every GPU is
-        calibrated instead. A check that cannot run leaves the files as they are."""
+        re-times a few of its file's patterns, and if one's speed moved against the others' by
+        more than speed_tolerance (a stale file: clocks, a power cap) every GPU is calibrated
+        instead. A check that cannot run leaves the files as they are."""
         info: dict[str, Any] = {"profiles_from": "calibration"}
         if self.cfg.profiles and not quick:
             profiles = self.load_profile_files(self.cfg.profiles)
             if self.cfg.speed_tolerance <= 0:
                 return profiles, {"profiles_from": "files"}
-            ratios, errors = self.gather_speed_ratios(profiles, LIFT_SECONDS)  # idle GPUs: full lift
-            info = self.speed_report(ratios, errors)
-            off = [f"{self.cfg.profiles[r]} {x - 1:+.1%}" for r, x in enumerate(ratios)
+            relative, own, errors = self.gather_speed_checks(profiles, LIFT_SECONDS)  # idle: full lift
+            info = self.speed_report(relative, own, errors)
+            off = [f"{self.cfg.profiles[r]} {x - 1:+.1%}" for r, x in enumerate(relative)
                    if self.speed_moved(x)]
             if not off:
                 if errors and self.rank == 0:
@@ -209,8 +221,8 @@ class GemWorker:
                                    "(%s); planning with them as they are", "; ".join(errors))
                 return profiles, {"profiles_from": "files", **info}
             if self.rank == 0:
-                logger.warning("vllm-gem: these GPUs now time differently from their profile files "
-                               "(%s; speed_tolerance %.0f%%): calibrating every GPU instead",
+                logger.warning("vllm-gem: these GPUs' speeds moved against the others' since their "
+                               "profile files (%s; speed_tolerance %.0f%%): calibrating every GPU instead",
                                ", ".join(off), 100 * self.cfg.speed_tolerance)
             info["profiles_from"] = "calibration (files off by more than speed_tolerance)"
         prof, err = None, ""
@@ -296,8 +308,8 @@ class GemWorker:
         switch_to (an A/B switch on request): plan with this planner ('initial': vLLM's start
         map) from the start-up's profiles and routing history, and apply it whatever its gain.
         reprofile=False: plan with the profiles already exchanged (recalibration between re-profiles).
-        A recalibration's re-profile is skipped when every GPU's speed check is within
-        cfg.speed_tolerance of its profile.
+        A recalibration's re-profile is skipped when no GPU's speed moved against the others'
+        by more than cfg.speed_tolerance since the profiles (speed checks).
         delay_steps > 0: rank 0 plans in a background thread while serving goes on, and every
         rank agrees and moves `delay_steps` engine steps later (after_step); returns None then.
         Otherwise returns the report at once.
@@ -306,11 +318,11 @@ class GemWorker:
         profiled = self.profiles is None or (switch_to is None and reprofile)
         speed: dict[str, Any] = {}
         if profiled and self.profiles is not None and horizon_steps and self.cfg.speed_tolerance > 0:
-            # recalibration: re-profile only if some GPU's speed moved past the tolerance
-            ratios, errors = self.gather_speed_ratios(self.profiles)
-            # a failed check (nan) re-profiles too
-            profiled = any(not np.isfinite(r) or self.speed_moved(r) for r in ratios)
-            speed = self.speed_report(ratios, errors)
+            # recalibration: re-profile only if some GPU's speed moved against the others' past
+            # the tolerance; a failed check (nan) re-profiles too
+            relative, own, errors = self.gather_speed_checks(self.profiles)
+            profiled = any(not np.isfinite(r) or self.speed_moved(r) for r in relative)
+            speed = self.speed_report(relative, own, errors)
         if profiled:
             self.profiles, gathered = self.gather_profiles(quick_profile)
             if not horizon_steps:  # start-up: where the profiles came from, and how they were checked
