@@ -629,6 +629,8 @@ def test_recalibration_reprofiles_only_when_a_gpus_speed_moved_against_the_other
                                                              [1.0, 0.96]]
         assert [rep["speed_relative"][1] for rep in reps[:4]] == [1.01, 1.0, 1.12, 0.96]
         assert reps[2]["speed_relative"][0] == round(1 / 1.12, 4)
+        assert all(rep["speed_sm_mhz"] == [[None, None]] * 2 for rep in reps[:4])  # no NVML here
+        assert reps[4]["speed_sm_mhz"] == [[None, None], None]  # rank 1's check failed
         assert np.isnan(reps[4]["speed_ratios"][1]) and np.isnan(reps[4]["speed_relative"]).all()
         assert reps[4]["speed_errors"] == ["rank 1: RuntimeError: CUDA error: out of memory"]
         assert all("speed_errors" not in rep for rep in reps[:4])

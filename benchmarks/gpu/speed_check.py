@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import statistics
 import time
@@ -26,8 +27,15 @@ import time
 import numpy as np
 import torch
 
-from vllm_gem.calibrate import (LIFT_SECONDS, CalibrationSpec, calibrate_device, check_points,
-                                check_speed, point_ratios)
+from vllm_gem.calibrate import (
+    LIFT_SECONDS,
+    CalibrationSpec,
+    calibrate_device,
+    check_points,
+    check_speed,
+    point_ratios,
+    relative_speed_changes,
+)
 
 EXTRA_WORK = (0.0, 0.05, 0.1, 0.2)  # what a check should read as about 1.0, 1.05, 1.1, 1.2
 
@@ -88,6 +96,22 @@ def error_sources(spec: CalibrationSpec, quick: CalibrationSpec, start, repeats:
     return rows
 
 
+def pairwise_relative(rows: list[dict]) -> dict:
+    """|relative_speed_changes - 1| of every pair of the unchanged GPU's 8-point checks, as if
+    two GPUs had been checked (the worst case: different moments and clock states)."""
+    checks = [np.array(r["point_ratios"]) for r in rows
+              if r["variant"].startswith("check") and "all points" not in r["variant"]]
+    dev = np.array([abs(relative_speed_changes([a, b])[1] - 1)
+                    for a, b in itertools.combinations(checks, 2)])
+    out = {"pairs": len(dev), "max": float(dev.max()), "p90": float(np.percentile(dev, 90)),
+           "median": float(np.median(dev))}
+    absolute = np.array([abs(float(np.median(c)) - 1) for c in checks])
+    print(f"unchanged GPU, {len(checks)} checks: |ratio - 1| median {np.median(absolute):.4f} max "
+          f"{absolute.max():.4f}; {len(dev)} pairs compared |relative - 1| median {out['median']:.4f} "
+          f"p90 {out['p90']:.4f} max {out['max']:.4f}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -105,19 +129,23 @@ def main() -> None:
         runs.append({"quick_profile_s": profile_s, "check_s": check_s, "check_ratio": check.ratio})
         print(f"run {r}: quick re-profile {profile_s:.3f} s, speed check {check_s:.3f} s "
               f"({check.points} points), ratio {check.ratio:.4f}", flush=True)
-    slower = []
-    for extra in EXTRA_WORK:
+    slower, plain = [], None
+    for extra in EXTRA_WORK:  # relative: against the 0% check just before, as serving compares GPUs
         check = check_speed(0, dataclasses.replace(quick, extra_work=extra), start)
-        slower.append({"extra_work": extra, "ratio": check.ratio, "check_s": check.seconds})
-        print(f"extra work {extra:.0%}: ratio {check.ratio:.4f}", flush=True)
+        plain = plain or check.point_ratios
+        rel = float(relative_speed_changes([plain, check.point_ratios])[1])
+        slower.append({"extra_work": extra, "ratio": check.ratio, "relative": rel, "check_s": check.seconds})
+        print(f"extra work {extra:.0%}: ratio {check.ratio:.4f}, relative to 0% {rel:.4f}", flush=True)
     sources = error_sources(spec, quick, start, a.repeats)
+    pairs = pairwise_relative(sources)
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     print(f"median: quick re-profile {med['quick_profile_s']:.3f} s, speed check {med['check_s']:.3f} s "
           f"({med['check_s'] / med['quick_profile_s']:.2f}x), ratio {med['check_ratio']:.4f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"start_profile_s": start_s, "points": len(start.points), "runs": runs,
-                       "median": med, "extra_work": slower, "sources": sources}, f, indent=1)
+                       "median": med, "extra_work": slower, "sources": sources,
+                       "pairwise_relative": pairs}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,7 @@ class GemWorker:
         self.pending: PendingPlan | None = None  # a recalibration planning in the background
         self.plan_delay = cfg.plan_delay_steps  # grows while plans are not ready in time
         self.has_start_history = False  # rank 0 keeps the start-up's routing history
+        self.last_speed_checks: list[SpeedCheck | None] = []  # every rank's, from the last gather
         self.dump_requested = False
         self.drift_every = drift_steps()  # benchmarks only: replayed routing drifts
 
@@ -178,18 +179,18 @@ class GemWorker:
         against the others' [ranks], calibrate.relative_speed_changes; each GPU's own time now /
         profiled time [ranks]; the errors of ranks whose check failed: nan for them).
         Collective."""
-        ratios, err = None, ""
+        check, err = None, ""
         try:
-            ratios = list(self.local_speed_check(references[self.rank], lift_s).point_ratios)
+            check = self.local_speed_check(references[self.rank], lift_s)
         except Exception as e:  # the caller decides: re-profile (serving) or trust the files
             err = f"rank {self.rank}: {type(e).__name__}: {e}"
-        out = gather_objects((ratios, err), self.ep.cpu_group)
-        rows = [r for r, _ in out]
+        out = gather_objects((check, err), self.ep.cpu_group)
+        rows = [None if c is None else c.point_ratios for c, _ in out]
         patterns = {tuple(tuple(ref.points[i].tokens_per_expert) for i in check_points(len(ref.points)))
                     for ref in references}
         relative = relative_speed_changes(rows, paired=len(patterns) == 1)
-        own = [float("nan") if r is None else float(np.median(r)) for r in rows]
-        return relative, own, [e for _, e in out if e]
+        self.last_speed_checks = [c for c, _ in out]
+        return relative, [float("nan") if c is None else c.ratio for c, _ in out], [e for _, e in out if e]
 
     def speed_moved(self, relative: float) -> bool:
         """A GPU's speed change against the others' farther from 1 than speed_tolerance (nan,
@@ -197,8 +198,12 @@ class GemWorker:
         return bool(np.isfinite(relative)) and abs(relative - 1.0) > self.cfg.speed_tolerance
 
     def speed_report(self, relative: np.ndarray, own: list[float], errors: list[str]) -> dict[str, Any]:
+        # each GPU's SM clock before and after its check: whether the GPUs' clocks moved together
+        sm = [[getattr(s, "sm_clock_mhz", None) for s in (c.before, c.after)] if c else None
+              for c in self.last_speed_checks]
         return {"speed_relative": [round(float(r), 4) for r in relative],
-                "speed_ratios": [round(r, 4) for r in own], **({"speed_errors": errors} if errors else {})}
+                "speed_ratios": [round(r, 4) for r in own], "speed_sm_mhz": sm,
+                **({"speed_errors": errors} if errors else {})}
 
     def gather_profiles(self, quick: bool = False) -> tuple[list[GpuProfile], dict[str, Any]]:
         """Calibrate every GPU at once, or read the configured files -> (profiles in rank order,
