@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 import triton
-
 from vllm_gem.kernels.moe_gemm import (
     TILE_TABLE,
     TileConfig,

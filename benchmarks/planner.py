@@ -25,10 +25,10 @@ import numpy as np
 
 from vllm_gem.bounds import lower_bounds
 from vllm_gem.evaluate import bundled_trace, compare, split_steps
+from vllm_gem.formats import ExpertShape
 from vllm_gem.latency import GroupModel, LatencyModel
 from vllm_gem.planners import PlacementProblem, make
 from vllm_gem.profiles import analytic_model, bundled_profiles, group_from_profiles
-from vllm_gem.formats import ExpertShape
 from vllm_gem.simulate import rank_times
 from vllm_gem.traces import SyntheticParams, synthetic_trace
 
@@ -69,7 +69,8 @@ def reference_case(out: dict) -> None:
 
 def synthetic_cases(out: dict) -> None:
     print("\n## 2. Synthetic heterogeneous cases (bundled example profiles, full latency model)")
-    print(f"{'profiles':10s} {'tokens':>6s} {'slots':>5s} {'planner':14s} {'gap':>6s} {'vs vllm':>8s} {'oracle':>7s}")
+    print(f"{'profiles':10s} {'tokens':>6s} {'slots':>5s} {'planner':14s} {'gap':>6s} {'vs vllm':>8s} "
+          f"{'oracle':>7s}")
     res = []
     for prof in ("one-slow4", "spread8"):
         g = group_from_profiles(bundled_profiles(prof))
@@ -94,7 +95,8 @@ def synthetic_cases(out: dict) -> None:
 
 def scale(out: dict, quick: bool) -> None:
     print("\n## 3. Scale: planning time and held-out quality (synthetic trace, spread of 0-20%)")
-    print(f"{'gpus':>4s} {'layers':>6s} {'experts':>7s} {'slots':>5s} {'gem s':>7s} {'vllm s':>7s} {'gem/vllm time':>14s}")
+    print(f"{'gpus':>4s} {'layers':>6s} {'experts':>7s} {'slots':>5s} {'gem s':>7s} {'vllm s':>7s} "
+          f"{'gem/vllm time':>14s}")
     res = []
     shape = ExpertShape(7168, 2048)
     sizes = [(2, 58, 256), (8, 58, 256), (64, 58, 256)] if not quick else [(8, 16, 64)]

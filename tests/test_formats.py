@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from vllm_gem.errors import GemInputError
-from vllm_gem.formats import (NdArray, Placement, RoutingTrace, GpuProfile, load, save,
-                              validate_placement)
+from vllm_gem.formats import GpuProfile, NdArray, Placement, RoutingTrace, load, save, validate_placement
 from vllm_gem.profiles import example_profile
 
 

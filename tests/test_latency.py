@@ -1,8 +1,8 @@
 import numpy as np
 
+from vllm_gem.formats import ExpertShape
 from vllm_gem.latency import GroupModel, LatencyModel, features, fit, held_out_error
 from vllm_gem.profiles import analytic_model, calibration_patterns, example_profile
-from vllm_gem.formats import ExpertShape
 
 
 def test_features_step_at_tile_boundary():

@@ -1,13 +1,14 @@
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from conftest import load_cases
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from vllm_gem.errors import GemInputError
 from vllm_gem.evaluate import compare
 from vllm_gem.latency import GroupModel
 from vllm_gem.planners import NAMES, PlacementProblem, PlannerUnavailable, make
-from vllm_gem.planners.gem import classify_experts, choose_replicas
+from vllm_gem.planners.gem import choose_replicas, classify_experts
 from vllm_gem.simulate import rank_times, simulate
 from vllm_gem.traces import SyntheticParams, synthetic_trace
 

@@ -1,9 +1,10 @@
 import itertools
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from conftest import random_group
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from vllm_gem.bounds import lower_bounds
 from vllm_gem.latency import GroupModel
 from vllm_gem.simulate import rank_times, simulate

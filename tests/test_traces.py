@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from vllm_gem.errors import GemInputError
-from vllm_gem.traces import SyntheticParams, import_harmoeny, import_vllm_eplb, synthetic_trace
 from vllm_gem.evaluate import bundled_trace
+from vllm_gem.traces import SyntheticParams, import_harmoeny, import_vllm_eplb, synthetic_trace
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/routing-traces/harmoeny"
 

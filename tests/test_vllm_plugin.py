@@ -508,6 +508,7 @@ def inputs(tmp_path_factory):
 
 def test_start_up_placement_from_files_moves_experts_and_exports(inputs, caplog):
     import torch
+
     from vllm_gem.formats import Placement, load
     from vllm_gem.vllm.metrics import read_states
     state = inputs["dir"] + "/state"

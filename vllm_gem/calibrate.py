@@ -33,8 +33,17 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from .formats import (ExpertShape, GpuIdentity, GpuProfile, GpuState, KernelSpec, LatencyPoint,
-                      decode, encode, save)
+from .formats import (
+    ExpertShape,
+    GpuIdentity,
+    GpuProfile,
+    GpuState,
+    KernelSpec,
+    LatencyPoint,
+    decode,
+    encode,
+    save,
+)
 from .latency import fit
 from .profiles import calibration_patterns
 

@@ -22,8 +22,16 @@ import msgspec
 import numpy as np
 
 from .errors import GemInputError
-from .formats import (GpuProfile, Placement, RoutingTrace, _Header, load, rank_of_slots, save,
-                      validate_placement)
+from .formats import (
+    GpuProfile,
+    Placement,
+    RoutingTrace,
+    _Header,
+    load,
+    rank_of_slots,
+    save,
+    validate_placement,
+)
 from .latency import GroupModel, fit, held_out_error
 from .planners import NAMES, PlacementProblem, make
 

@@ -35,7 +35,8 @@ def write_tokenizer(out: Path, vocab_size: int) -> int:
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
         "model_max_length": 32768,
-        "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n",
+        "chat_template": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                          "<|im_end|>\n{% endfor %}<|im_start|>assistant\n"),
     }, indent=2))
     return tok.get_vocab_size()
 
@@ -58,8 +59,10 @@ def write_random_weights(out: Path, cfg: dict, seed: int) -> None:
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         t.update({p + "input_layernorm.weight": ones(h), p + "post_attention_layernorm.weight": ones(h),
-                  p + "self_attn.q_proj.weight": rnd(nh * hd, h), p + "self_attn.k_proj.weight": rnd(nkv * hd, h),
-                  p + "self_attn.v_proj.weight": rnd(nkv * hd, h), p + "self_attn.o_proj.weight": rnd(h, nh * hd),
+                  p + "self_attn.q_proj.weight": rnd(nh * hd, h),
+                  p + "self_attn.k_proj.weight": rnd(nkv * hd, h),
+                  p + "self_attn.v_proj.weight": rnd(nkv * hd, h),
+                  p + "self_attn.o_proj.weight": rnd(h, nh * hd),
                   p + "self_attn.q_norm.weight": ones(hd), p + "self_attn.k_norm.weight": ones(hd),
                   p + "mlp.gate.weight": rnd(cfg["num_experts"], h)})
         for e in range(cfg["num_experts"]):

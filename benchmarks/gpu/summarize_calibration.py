@@ -24,7 +24,8 @@ def main() -> None:
     root = Path(sys.argv[1])
     profs = {f: load(f, GpuProfile) for f in sorted(root.rglob("profile-*.json"))}
     whole = {p.gpu.index: p for f, p in profs.items() if not p.emulation and "run1" in str(f)}
-    print(f"{'file':60s} {'SMs':>5s} {'held-out':>8s} {'max':>6s} {'vs same GPU':>11s} {'vs GPU0':>8s} {'prefill':>8s} {'decode':>7s}")
+    print(f"{'file':60s} {'SMs':>5s} {'held-out':>8s} {'max':>6s} {'vs same GPU':>11s} {'vs GPU0':>8s} "
+          f"{'prefill':>8s} {'decode':>7s}")
     for f, p in profs.items():
         rep = held_out_report(p)
         ref = whole.get(p.gpu.index)

@@ -42,8 +42,8 @@ def slow(fraction: float, trace: str, slots: int, prefix: str = "") -> list[dict
     red = redundant(slots)
     return [
         {"name": f"vllm-linear-{tag}", "args": gem(place=False, emulate_slowdown=e) + red, "env": env(trace)},
-        {"name": f"vllm-eplb-{tag}", "args": gem(planner="vllm-default", min_gain=-1, emulate_slowdown=e) + red,
-         "env": env(trace)},
+        {"name": f"vllm-eplb-{tag}",
+         "args": gem(planner="vllm-default", min_gain=-1, emulate_slowdown=e) + red, "env": env(trace)},
         {"name": f"gem-{tag}",
          "args": gem(emulate_slowdown=e, trace_dir=traces(f"gem-{tag}")) + red, "env": env(trace)},
     ]
