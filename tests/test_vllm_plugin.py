@@ -14,6 +14,7 @@ import pytest
 from vllm_gem.calibrate import SpeedCheck
 from vllm_gem.errors import GemInputError
 from vllm_gem.formats import (
+    GpuState,
     NdArray,
     Placement,
     RoutingTrace,
@@ -437,7 +438,9 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
             r = s[rank] if isinstance(s, tuple) else s if rank == 1 else 1.0
             if isinstance(r, str):
                 raise RuntimeError(r)
-            return SpeedCheck(r, 8, 0.1, (r,) * 8)
+            clock = GpuState(sm_clock_mhz=1500.0 + rank, mem_clock_mhz=3201.0, power_w=300.0,
+                             temperature_c=40.0)  # as NVML reads it: travels in the gather
+            return SpeedCheck(r, 8, 0.1, (r,) * 8, clock, clock)
         w.local_speed_check = local_speed_check
     runtime._WORKER = w
     if rank == inactive_rank:  # GEM could not attach on this rank
@@ -630,8 +633,8 @@ def test_recalibration_reprofiles_only_when_a_gpus_speed_moved_against_the_other
                                                              [1.0, 0.96]]
         assert [rep["speed_relative"][1] for rep in reps[:4]] == [1.01, 1.0, 1.12, 0.96]
         assert reps[2]["speed_relative"][0] == round(1 / 1.12, 4)
-        assert all(rep["speed_sm_mhz"] == [[None, None]] * 2 for rep in reps[:4])  # no NVML here
-        assert reps[4]["speed_sm_mhz"] == [[None, None], None]  # rank 1's check failed
+        assert all(rep["speed_sm_mhz"] == [[1500.0, 1500.0], [1501.0, 1501.0]] for rep in reps[:4])
+        assert reps[4]["speed_sm_mhz"] == [[1500.0, 1500.0], None]  # rank 1's check failed
         assert np.isnan(reps[4]["speed_ratios"][1]) and np.isnan(reps[4]["speed_relative"]).all()
         assert reps[4]["speed_errors"] == ["rank 1: RuntimeError: CUDA error: out of memory"]
         assert all("speed_errors" not in rep for rep in reps[:4])
