@@ -110,7 +110,6 @@ class GemWorker:
         self.pending: PendingPlan | None = None  # a recalibration planning in the background
         self.plan_delay = cfg.plan_delay_steps  # grows while plans are not ready in time
         self.has_start_history = False  # rank 0 keeps the start-up's routing history
-        self.last_speed_checks: list[SpeedCheck | None] = []  # every rank's, from the last gather
         self.dump_requested = False
         self.drift_every = drift_steps()  # benchmarks only: replayed routing drifts
 
@@ -174,10 +173,10 @@ class GemWorker:
         return check
 
     def gather_speed_checks(self, references: list[GpuProfile], lift_s: float = SPEED_CHECK_LIFT_SECONDS
-                            ) -> tuple[np.ndarray, list[float], list[str]]:
+                            ) -> tuple[np.ndarray, list[SpeedCheck | None], list[str]]:
         """Every rank's speed check against its reference, at once -> (each GPU's speed change
-        against the others' [ranks], calibrate.relative_speed_changes; each GPU's own time now /
-        profiled time [ranks]; the errors of ranks whose check failed: nan for them).
+        against the others' [ranks], calibrate.relative_speed_changes, nan where a check
+        failed; every rank's SpeedCheck [ranks], None where it failed; their errors).
         Collective."""
         check, err = None, ""
         try:
@@ -189,20 +188,22 @@ class GemWorker:
         patterns = {tuple(tuple(ref.points[i].tokens_per_expert) for i in check_points(len(ref.points)))
                     for ref in references}
         relative = relative_speed_changes(rows, paired=len(patterns) == 1)
-        self.last_speed_checks = [c for c, _ in out]
-        return relative, [float("nan") if c is None else c.ratio for c, _ in out], [e for _, e in out if e]
+        return relative, [c for c, _ in out], [e for _, e in out if e]
 
     def speed_moved(self, relative: float) -> bool:
         """A GPU's speed change against the others' farther from 1 than speed_tolerance (nan,
         a failed check: no)."""
         return bool(np.isfinite(relative)) and abs(relative - 1.0) > self.cfg.speed_tolerance
 
-    def speed_report(self, relative: np.ndarray, own: list[float], errors: list[str]) -> dict[str, Any]:
-        # each GPU's SM clock before and after its check: whether the GPUs' clocks moved together
-        sm = [[getattr(s, "sm_clock_mhz", None) for s in (c.before, c.after)] if c else None
-              for c in self.last_speed_checks]
+    @staticmethod
+    def speed_report(relative: np.ndarray, checks: list[SpeedCheck | None], errors: list[str]
+                     ) -> dict[str, Any]:
+        """Per rank: the change against the other GPUs, the ratio to the own profile, and the SM
+        clock before and after the check (whether the GPUs' clocks moved together)."""
         return {"speed_relative": [round(float(r), 4) for r in relative],
-                "speed_ratios": [round(r, 4) for r in own], "speed_sm_mhz": sm,
+                "speed_ratios": [float("nan") if c is None else round(c.ratio, 4) for c in checks],
+                "speed_sm_mhz": [None if c is None else [getattr(s, "sm_clock_mhz", None)
+                                                         for s in (c.before, c.after)] for c in checks],
                 **({"speed_errors": errors} if errors else {})}
 
     def gather_profiles(self, quick: bool = False) -> tuple[list[GpuProfile], dict[str, Any]]:
@@ -216,8 +217,8 @@ class GemWorker:
             profiles = self.load_profile_files(self.cfg.profiles)
             if self.cfg.speed_tolerance <= 0:
                 return profiles, {"profiles_from": "files"}
-            relative, own, errors = self.gather_speed_checks(profiles, LIFT_SECONDS)  # idle: full lift
-            info = self.speed_report(relative, own, errors)
+            relative, checks, errors = self.gather_speed_checks(profiles, LIFT_SECONDS)  # idle: full lift
+            info = self.speed_report(relative, checks, errors)
             off = [f"{self.cfg.profiles[r]} {x - 1:+.1%}" for r, x in enumerate(relative)
                    if self.speed_moved(x)]
             if not off:
@@ -325,9 +326,9 @@ class GemWorker:
         if profiled and self.profiles is not None and horizon_steps and self.cfg.speed_tolerance > 0:
             # recalibration: re-profile only if some GPU's speed moved against the others' past
             # the tolerance; a failed check (nan) re-profiles too
-            relative, own, errors = self.gather_speed_checks(self.profiles)
+            relative, checks, errors = self.gather_speed_checks(self.profiles)
             profiled = any(not np.isfinite(r) or self.speed_moved(r) for r in relative)
-            speed = self.speed_report(relative, own, errors)
+            speed = self.speed_report(relative, checks, errors)
         if profiled:
             self.profiles, gathered = self.gather_profiles(quick_profile)
             if not horizon_steps:  # start-up: where the profiles came from, and how they were checked
