@@ -7,11 +7,13 @@ experts): a start-up profile (30 replays per point), then `--repeats` times a qu
 (10 replays per point, as `GemWorker.local_profile(quick=True)`) and a speed check against the
 start-up profile (`calibrate.check_speed`, as `GemWorker.local_speed_check`), each timed on the
 host. Then speed checks of the same GPU doing extra expert work (the in-process emulation of
-a slower GPU, `emulate.slow_down_experts`' way): the ratio a check reads for each.
+a slower GPU, `emulate.slow_down_experts`' way): the ratio a check reads for each, and its
+change relative to the 0% check (how serving compares GPUs, calibrate.relative_speed_changes).
 Then where a check's reading of the unchanged GPU comes from (session 10 read 1.03-1.07 on
 nvidia-h200, and over 1.05 at 16 experts in the GPU test): the check after the GPU idled or
 right after work, with a longer clock lift, with as many replays as the profile, over all
-points, and a full re-profile, each `--repeats` times, with per-point ratios and SM clocks.
+points, and a full re-profile, each `--repeats` times, with per-point ratios and SM clocks;
+last, how far every pair of those checks reads apart when compared as two GPUs would be.
   usage: python benchmarks/gpu/speed_check.py [--repeats 5] [--experts 64] [--json FILE]
 """
 
@@ -37,7 +39,7 @@ from vllm_gem.calibrate import (
     relative_speed_changes,
 )
 
-EXTRA_WORK = (0.0, 0.05, 0.1, 0.2)  # what a check should read as about 1.0, 1.05, 1.1, 1.2
+EXTRA_WORK = (0.0, 0.05, 0.1, 0.2)  # nominal; the extra launch reads 1.5-1.6x at small loads
 
 
 def timed(fn, *args):
