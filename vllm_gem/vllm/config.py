@@ -50,8 +50,8 @@ class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # and 8), re-planning from live routing ~0.1-0.2 s
     reprofile_every: int = 4
     # that check first re-times a few of each GPU's profiled load patterns (calibrate.check_speed)
-    # and re-profiles every GPU only when one has sped up or slowed down by more than this
-    # fraction; 0: always re-profile
+    # and re-profiles every GPU only when one's speed moved against the other GPUs' by more
+    # than this fraction (calibrate.relative_speed_changes); 0: always re-profile
     speed_tolerance: float = 0.05
     # a recalibration plans in a background thread on EP rank 0 while serving goes on, and
     # every rank applies the plan this many engine steps later (all at the same step); if the

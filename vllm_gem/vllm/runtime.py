@@ -482,8 +482,8 @@ class GemWorker:
         routing); moves only if the predicted gain beats min_gain and its saving over
         saving_horizon (until the next recalibration, or as long as the placement in use has
         served, whichever is longer) beats the move's cost. The GPUs are re-profiled on every
-        cfg.reprofile_every-th recalibration if a speed check finds one GPU faster or slower
-        than its profile by more than cfg.speed_tolerance; the others re-plan with the last
+        cfg.reprofile_every-th recalibration if a speed check finds one GPU's speed moved
+        against the other GPUs' by more than cfg.speed_tolerance; the others re-plan with the last
         profiles. With cfg.plan_delay_steps the planning runs in the background and the plan
         is applied that many steps later (at most horizon_steps // 2; after_step). Returns the
         report (None when planning in the background, or when it failed: logged, serving goes
