@@ -178,25 +178,20 @@ def check_points(num_points: int, k: int = SPEED_CHECK_POINTS) -> np.ndarray:
     return np.unique(np.linspace(0, num_points - 1, min(k, num_points)).round().astype(int))
 
 
-def speed_ratio(reference: list[LatencyPoint], measured: list[LatencyPoint]) -> float:
-    """Median over paired points of measured / reference median time (> 1: slower now)."""
-    if len(reference) != len(measured) or not reference:
-        raise ValueError(f"speed_ratio: {len(measured)} measured points for {len(reference)} "
-                         "reference points, expected the same number (> 0)")
-    return float(np.median(point_ratios(reference, measured)))
-
-
 def point_ratios(reference: list[LatencyPoint], measured: list[LatencyPoint]) -> np.ndarray:
-    """[points] measured / reference median time of paired points."""
+    """[points] measured / reference median time of paired points (> 1: slower now)."""
+    if len(reference) != len(measured) or not reference:
+        raise ValueError(f"point_ratios: {len(measured)} measured points for {len(reference)} "
+                         "reference points, expected the same number (> 0)")
     return np.array([p.median_us for p in measured]) / np.array([p.median_us for p in reference])
 
 
-def relative_speed_changes(point_ratios: list[Any], paired: bool = True) -> np.ndarray:
+def relative_speed_changes(ratios: list[Any], paired: bool = True) -> np.ndarray:
     """[ranks] how much each GPU's speed moved against the other GPUs' since their profiles
     (> 1: this GPU slowed more than the others; nan where its check, or all others', failed).
 
-    point_ratios: per rank, [points] time now / profiled time (SpeedCheck.point_ratios), or
-    None where the check failed; the ranks timed at the same moment. paired: every rank timed
+    ratios: per rank, [points] time now / profiled time (SpeedCheck.point_ratios), or None
+    where the check failed; the ranks timed at the same moment. paired: every rank timed
     the same load patterns (profiles made by calibration_patterns with one expert count and
     seed), so rank g's change is the median over points p of ratio[g, p] / the median over the
     other ranks of ratio[h, p]; otherwise over each rank's median ratio. One rank: its own.
@@ -204,20 +199,16 @@ def relative_speed_changes(point_ratios: list[Any], paired: bool = True) -> np.n
     2-25% slower at small loads after heavy work than in a profile taken from idle (nvidia-h200,
     session 10, docs/calibration.md), and every GPU of an EP group runs the same steps; a
     placement depends only on how the GPUs' speeds compare."""
-    n = max((len(r) for r in point_ratios if r is not None), default=1)
-    rows = np.full((len(point_ratios), n), np.nan)
-    for g, r in enumerate(point_ratios):
-        if r is not None:
-            if paired and len(r) == n:
-                rows[g] = r
-            else:
-                paired = False
-    if not paired:  # no pairing by pattern: each rank's median only
-        rows = np.array([[np.nan if r is None else float(np.median(r))] for r in point_ratios])
+    lengths = {len(r) for r in ratios if r is not None}
+    if paired and len(lengths) <= 1:
+        n = lengths.pop() if lengths else 1
+        rows = np.array([[np.nan] * n if r is None else r for r in ratios], dtype=float)
+    else:  # no pairing by pattern: each rank's median only
+        rows = np.array([[np.nan if r is None else float(np.median(r))] for r in ratios])
     if len(rows) == 1:
         return np.array([np.median(rows[0])])
     out = np.full(len(rows), np.nan)
-    with np.errstate(all="ignore"), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-nan slices: failed checks
         for g in range(len(rows)):
             others = np.nanmedian(np.delete(rows, g, axis=0), axis=0)  # [points]
@@ -244,8 +235,9 @@ def check_speed(device: int, spec: CalibrationSpec, reference: GpuProfile,
                              f"points.tokens_per_expert has {len(p.tokens_per_expert)} experts, "
                              f"expected {spec.num_experts} (this GPU's local experts)")
     points, before, after = _measure(device, spec, weights, [p.tokens_per_expert for p in chosen], lift_s)
-    return SpeedCheck(speed_ratio(chosen, points), len(points), time.perf_counter() - t0,
-                      tuple(point_ratios(chosen, points).round(4).tolist()), before, after)
+    ratios = point_ratios(chosen, points)
+    return SpeedCheck(float(np.median(ratios)), len(points), time.perf_counter() - t0,
+                      tuple(ratios.round(4).tolist()), before, after)
 
 
 def _measure(device: int, spec: CalibrationSpec, weights: tuple[Any, Any] | None,
