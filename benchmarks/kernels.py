@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import triton
+
 from vllm_gem.kernels.moe_gemm import (
     TILE_TABLE,
     TileConfig,

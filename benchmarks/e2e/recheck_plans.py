@@ -17,10 +17,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-from vllm_gem.kernels.moe_gemm import CALIBRATION_TILE
 
 from vllm_gem.bounds import lower_bounds
 from vllm_gem.formats import Placement, RoutingTrace, load
+from vllm_gem.kernels.moe_gemm import CALIBRATION_TILE
 from vllm_gem.latency import GroupModel
 from vllm_gem.simulate import simulate
 

@@ -13,6 +13,7 @@ SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8), "deepseek-v3": (7168, 2048, 32, 
 
 def one(shape: str, tokens: int, ids_dtype: str, mode: str, path: str) -> None:
     import torch
+
     from vllm_gem.kernels.moe_gemm import align, moe_ffn, moe_ffn_reference, select_config
     h, i, e, k = SHAPES[shape]
     g = torch.Generator(device="cuda").manual_seed(0)
