@@ -106,7 +106,8 @@ def soak_config(gem: str, trace: str, no_gem: bool = False, eplb_communicator: s
 def recalibration_stalls(log_text: str) -> dict:
     """How long recalibrations held serving, from rank 0's report lines in a server log
     (`vllm-gem recalibration: {...}`, each with its total_seconds), by kind: re-profiled,
-    speed-checked only (every GPU within speed_tolerance), planned only."""
+    speed-checked only (no GPU's speed moved against the others' past speed_tolerance),
+    planned only."""
     kinds: dict[str, list[float]] = {"profiled": [], "speed_checked": [], "planned_only": []}
     for line in re.findall(r"vllm-gem recalibration: (\{.*)", log_text):
         total = re.search(r"'total_seconds': ([0-9.]+)", line)
