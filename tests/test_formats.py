@@ -55,12 +55,18 @@ def test_trace_values_checked(tmp_path):
     p = tmp_path / "neg.json"
     p.write_bytes(msgspec.json.encode(bad))
     with pytest.raises(GemInputError,
-                       match=r"neg.json: counts\[0\]\[0\]\[1\]: is -3; expected a token count >= 0"):
+                       match=r"neg.json: counts\[0\]\[0\]\[1\]: is -3; expected a whole token count in \[0, 2147483647\]"):
         load(p, RoutingTrace)
     nan = trace(np.array([[[1.0, np.nan]]], dtype=np.float32))
     p.write_bytes(msgspec.json.encode(nan))
-    with pytest.raises(GemInputError, match="NaN"):
+    with pytest.raises(GemInputError, match=r"counts\[0\]\[0\]\[1\]: is nan"):
         load(p, RoutingTrace)
+    # a fractional count is refused, not truncated; a count above int32 is refused, not wrapped
+    for values, shown in (([[[1.0, 2.5]]], "2.5"), ([[[1, 2**31]]], "2147483648")):
+        dtype = np.float64 if isinstance(values[0][0][1], float) else np.int64
+        p.write_bytes(msgspec.json.encode(trace(np.array(values, dtype=dtype))))
+        with pytest.raises(GemInputError, match=rf"counts\[0\]\[0\]\[1\]: is {shown}; expected a whole"):
+            load(p, RoutingTrace)
     t = trace()
     short = RoutingTrace(model="m", source="s", counts=NdArray("int32", [2, 3, 4], t.counts.data[:-4]))
     p.write_bytes(msgspec.json.encode(short))
@@ -76,7 +82,7 @@ def test_profile_values_checked(tmp_path):
         tmp_path, "p.json", msgspec.json.encode(d), GpuProfile)
     d = msgspec.to_builtins(prof)
     d["points"][0]["median_us"] = "fast"
-    assert "$.points[0].median_us" in _err(tmp_path, "q.json", msgspec.json.encode(d), GpuProfile)
+    assert "q.json: points[0].median_us: Expected `float`, got `str`" in _err(tmp_path, "q.json", msgspec.json.encode(d), GpuProfile)
     d = msgspec.to_builtins(prof)
     d["points"][2]["tokens_per_expert"] = [1, 2]
     err = _err(tmp_path, "r.json", msgspec.json.encode(d), GpuProfile)

@@ -44,6 +44,7 @@ from .formats import (
     encode,
     save,
 )
+from .errors import GemInputError
 from .latency import fit
 from .profiles import calibration_patterns
 
@@ -437,14 +438,21 @@ def calibrate_group(devices: list[int], specs: list[CalibrationSpec]) -> list[Gp
 
 def main(args) -> int:
     """`vllm-gem calibrate`: calibrate the local GPUs, write one GpuProfile file each."""
-    import torch
-    if not torch.cuda.is_available():
-        print("vllm-gem calibrate: no CUDA GPU visible", file=sys.stderr)
-        return 1
-    devices = ([int(d) for d in args.devices.split(",")] if args.devices
-               else list(range(torch.cuda.device_count())))
-    slow = dict((int(k), int(v)) for k, v in (x.split(":") for x in args.slow_sms.split(","))) \
-        if args.slow_sms else {}
+    try:
+        import torch
+        gpus = torch.cuda.is_available()
+    except ImportError:
+        gpus = False
+    if not gpus:
+        raise GemInputError("command line", "calibrate", "sees no CUDA GPU",
+                            "a machine with CUDA GPUs and torch (pip install vllm-gem[vllm])")
+    visible = torch.cuda.device_count()
+    devices = args.devices or list(range(visible))  # parsed and range-checked by the CLI
+    slow = args.slow_sms or {}
+    for option, named in (("--devices", devices), ("--slow-sms", list(slow))):
+        if len(set(named)) != len(named) or max(named, default=0) >= visible:
+            raise GemInputError("command line", option, f"names devices {named}",
+                                f"distinct CUDA device indices below {visible} (the visible GPUs)")
     specs = [CalibrationSpec(args.hidden, args.intermediate, args.experts, sm_limit=slow.get(d),
                              time_limit_s=args.time_limit)
              for d in devices]

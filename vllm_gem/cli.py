@@ -32,8 +32,23 @@ from .formats import (
     save,
     validate_placement,
 )
-from .latency import GroupModel, fit, held_out_error
-from .planners import NAMES, PlacementProblem, make
+from .latency import TERMS, GroupModel, fit, held_out_error
+from .planners import NAMES, PlacementProblem, PlannerUnavailable, make
+from .validation import (
+    CLI,
+    Device,
+    LocalExperts,
+    MigrationWeight,
+    Parser,
+    Seconds,
+    Slots,
+    Speed,
+    Width,
+    argtype,
+    check_slots,
+    listtype,
+    sm_limits,
+)
 
 DEMO_PLANNERS = ["linear", "round_robin", "vllm-default", "greedy-speed", "gem"]
 
@@ -63,9 +78,9 @@ def _profiles(specs: list[str]) -> list[tuple[str, GpuProfile]]:
 
 def _group(args: argparse.Namespace) -> GroupModel:
     if args.speeds:
-        return GroupModel.tokens_over_speed(np.array([float(x) for x in args.speeds.split(",")]))
+        return GroupModel.tokens_over_speed(np.array(args.speeds))
     if not args.profiles:
-        raise GemInputError("command line", "--profiles", "is missing", "profile files or --speeds")
+        raise GemInputError(CLI, "--profiles", "is missing", "profile files or --speeds")
     profs = _profiles(args.profiles)
     shapes = {(p.expert.hidden, p.expert.intermediate, p.expert.dtype) for _, p in profs}
     if len(shapes) > 1:
@@ -140,6 +155,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     group = _group(args)
     loads = tr.loads
     num_physical = args.num_physical or tr.shape[2]
+    check_slots(num_physical, tr.shape[2], group.num_ranks,
+                "--num-physical" if args.num_physical else "--num-physical (default: the trace's experts)")
     old = None
     params: dict[str, Any] = {}
     if args.current:
@@ -153,14 +170,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.migration_weight is not None:
         params["migration_weight"] = args.migration_weight
     policy = make(args.planner, **params)
-    p2l = policy.place(PlacementProblem(loads, group, num_physical, old_phys_to_log=old))
+    try:
+        p2l = policy.place(PlacementProblem(loads, group, num_physical, old_phys_to_log=old))
+    except PlannerUnavailable as e:
+        raise GemInputError(CLI, "--planner", f"{args.planner} cannot run here ({e})",
+                            f"another planner ({', '.join(NAMES)})") from None
     from .simulate import simulate
     sim = simulate(loads, p2l, group)
     placement = Placement(
         model=tr.model, num_logical_experts=tr.shape[2], num_ranks=group.num_ranks,
         phys_to_log=p2l.tolist(), rank_of_slot=rank_of_slots(num_physical, group.num_ranks),
         planner=args.planner,
-        inputs={"trace": args.trace, "profiles": args.profiles or [], "speeds": args.speeds or "",
+        inputs={"trace": args.trace, "profiles": args.profiles or [], "speeds": ",".join(f"{v:g}" for v in args.speeds or []),
                 "params": {k: v for k, v in policy.params.items() if v is not None},
                 "report": getattr(policy, "report", {})},
         predicted={"mean_layer_us": sim.mean, "p99_layer_us": sim.p99, "gap": sim.gap,
@@ -189,16 +210,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.file)
     raw = path.read_bytes() if path.is_file() else b""
-    kind = ""
+    if not raw.strip():
+        raise GemInputError(str(path), "file", "is missing or empty", "a profile, trace or placement")
+    kind = None
     for mod in (msgspec.json, msgspec.msgpack):
         try:
             kind = mod.decode(raw, type=_Header).kind
             break
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except msgspec.DecodeError:  # ValidationError included: a header of the wrong type
             continue
+    if kind is None:
+        raise GemInputError(str(path), "file", "is neither JSON nor msgpack with a kind field "
+                            "(truncated or corrupt?)", "a profile, trace or placement")
     cls = {"gpu_profile": GpuProfile, "routing_trace": RoutingTrace, "placement": Placement}.get(kind)
-    if not raw:
-        raise GemInputError(str(path), "file", "is missing or empty", "a profile, trace or placement")
     if cls is None:
         raise GemInputError(str(path), "kind", f"is {kind!r}",
                             "'gpu_profile', 'routing_trace' or 'placement'")
@@ -209,8 +233,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         info.update(gpu=obj.gpu.name, uuid=obj.gpu.uuid, source=obj.source, emulation=obj.emulation,
                     expert=msgspec.to_builtins(obj.expert), block_m=obj.kernel.block_m,
                     points=len(obj.points),
-                    coef_us=dict(zip(("fixed", "per_expert", "per_tile", "per_token"),
-                                     m.coef.round(5).tolist(), strict=True)),
+                    coef_us=dict(zip(TERMS, m.coef.round(5).tolist(), strict=True)),
                     fit_rel_rms=m.fit_rel_rms, held_out_rel_rms=held_out_error(obj))
     elif isinstance(obj, RoutingTrace):
         c = obj.loads
@@ -230,18 +253,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_import_trace(args: argparse.Namespace) -> int:
-    from .traces import SyntheticParams, import_harmoeny, import_vllm_eplb, synthetic_trace
+    from .traces import SyntheticParams, decode_params, import_harmoeny, import_vllm_eplb, synthetic_trace
     if args.format == "harmoeny":
         tr = import_harmoeny(args.source)
     elif args.format == "vllm-eplb":
         tr = import_vllm_eplb(args.source, model=args.model or "")
     else:
-        try:
-            params = msgspec.json.decode(Path(args.source).read_bytes(), type=SyntheticParams) \
-                if args.source else SyntheticParams()
-        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as e:
-            raise GemInputError(args.source, "file", f"is not SyntheticParams JSON ({e})") from None
-        tr = synthetic_trace(params, model=args.model or "synthetic")
+        params = decode_params(args.source) if args.source else SyntheticParams()
+        tr = synthetic_trace(params, model=args.model or "synthetic", source=args.source or "defaults")
     if args.model:
         tr.model = args.model
     save(tr, args.output)
@@ -258,14 +277,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="vllm-gem", description=__doc__.splitlines()[0])
+    ap = Parser(prog="vllm-gem", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def common(p: argparse.ArgumentParser, group: bool = True) -> None:
         p.add_argument("--json", action="store_true", help="machine-readable output")
         if group:
-            p.add_argument("--profiles", nargs="+", help="GpuProfile files in rank order, or bundled:SET")
-            p.add_argument("--speeds", help="instead of profiles: time = tokens / speed, e.g. 1,1,1,0.83")
+            g = p.add_mutually_exclusive_group()
+            g.add_argument("--profiles", nargs="+", help="GpuProfile files in rank order, or bundled:SET")
+            g.add_argument("--speeds", type=listtype(Speed),
+                           help="instead of profiles: time = tokens / speed, e.g. 1,1,1,0.83")
 
     p = sub.add_parser("demo", help="compare every planner on bundled real and synthetic traces")
     common(p, group=False)
@@ -276,9 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--trace", required=True, help="RoutingTrace file or bundled:NAME")
     p.add_argument("--planner", default="gem", choices=NAMES)
-    p.add_argument("--num-physical", type=int, help="slots per layer (experts + redundant)")
+    p.add_argument("--num-physical", type=argtype(Slots),
+                   help="slots per layer (experts + redundant; default: the experts)")
     p.add_argument("--current", help="the placement in use (for migration-aware planning)")
-    p.add_argument("--migration-weight", type=float, help="us of layer time one expert move is worth")
+    p.add_argument("--migration-weight", type=argtype(MigrationWeight), help="us of layer time one expert move is worth")
     p.add_argument("-o", "--output", default="placement.json")
     p.set_defaults(func=cmd_plan)
 
@@ -304,19 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="time MoE expert work on the local GPUs, write GpuProfiles")
     common(p, group=False)
     p.add_argument("--out-dir", default="profiles")
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=768)
-    p.add_argument("--experts", type=int, default=32, help="local experts per GPU")
-    p.add_argument("--devices", help="comma-separated CUDA device indices (default: all)")
-    p.add_argument("--slow-sms", help="DEVICE:SMS[,DEVICE:SMS] emulate a slower GPU with a green context")
-    p.add_argument("--time-limit", type=float, default=None,
+    p.add_argument("--hidden", type=argtype(Width), default=2048)
+    p.add_argument("--intermediate", type=argtype(Width), default=768)
+    p.add_argument("--experts", type=argtype(LocalExperts), default=32, help="local experts per GPU")
+    p.add_argument("--devices", type=listtype(Device, max_len=1024),
+                   help="comma-separated CUDA device indices (default: all)")
+    p.add_argument("--slow-sms", type=sm_limits,
+                   help="DEVICE:SMS[,DEVICE:SMS] emulate a slower GPU with a green context")
+    p.add_argument("--time-limit", type=argtype(Seconds), default=None,
                    help="seconds per GPU; past it the calibration stops with an error naming the GPU")
     p.set_defaults(func=cmd_calibrate)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a bad value (2, its one line printed)
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
     except GemInputError as e:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .bounds import lower_bounds
+from .errors import GemInputError
 from .formats import RoutingTrace, load
 from .latency import GroupModel
 from .planners import PlacementProblem, PlannerUnavailable, make
@@ -30,7 +31,8 @@ def bundled_trace(name: str) -> RoutingTrace:
     if name == "synthetic":
         return synthetic_trace(SYNTHETIC, model="synthetic-64e")
     if name not in BUNDLED_TRACES:
-        raise ValueError(f"unknown bundled trace {name!r}; expected one of {BUNDLED_TRACES}")
+        raise GemInputError(f"bundled:{name}", "trace", "is not a bundled trace",
+                            f"one of {', '.join('bundled:' + t for t in BUNDLED_TRACES)}")
     with resources.as_file(resources.files("vllm_gem.data") / f"trace-harmoeny-{name}.msgpack") as p:
         return load(Path(p), RoutingTrace)
 

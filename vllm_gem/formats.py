@@ -11,22 +11,28 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 import numpy as np
+from msgspec import Meta
 
 from .errors import GemInputError
+from .validation import MAX_COUNT, MAX_EXPERTS, MAX_RANKS
 
 SCHEMA_VERSION = 1
 _DTYPES = ("int32", "int64", "float32", "float64")
+MAX_ELEMENTS = 1 << 28  # a trace larger than this is not a routing trace (1 GiB as int32)
+Dim = Annotated[int, Meta(ge=0, le=MAX_ELEMENTS)]
+ExpertId = Annotated[int, Meta(ge=0, lt=MAX_EXPERTS)]
+RankId = Annotated[int, Meta(ge=0, lt=MAX_RANKS)]
 
 
 class NdArray(msgspec.Struct, frozen=True):
     """A dense array stored compactly: raw little-endian C-order bytes plus dtype and shape."""
 
     dtype: str
-    shape: list[int]
+    shape: list[Dim]
     data: bytes
 
     @classmethod
@@ -145,10 +151,10 @@ class Placement(msgspec.Struct, kw_only=True):
     kind: Literal["placement"] = "placement"
     schema_version: int = SCHEMA_VERSION
     model: str = ""
-    num_logical_experts: int
-    num_ranks: int
-    phys_to_log: list[list[int]]
-    rank_of_slot: list[int]
+    num_logical_experts: Annotated[int, Meta(ge=1, le=MAX_EXPERTS)]
+    num_ranks: Annotated[int, Meta(ge=1, le=MAX_RANKS)]
+    phys_to_log: list[list[ExpertId]]
+    rank_of_slot: list[RankId]
     planner: str
     inputs: dict[str, Any] = {}
     predicted: dict[str, float] = {}
@@ -189,8 +195,12 @@ def save(obj: AnyFile, path: str | Path) -> Path:
     """Write `obj` as JSON (.json) or msgpack (other suffixes), after validating it."""
     path = Path(path)
     validate(obj, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode(obj, json=_is_json(path)))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(obj, json=_is_json(path)))
+    except OSError as e:
+        raise GemInputError(str(path), "file", f"cannot be written ({e.strerror})",
+                            "a writable file path (not a folder)") from None
     return path
 
 
@@ -211,14 +221,19 @@ def decode(raw: bytes, cls: type[T], source: str, json: bool) -> T:
     if not raw.strip():
         raise GemInputError(source, "file", "is empty", f"a {_KIND[cls]} in {fmt}")
     mod = msgspec.json if json else msgspec.msgpack
+    # msgspec.ValidationError is a DecodeError: it is caught first, so that a wrong value
+    # names its field instead of reading as a corrupt file
     corrupt = (msgspec.DecodeError, UnicodeDecodeError)  # msgpack strings are not re-checked
 
     def not_valid(e: Exception) -> GemInputError:
         return GemInputError(source, "file", f"is not valid {fmt} ({e}); truncated or corrupt?",
                              f"a {_KIND[cls]} in {fmt}")
+
     try:
         head = mod.decode(raw, type=_Header)
-    except (*corrupt, msgspec.ValidationError) as e:
+    except msgspec.ValidationError as e:
+        raise (not_valid(e) if "at `$" not in str(e) else field_error(e, source)) from None
+    except corrupt as e:
         raise not_valid(e) from None
     if head.kind != _KIND[cls]:
         raise GemInputError(source, "kind", f"is {head.kind!r}", repr(_KIND[cls]))
@@ -227,15 +242,32 @@ def decode(raw: bytes, cls: type[T], source: str, json: bool) -> T:
                             f"{SCHEMA_VERSION} (this vllm-gem reads schema {SCHEMA_VERSION})")
     try:
         obj = mod.decode(raw, type=cls)
+    except msgspec.ValidationError as e:
+        raise field_error(e, source) from None
     except corrupt as e:  # the header decoded, something after it did not
         raise not_valid(e) from None
-    except msgspec.ValidationError as e:
-        # msgspec says e.g. "Expected `int`, got `str` - at `$.points[0].median_us`"
-        text = str(e)
-        field = text.rsplit("at `", 1)[1].rstrip("`") if "at `" in text else "file"
-        raise GemInputError(source, field, text.split(" - at ")[0]) from None
     validate(obj, source)
     return obj
+
+
+def field_error(e: msgspec.ValidationError, source: str, expected: str | None = None) -> GemInputError:
+    """msgspec's "Expected `int` >= 1, got ... - at `$.points[0].x`" as a GemInputError
+    naming the field `points[0].x`."""
+    text = str(e)
+    field = text.rsplit("at `$", 1)[1].rstrip("`").lstrip(".") if "at `$" in text else "file"
+    return GemInputError(source, field or "file", text.split(" - at ")[0], expected)
+
+
+def decode_json(path: str | Path, cls: type, what: str) -> Any:
+    """A small JSON settings file (not one of the three formats) -> `cls`, errors naming the field."""
+    try:
+        return msgspec.json.decode(Path(path).read_bytes(), type=cls)
+    except OSError as e:
+        raise GemInputError(str(path), "file", f"cannot be read ({e.strerror})", f"{what} JSON") from None
+    except msgspec.ValidationError as e:
+        raise field_error(e, str(path)) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise GemInputError(str(path), "file", f"is not valid JSON ({e})", f"{what} JSON") from None
 
 
 # --------------------------------------------------------------------------- validation
@@ -284,6 +316,12 @@ def _validate_profile(p: GpuProfile, source: str) -> None:
                                 "a layer time under 10 s (10000000 us)")
         _finite_positive(pt.p10_us, source, f"{f}.p10_us")
         _finite_positive(pt.p90_us, source, f"{f}.p90_us")
+    tokens = [sum(pt.tokens_per_expert) for pt in p.points]
+    lo, hi = int(np.argmin(tokens)), int(np.argmax(tokens))
+    if tokens[hi] == tokens[lo] or p.points[hi].median_us <= p.points[lo].median_us:
+        raise GemInputError(source, "points", f"take {p.points[hi].median_us:g} us at {tokens[hi]} tokens "
+                            f"and {p.points[lo].median_us:g} us at {tokens[lo]}",
+                            "layer times that grow with the tokens routed to the GPU")
     for state in ("state_before", "state_after"):
         s = getattr(p, state)
         if s is not None:
@@ -291,26 +329,40 @@ def _validate_profile(p: GpuProfile, source: str) -> None:
                 _finite_positive(getattr(s, k), source, f"{state}.{k}", allow_zero=True)
 
 
+def token_counts(values: Any, source: str, field: str) -> np.ndarray:
+    """Any array of token counts -> int32 of the same shape, or one GemInputError naming
+    `source` and `field`: counts must be finite whole numbers in [0, 2^31 - 1], never
+    wrapped, rounded or clipped."""
+    a = np.asarray(values) if isinstance(values, np.ndarray) else None
+    if a is None or a.dtype.kind not in "iuf":
+        try:
+            a = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError):
+            raise GemInputError(source, field, "holds values that are not numbers",
+                                "whole token counts") from None
+    if a.dtype.kind in "iu":  # no float round trip: int64 counts above 2^53 stay exact
+        bad = (a < 0) | (a > MAX_COUNT)
+    else:
+        bad = ~np.isfinite(a) | (a < 0) | (a > MAX_COUNT) | (a != np.floor(a))
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise GemInputError(source, field + "".join(f"[{i}]" for i in where), f"is {a[where].item()!r}",
+                            f"a whole token count in [0, {MAX_COUNT}]")
+    return a.astype(np.int32)
+
+
 def _validate_trace(t: RoutingTrace, source: str) -> None:
     a = t.counts
     if a.dtype not in _DTYPES:
         raise GemInputError(source, "counts.dtype", f"is {a.dtype!r}", f"one of {_DTYPES}")
-    if len(a.shape) != 3 or min(a.shape) < 1:
+    if len(a.shape) != 3 or min(a.shape) < 1 or math.prod(a.shape) > MAX_ELEMENTS:
         raise GemInputError(source, "counts.shape", f"is {a.shape}",
-                            "[steps, layers, experts], each at least 1")
-    need = int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+                            f"[steps, layers, experts], each at least 1, at most {MAX_ELEMENTS} in all")
+    need = math.prod(a.shape) * np.dtype(a.dtype).itemsize
     if len(a.data) != need:
         raise GemInputError(source, "counts.data", f"holds {len(a.data)} bytes",
                             f"{need} bytes for shape {a.shape} of {a.dtype}")
-    c = a.to_numpy()
-    if not np.all(np.isfinite(c)):
-        raise GemInputError(source, "counts", "contains NaN or infinite values", "finite token counts")
-    if c.min() < 0:
-        idx = tuple(int(i) for i in np.argwhere(c < 0)[0])
-        raise GemInputError(source, f"counts[{idx[0]}][{idx[1]}][{idx[2]}]",
-                            f"is {c[idx]}", "a token count >= 0")
-    if c.max() > 1 << 31:
-        raise GemInputError(source, "counts", f"has a count of {c.max():.3g}", "counts below 2^31")
+    token_counts(a.to_numpy(), source, "counts")
     if t.layer_ids and len(t.layer_ids) != a.shape[1]:
         raise GemInputError(source, "layer_ids", f"has {len(t.layer_ids)} entries",
                             f"{a.shape[1]} (one per layer of counts)")

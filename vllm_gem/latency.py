@@ -77,11 +77,7 @@ def fit(profile: GpuProfile, source: str = "profile") -> LatencyModel:
     Points are weighted by 1/time so the fit minimises *relative* error: small decode
     points matter as much as large prefill ones.
     """
-    counts = np.array([p.tokens_per_expert for p in profile.points], dtype=np.float64)
-    times = np.array([p.median_us for p in profile.points], dtype=np.float64)
-    x = features(counts, profile.kernel.block_m)
-    w = 1.0 / times
-    coef, _ = nnls(x * w[:, None], times * w)
+    coef, x, times = _fit_points(profile.points, profile.kernel.block_m)
     if not np.any(coef[1:] > 0):
         raise GemInputError(source, "points", "do not depend on the token load at all",
                             "layer times that grow with the tokens routed to the GPU")
@@ -92,22 +88,36 @@ def fit(profile: GpuProfile, source: str = "profile") -> LatencyModel:
                         fit_rel_max=float(np.max(np.abs(rel))))
 
 
+def _fit_points(points: list, block_m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """NNLS coefficients [4], features [points, 4] and times [points] of timed points."""
+    counts = np.array([p.tokens_per_expert for p in points], dtype=np.float64)
+    times = np.array([p.median_us for p in points], dtype=np.float64)
+    x = features(counts, block_m)
+    w = 1.0 / times
+    coef, _ = nnls(x * w[:, None], times * w)
+    return coef, x, times
+
+
 def held_out_error(profile: GpuProfile, k: int = 5, seed: int = 0) -> float:
-    """k-fold cross-validated relative RMS error of the fit (what the model errs on new loads)."""
+    """k-fold cross-validated relative RMS error of the fit (what the model errs on new loads).
+
+    A fold's fit is not checked the way `fit` checks the whole profile: whether a profile is
+    usable is decided once, by `fit`, so `plan` and `inspect` accept the same files."""
     n = len(profile.points)
     order = np.random.default_rng(seed).permutation(n)
     errs = []
     for fold in range(min(k, n)):
-        test = set(order[fold::k].tolist())
-        train = [p for i, p in enumerate(profile.points) if i not in test]
+        test = order[fold::k]
+        train = [p for i, p in enumerate(profile.points) if i not in set(test.tolist())]
         if len(train) < 4:
             continue
-        m = fit(GpuProfile(gpu=profile.gpu, expert=profile.expert, kernel=profile.kernel,
-                           points=train))
-        for i in test:
-            p = profile.points[i]
-            errs.append((m.predict(np.array(p.tokens_per_expert)) - p.median_us) / p.median_us)
-    return float(np.sqrt(np.mean(np.square(errs))))
+        coef, _, _ = _fit_points(train, profile.kernel.block_m)
+        pts = [profile.points[i] for i in test]
+        pred = features(np.array([p.tokens_per_expert for p in pts], dtype=np.float64),
+                        profile.kernel.block_m) @ coef
+        times = np.array([p.median_us for p in pts])
+        errs.extend(((pred - times) / times).tolist())
+    return float(np.sqrt(np.mean(np.square(errs)))) if errs else float("nan")
 
 
 @dataclass(frozen=True)

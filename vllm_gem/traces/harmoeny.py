@@ -12,28 +12,35 @@ import json
 import re
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 from ..errors import GemInputError
-from ..formats import NdArray, RoutingTrace
+from ..formats import NdArray, RoutingTrace, token_counts
 
 _LAYER = re.compile(r"moe_layer-(\d+)\.csv$")
 
 
-def import_harmoeny(folder: str | Path) -> RoutingTrace:
+def import_harmoeny(folder: str | Path | None) -> RoutingTrace:
     """folder: a HarMoEny model folder (e.g. .../harmoeny/qwen) -> RoutingTrace."""
+    if not folder:
+        raise GemInputError("command line", "source", "is missing", "a HarMoEny model folder")
     folder = Path(folder)
     ranks = sorted((d for d in folder.iterdir() if d.is_dir() and d.name.isdigit()),
                    key=lambda d: int(d.name)) if folder.is_dir() else []
     if not ranks:
         raise GemInputError(str(folder), "folder", "has no rank sub-folders (0/, 1/, ...)",
                             "a HarMoEny model folder: RANK/moe_layer-L.csv")
-    meta = {}
+    meta: dict = {}
     if (folder / "data.json").is_file():
         try:
-            meta = json.loads((folder / "data.json").read_text())
-        except json.JSONDecodeError as e:
-            raise GemInputError(str(folder / "data.json"), "file", f"is not valid JSON ({e})") from None
+            meta = json.loads((folder / "data.json").read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise GemInputError(str(folder / "data.json"), "file", f"is not valid JSON ({e})",
+                                "HarMoEny's run settings, a JSON object") from None
+        if not isinstance(meta, dict):
+            raise GemInputError(str(folder / "data.json"), "file", f"holds a JSON {type(meta).__name__}",
+                                "HarMoEny's run settings, a JSON object")
     layers = sorted(int(m.group(1)) for f in ranks[0].iterdir() if (m := _LAYER.search(f.name)))
     if not layers:
         raise GemInputError(str(ranks[0]), "folder", "has no moe_layer-L.csv files")
@@ -60,29 +67,32 @@ def import_harmoeny(folder: str | Path) -> RoutingTrace:
     return RoutingTrace(
         model=str(meta.get("model_name", folder.name)),
         source=f"HarMoEny raw trace {folder.name} ({len(ranks)} ranks x {per_rank[0].shape[0]} iterations)",
-        counts=NdArray.from_numpy(counts.astype(np.int32)), layer_ids=layers,
+        counts=NdArray.from_numpy(counts), layer_ids=layers,
         params={k: meta[k] for k in ("dataset", "batch_size", "seq_len", "world_size") if k in meta})
 
 
 def _read_layer(path: Path) -> np.ndarray:
     """One moe_layer-L.csv -> [iterations, experts] token counts."""
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "expert distribution" not in reader.fieldnames:
-            raise GemInputError(str(path), "expert distribution", "column is missing",
-                                "a HarMoEny moe_layer CSV")
-        rows = []
-        for i, row in enumerate(reader):
-            try:
-                rows.append(json.loads(row["expert distribution"]))
-            except (json.JSONDecodeError, TypeError):
-                raise GemInputError(str(path), f"row {i} expert distribution", "is not a JSON list",
-                                    "a list of token counts per expert") from None
-    if not rows or len({len(r) for r in rows}) != 1:
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "expert distribution" not in reader.fieldnames:
+                raise GemInputError(str(path), "expert distribution", "column is missing",
+                                    "a HarMoEny moe_layer CSV")
+            rows = []
+            for i, row in enumerate(reader):
+                try:
+                    rows.append(_ROW.decode(row["expert distribution"] or ""))
+                except msgspec.DecodeError:  # not JSON, not a list, or not numbers
+                    raise GemInputError(str(path), f"row {i} expert distribution",
+                                        f"is {row['expert distribution']!r}",
+                                        "a JSON list of token counts per expert") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise GemInputError(str(path), "file", f"is not a text CSV ({e})", "a HarMoEny moe_layer CSV") from None
+    if not rows or len({len(r) for r in rows}) != 1 or not rows[0]:
         raise GemInputError(str(path), "expert distribution", "is empty or ragged",
-                            "the same number of experts in every row")
-    a = np.asarray(rows, dtype=np.float64)
-    if not np.all(np.isfinite(a)) or (a < 0).any():
-        raise GemInputError(str(path), "expert distribution", "holds negative or non-finite counts",
-                            "token counts >= 0")
-    return a.astype(np.int64)
+                            "the same number of experts (> 0) in every row")
+    return token_counts(np.asarray(rows, dtype=np.float64), str(path), "expert distribution")
+
+
+_ROW = msgspec.json.Decoder(list[float])

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GemInputError
-from ..formats import NdArray, RoutingTrace
+from ..formats import NdArray, RoutingTrace, token_counts
+from ..validation import MAX_EXPERTS
 
 KEYS = ("expert_load_window", "physical_to_logical_map")
 
@@ -30,34 +31,45 @@ def fold_to_logical(window: np.ndarray, phys_to_log: np.ndarray, num_logical: in
     return out
 
 
-def import_vllm_eplb(path: str | Path, model: str = "") -> RoutingTrace:
+def import_vllm_eplb(path: str | Path | None, model: str = "") -> RoutingTrace:
     """A .npz or torch-saved dict holding vLLM's EPLB state arrays -> RoutingTrace."""
+    if not path:
+        raise GemInputError("command line", "source", "is missing", "an EPLB state .npz or .pt file")
     path = Path(path)
     src = str(path)
     try:
         if path.suffix == ".npz":
-            with np.load(path) as z:
+            with np.load(path, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files}
         else:
-            import torch
+            try:
+                import torch
+            except ImportError:
+                raise GemInputError(src, "file", "is a torch file and torch is not installed",
+                                    "torch (pip install vllm-gem[vllm]), or the arrays saved "
+                                    "with numpy.savez as .npz") from None
             data = {k: v.cpu().numpy() if hasattr(v, "cpu") else np.asarray(v)
                     for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+    except GemInputError:
+        raise
     except Exception as e:  # unreadable or not the expected container
         raise GemInputError(src, "file", f"cannot be read ({type(e).__name__}: {e})",
                             f"a .npz or torch.save dict with {KEYS}") from None
     for k in KEYS:
         if k not in data:
             raise GemInputError(src, k, "is missing", f"vLLM EplbModelState arrays {KEYS}")
-    win, p2l = np.asarray(data[KEYS[0]]), np.asarray(data[KEYS[1]]).astype(np.int64)
-    if win.ndim != 3:
-        raise GemInputError(src, KEYS[0], f"has shape {win.shape}", "[window, layers, num_physical]")
+    win, p2l = np.asarray(data[KEYS[0]]), np.asarray(data[KEYS[1]])
+    if win.ndim != 3 or win.size == 0:
+        raise GemInputError(src, KEYS[0], f"has shape {win.shape}", "[window, layers, num_physical], non-empty")
     if p2l.shape != win.shape[1:]:
         raise GemInputError(src, KEYS[1], f"has shape {p2l.shape}", f"{win.shape[1:]} (layers, num_physical)")
-    if (win < 0).any() or (p2l < 0).any():
-        raise GemInputError(src, KEYS[0], "holds negative values", "token counts >= 0 and expert ids >= 0")
-    loads = fold_to_logical(win, p2l)
+    win = token_counts(win, src, KEYS[0])
+    ids = token_counts(p2l, src, KEYS[1])
+    if ids.max() >= MAX_EXPERTS:
+        raise GemInputError(src, KEYS[1], f"holds expert id {ids.max()}", f"ids below {MAX_EXPERTS}")
+    loads = fold_to_logical(win, ids.astype(np.int64))
     loads = loads[loads.sum(axis=(1, 2)) > 0]  # the ring buffer's unused (all-zero) steps
     if loads.shape[0] == 0:
         raise GemInputError(src, KEYS[0], "is all zeros", "at least one recorded step")
     return RoutingTrace(model=model, source=f"vLLM EPLB load window from {path.name}",
-                        counts=NdArray.from_numpy(loads.astype(np.int32)))
+                        counts=NdArray.from_numpy(token_counts(loads, src, f"{KEYS[0]} (summed over replicas)")))
