@@ -97,17 +97,51 @@ def test_user_eplb_settings_are_kept(parser):
 @pytest.mark.parametrize("argv, field", [
     (["--plugin", "nope"], "--plugin: value"),
     (["--gem-trace", "x"], "--gem-*: flags"),
-    (["--plugin", "gem", "--additional-config", '{"gem": {"record_capacity": "many"}}'],
-     "record_capacity"),
-    (["--plugin", "gem", "--additional-config", '{"gem": {"no_such_option": 1}}'], "no_such_option"),
-    (["--plugin", "gem", "--additional-config", '{"gem": {"min_gain": 2}}'], "min_gain"),
-    (["--plugin", "gem", "--additional-config", '{"gem": {"calibration_time_limit_s": 0}}'],
-     "calibration_time_limit_s: is 0"),
 ])
-def test_bad_settings_name_the_field(parser, argv, field):
+def test_unknown_flags_fail_the_parse(parser, argv, field):
     from vllm_gem.vllm.flags import prepare_engine_args
     with pytest.raises(GemInputError, match=field.replace("*", r"\*")):
         prepare_engine_args(engine_args(parser, "--enable-expert-parallel", *argv))
+
+
+BAD_SETTINGS = [
+    ({"record_capacity": "many"}, {}, "record_capacity: is 'many'; expected an integer"),
+    ({"no_such_option": 1}, {}, "no_such_option: is not a GEM option"),
+    ({"min_gain": 2}, {}, "min_gain: is 2; expected a finite number in [-1, 1)"),
+    ({"calibration_time_limit_s": 0}, {}, "calibration_time_limit_s: is 0"),
+    ({"speed_tolerance": float("nan")}, {}, "speed_tolerance: is nan"),
+    ({"planner": "fastest"}, {}, "planner: is 'fastest'"),
+    ({}, {"VLLM_GEM_RECALIBRATE": "abc"}, "VLLM_GEM_RECALIBRATE: value: is 'abc'"),
+    ({}, {"VLLM_GEM_RECALIBRATE": "-5"}, "VLLM_GEM_RECALIBRATE: value: is '-5'"),
+    ({}, {"VLLM_GEM_RECALIBRATE": "1e99"}, "VLLM_GEM_RECALIBRATE: value: is '1e99'"),
+]
+
+
+@pytest.mark.parametrize("gem, env, message", BAD_SETTINGS)
+def test_bad_settings_warn_and_serve_without_gem(parser, caplog, monkeypatch, gem, env, message):
+    from vllm_gem.vllm.config import from_additional
+    from vllm_gem.vllm.flags import prepare_engine_args
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    ea = engine_args(parser, "--enable-expert-parallel", "--plugin", "gem",
+                     "--additional-config", json.dumps({"gem": gem}))
+    prepare_engine_args(ea)  # does not raise: vLLM starts
+    assert from_additional(ea.additional_config) is None  # GEM off in every process
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "vllm-gem" in r.message]
+    assert len(warnings) == 1 and message in warnings[0].message
+    assert "vLLM's own placement" in warnings[0].message
+
+
+@pytest.mark.parametrize("gem, env, message", BAD_SETTINGS)
+def test_bad_settings_fail_the_start_in_strict_mode(parser, monkeypatch, gem, env, message):
+    from vllm_gem.vllm.flags import prepare_engine_args
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    ea = engine_args(parser, "--enable-expert-parallel", "--plugin", "gem", "--gem-strict",
+                     "--additional-config", json.dumps({"gem": gem}))
+    with pytest.raises(GemInputError) as e:
+        prepare_engine_args(ea)
+    assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_without_expert_parallel_gem_warns_or_fails_in_strict(parser, caplog):

@@ -7,11 +7,15 @@ engine core and every worker inside VllmConfig, with no side channel.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
 
 from ..errors import GemInputError
+from ..formats import field_error
+from ..planners import NAMES
+from ..validation import EngineSteps, convert, describe
 
 SOURCE = "--additional-config gem"
 RECALIBRATE_ENV = "VLLM_GEM_RECALIBRATE"
@@ -22,8 +26,17 @@ ON_WORDS = ("1", "on", "true", "yes")  # how a switch reads "on" in text (enviro
 OFF_WORDS = ("0", "off", "false", "no")
 
 
+def _range(lo: float | None = None, hi: float | None = None, *, kind: type = int, lt: float | None = None,
+           gt: float | None = None, what: str | None = None) -> Any:
+    return Annotated[kind, Meta(ge=lo, le=hi, lt=lt, gt=gt, description=what)]
+
+
+Fraction = _range(0.0, lt=1.0, kind=float, what="a fraction")
+
+
 class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Every GEM option. Paths are read on the workers (same host for single-node serving)."""
+    """Every GEM option, each with its range (msgspec Meta: a bad value fails the parse,
+    naming the key). Paths are read on the workers (same host for single-node serving)."""
 
     enabled: bool = True
     strict: bool = False  # fail the start instead of serving on vLLM's own placement
@@ -34,60 +47,41 @@ class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     place: bool = True  # False: record, emulate and export only; keep vLLM's placement
     planner: str = "gem"
     planner_params: dict[str, Any] = {}
-    warmup_prompts: int = 32
-    warmup_max_tokens: int = 32
-    calibration_time_limit_s: float = 120.0  # per GPU; past it GEM keeps vLLM's placement
+    warmup_prompts: _range(0, 4096) = 32
+    warmup_max_tokens: _range(1, 65536) = 32
+    # per GPU; past it GEM keeps vLLM's placement
+    calibration_time_limit_s: _range(hi=86400.0, gt=0.0, kind=float, what="seconds") = 120.0
     # recorder: per-step, per-layer expert counts kept on the GPU
     record: bool = True
-    record_capacity: int = 4096  # steps kept in the ring buffer
+    record_capacity: _range(1, 1 << 20, what="steps") = 4096  # steps kept in the ring buffer
     trace_dir: str | None = None  # recorded traces (on SIGUSR1 and at shutdown), placements
     # recalibration while serving (0 = off); VLLM_GEM_RECALIBRATE overrides it
-    recalibrate_steps: int = 0
+    recalibrate_steps: EngineSteps = 0
     recalibrate_planner: str = "gem-migrate"  # prefers plans that move few experts
-    min_gain: float = 0.02  # re-place only if the predicted layer-time gain beats this (< 0: always)
+    # re-place only if the predicted layer-time gain beats this (< 0: always)
+    min_gain: _range(-1.0, lt=1.0, kind=float, what="a fraction; negative: apply every plan") = 0.02
     # check the GPUs on every Nth recalibration only (1: every time): routing drifts faster
-    # than a GPU's speed. A quick re-profile stalls serving ~1.3-1.4 s (2xH200, sessions 6
-    # and 8), re-planning from live routing ~0.1-0.2 s
-    reprofile_every: int = 4
+    # than a GPU's speed. A quick re-profile stalls serving ~1.3-1.4 s (2xH200), re-planning
+    # from live routing ~0.1-0.2 s
+    reprofile_every: _range(1, 10**6) = 4
     # that check first re-times a few of each GPU's profiled load patterns (calibrate.check_speed)
     # and re-profiles every GPU only when one's speed moved against the other GPUs' by more
     # than this fraction (calibrate.relative_speed_changes); 0: always re-profile
-    speed_tolerance: float = 0.05
+    speed_tolerance: Fraction = 0.05
     # a recalibration plans in a background thread on EP rank 0 while serving goes on, and
     # every rank applies the plan this many engine steps later (all at the same step); if the
     # plan is not ready by then, serving waits for it. At most half the recalibration
     # interval. 0: plan inside the step
-    plan_delay_steps: int = 200
+    plan_delay_steps: EngineSteps = 200
     # metrics: one small JSON per rank, read by the API server's /metrics collector
     state_dir: str | None = None
     # experiments only: EP rank -> extra fraction of MoE expert work it does (a slower GPU)
-    emulate_slowdown: dict[int, float] = {}
+    emulate_slowdown: dict[_range(0, 4095), _range(0.0, 4.0, kind=float, what="extra work")] = {}
 
     def __post_init__(self) -> None:
-        if self.record_capacity < 1:
-            raise GemInputError(SOURCE, "record_capacity", f"is {self.record_capacity}", "an integer >= 1")
-        if not self.calibration_time_limit_s > 0:
-            raise GemInputError(SOURCE, "calibration_time_limit_s", f"is {self.calibration_time_limit_s}",
-                                "a number of seconds > 0")
-        if self.recalibrate_steps < 0:
-            raise GemInputError(SOURCE, "recalibrate_steps", f"is {self.recalibrate_steps}",
-                                "0 (off) or a number of engine steps")
-        if self.reprofile_every < 1:
-            raise GemInputError(SOURCE, "reprofile_every", f"is {self.reprofile_every}",
-                                "an integer >= 1 (1: re-profile at every recalibration)")
-        if self.plan_delay_steps < 0:
-            raise GemInputError(SOURCE, "plan_delay_steps", f"is {self.plan_delay_steps}",
-                                "0 (plan inside the step) or a number of engine steps")
-        if not 0.0 <= self.speed_tolerance < 1.0:
-            raise GemInputError(SOURCE, "speed_tolerance", f"is {self.speed_tolerance}",
-                                "a fraction in [0, 1) (0: re-profile at every check)")
-        if not -1.0 <= self.min_gain < 1.0:
-            raise GemInputError(SOURCE, "min_gain", f"is {self.min_gain}",
-                                "a fraction in [-1, 1) (negative: apply every plan)")
-        for rank, f in self.emulate_slowdown.items():
-            if not 0.0 <= f <= 4.0:
-                raise GemInputError(SOURCE, f"emulate_slowdown.{rank}", f"is {f}",
-                                    "an extra work fraction in [0, 4]")
+        for key in ("planner", "recalibrate_planner"):
+            if getattr(self, key) not in NAMES:
+                raise GemInputError(SOURCE, key, f"is {getattr(self, key)!r}", f"one of {NAMES}")
 
     @property
     def recalibrate_interval(self) -> int:
@@ -100,26 +94,48 @@ class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if raw.lower() in ON_WORDS:
             return DEFAULT_RECALIBRATE_STEPS
         try:
-            steps = int(raw)
-        except ValueError:
-            raise GemInputError(RECALIBRATE_ENV, "value", f"is {raw!r}",
-                                "0/off, 1/on, or a number of engine steps") from None
-        return steps
+            return convert(raw, EngineSteps, RECALIBRATE_ENV, "value")
+        except GemInputError as e:
+            raise GemInputError(RECALIBRATE_ENV, "value", e.problem,
+                                f"0/off, 1/on, or {e.expected}") from None
 
 
 def parse(raw: Any, source: str = SOURCE) -> GemConfig:
-    """additional_config["gem"] (a dict; `true` means all defaults) -> GemConfig."""
+    """additional_config["gem"] (a dict; `true` means all defaults) -> GemConfig.
+
+    The environment is checked here too, so a bad VLLM_GEM_RECALIBRATE fails at start."""
     if raw is True:
         raw = {}
     if not isinstance(raw, dict):
         raise GemInputError(source, "gem", f"is {type(raw).__name__}", "a JSON object")
     try:
-        return msgspec.convert(raw, GemConfig, strict=False)
+        cfg = msgspec.convert(raw, GemConfig, strict=False)
     except msgspec.ValidationError as e:
-        # msgspec says e.g. "Expected `int`, got `str` - at `$.record_capacity`"
-        text = str(e)
-        field = text.rsplit("at `$.", 1)[-1].rstrip("`") if "at `$." in text else "gem"
-        raise GemInputError(source, field, text.split(" - at ")[0], "see docs/plugin.md") from None
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, GemInputError):  # raised by __post_init__; msgspec wraps it
+            raise cause from None
+        raise _named(e, raw, source) from None
+    if cfg.enabled:
+        _ = cfg.recalibrate_interval
+    return cfg
+
+
+def _named(e: msgspec.ValidationError, raw: dict, source: str) -> GemInputError:
+    """A parse failure as 'KEY: is VALUE; expected RANGE', from the field's own declaration."""
+    fields = {f.name: f.type for f in msgspec.structs.fields(GemConfig)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        return GemInputError(source, str(unknown[0]), "is not a GEM option", f"one of {sorted(fields)}")
+    err = field_error(e, source)
+    key = err.field.split("[", 1)[0].split(".", 1)[0]
+    if key in fields and key == err.field:
+        return GemInputError(source, key, f"is {raw[key]!r}", describe(fields[key]))
+    return field_error(e, source, "see docs/plugin.md")
+
+
+def wants_strict(raw: Any) -> bool:
+    """Whether settings that failed to parse asked for strict mode (read leniently)."""
+    return isinstance(raw, dict) and raw.get("strict") in (True, "true", 1)
 
 
 def from_additional(additional_config: dict[str, Any] | None) -> GemConfig | None:

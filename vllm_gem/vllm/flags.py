@@ -15,7 +15,7 @@ import tempfile
 from typing import Any
 
 from ..errors import GemInputError
-from .config import from_additional
+from .config import from_additional, wants_strict
 
 logger = logging.getLogger("vllm.gem")
 
@@ -69,7 +69,16 @@ def prepare_engine_args(engine_args: Any) -> None:
     not ask for EPLB, it is switched on with vLLM's own periodic rebalancing off. Without
     expert parallelism there is nothing to place: one warning, or an error in strict mode.
     """
-    cfg = from_additional(engine_args.additional_config)  # bad settings fail here, in process 0
+    try:  # settings and VLLM_GEM_* are checked here, in process 0, before any worker starts
+        cfg = from_additional(engine_args.additional_config)
+    except GemInputError as e:
+        if wants_strict(engine_args.additional_config.get("gem")):
+            raise
+        # GEM off for every process (they read this dict): one warning, vLLM's own placement
+        logger.warning("vllm-gem: %s; GEM is off, serving with vLLM's own placement "
+                       "(\"strict\": true fails the start instead)", e)
+        engine_args.additional_config = {**engine_args.additional_config, "gem": {"enabled": False}}
+        return
     if cfg is None:
         return
     gem = engine_args.additional_config["gem"]
