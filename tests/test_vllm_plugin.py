@@ -707,7 +707,9 @@ def test_recalibration_plans_in_the_background_and_applies_at_the_due_step(input
 
 def test_a_background_planning_that_fails_or_hangs_keeps_the_placement(inputs):
     res = _run_place({"profiles": inputs["profiles"], "trace": inputs["trace"], "plan_delay_steps": 2,
-                      "recalibrate_planner": "no-such-planner"}, switches=["recalibrate"])
+                      # a planner name is checked at start now; a planner that raises while planning:
+                      "recalibrate_planner": "exact", "planner_params": {"no_such_param": 1}},
+                     switches=["recalibrate"])
     for r in res:  # the failure reached every rank through the broadcast: one warning, no move
         assert r["switches"][0]["report"] is None and r["holds"]  # a plan that ran reports a dict
         assert r["switches"][0]["map"].equal(r["start_map"])
