@@ -1,6 +1,11 @@
 """Our Triton MoE kernel next to vLLM's fused_moe Triton kernel and a torch bmm reference.
 
     python benchmarks/kernels.py [--json out.json] [--search]    (on a GPU; vLLM optional)
+    python benchmarks/kernels.py --dtype fp8-block|fp8|fp8-channel [--search]
+
+--dtype fp8*: our fp8 kernel (kernels/moe_gemm_fp8.py) against vLLM's fp8 fused_experts
+(Triton) with the same quantized weights and scale layout, at the DeepSeek-V3 (all 256
+experts) and Qwen3-30B-A3B shapes; activations are quantized inside both calls, as served.
 
 Same inputs for all three (the bmm reference pads every expert to the largest count, untimed),
 bf16, CUDA-graph replays timed with CUDA events (median of
@@ -39,9 +44,17 @@ from vllm_gem.kernels.moe_gemm import (
     select_config,
     silu_and_mul,
 )
+from vllm_gem.kernels.moe_gemm_fp8 import (
+    FP8_BLOCK_TILE_TABLE,
+    FP8_TILE_TABLE,
+    moe_ffn_fp8,
+    quantize_weights,
+    select_fp8_config,
+)
 
 SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8), "deepseek-v3": (7168, 2048, 32, 8),
           "mixtral": (4096, 14336, 8, 2)}
+FP8_SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8), "deepseek-v3": (7168, 2048, 256, 8)}
 TOKENS = [1, 16, 64, 256, 1024, 4096]
 SEARCH_TILES = list(dict.fromkeys([cfg for _, cfg in TILE_TABLE] + [
     TileConfig(16, 64, 64, 1, 4, 4), TileConfig(16, 64, 256, 1, 4, 2),
@@ -162,6 +175,71 @@ def measure_case(name: str, x, w13, w2, w, ids, fused, vllm_align, search: bool,
     return row, line
 
 
+FP8_SEARCH_TILES = list(dict.fromkeys([cfg for _, cfg in FP8_TILE_TABLE + FP8_BLOCK_TILE_TABLE] + [
+    TileConfig(16, 128, 128, 1, 4, 4), TileConfig(16, 128, 128, 16, 4, 3), TileConfig(64, 128, 128, 32, 4, 3),
+    TileConfig(64, 256, 128, 16, 8, 3), TileConfig(128, 128, 128, 16, 4, 3)]))
+
+
+def vllm_fp8_experts(layout: str):
+    """vLLM's fp8 fused_experts (Triton) for weights in `layout`: f(x, w13, w2, w, ids), or None."""
+    fused = vllm_function("fused_moe", "fused_experts")
+    make = vllm_function("config", "fp8_w8a8_moe_quant_config")
+    if fused is None or make is None:
+        return None
+
+    def run(x, w13, w2, w, ids):
+        channel = layout == "channel"
+        cfg = make(w1_scale=w13.scale, w2_scale=w2.scale, per_act_token_quant=channel, per_out_ch_quant=channel,
+                   block_shape=[128, 128] if layout == "block" else None)
+        return fused(x, w13.q, w2.q, w, ids, quant_config=cfg)
+    return run
+
+
+def main_fp8(a: argparse.Namespace) -> None:
+    """Our fp8 kernel against vLLM's, one layout: a table, and the JSON rows."""
+    from vllm_gem.precision import PRECISIONS
+    layout = PRECISIONS[a.dtype].scale_layout
+    theirs = vllm_fp8_experts(layout)
+    rows = []
+    print(f"{a.dtype}: {'shape':14s} {'tokens':>6s} {'ours us':>8s} {'vllm us':>8s} "
+          f"{'ours/vllm':>9s}  tile")
+    for name in a.shapes.split(","):
+        h, i, e, k = FP8_SHAPES[name]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        bf = torch.bfloat16
+        rand = lambda *shape: torch.randn(*shape, device="cuda", dtype=bf, generator=g)  # noqa: E731
+        w13 = quantize_weights(rand(e, 2 * i, h) / h ** 0.5, layout)
+        torch.cuda.empty_cache()  # the bf16 weights: 15 GB for DeepSeek-V3's w13
+        w2 = quantize_weights(rand(e, h, i) / i ** 0.5, layout)
+        torch.cuda.empty_cache()
+        for t in TOKENS:
+            x = torch.randn(t, h, device="cuda", dtype=bf, generator=g)
+            ids = torch.rand(t, e, device="cuda", generator=g).topk(k, dim=1).indices.to(torch.int32)
+            w = torch.rand(t, k, device="cuda", generator=g)
+            torch.cuda.synchronize()  # do_bench_cudagraph's side stream: inputs written first
+            ours = bench(lambda: moe_ffn_fp8(x, w13, w2, w, ids))
+            ref_v = bench(lambda: theirs(x, w13, w2, w, ids)) if theirs else float("nan")
+            tile = select_fp8_config(t, k, e, layout)
+            row = dict(dtype=a.dtype, shape=name, tokens=t, ours_us=ours, vllm_us=ref_v,
+                       ours_over_vllm=ours / ref_v, tile=str(tile),
+                       ours_tflops=2 * t * k * 3 * h * i / (ours * 1e-6) / 1e12)
+            line = (f"{a.dtype}: {name:14s} {t:6d} {ours:8.1f} {ref_v:8.1f} {ours / ref_v:9.3f}  "
+                    f"{str(tile)[10:]}")
+            if a.search:
+                times = {str(c): bench(lambda c=c: moe_ffn_fp8(x, w13, w2, w, ids, c))
+                         for c in FP8_SEARCH_TILES}
+                best = min(times, key=times.get)
+                row.update(search_us=times, best_tile=best)
+                line += f"  best {times[best]:8.1f} us ({best[len('TileConfig'):]})"
+            rows.append(row)
+            print(line, flush=True)
+        w13 = w2 = None  # free this shape's weights before the next one's
+        torch.cuda.empty_cache()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "dtype": a.dtype, "rows": rows}, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
@@ -169,7 +247,12 @@ def main() -> None:
                     help="comma-separated subset of " + ",".join(SHAPES))
     ap.add_argument("--search", action="store_true", help="also time every tile in SEARCH_TILES")
     ap.add_argument("--stages", action="store_true", help="also time each launch alone")
+    ap.add_argument("--dtype", choices=["bf16", "fp8-block", "fp8", "fp8-channel"], default="bf16")
     a = ap.parse_args()
+    if a.dtype != "bf16":
+        if a.shapes == ",".join(SHAPES):
+            a.shapes = ",".join(FP8_SHAPES)
+        return main_fp8(a)
     fused = vllm_function("fused_moe", "fused_experts")
     vllm_align = vllm_function("moe_align_block_size", "moe_align_block_size") if a.stages else None
     rows = []

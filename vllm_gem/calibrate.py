@@ -26,6 +26,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from .errors import GemInputError
 from .formats import (
     ExpertShape,
     GpuIdentity,
@@ -44,8 +46,8 @@ from .formats import (
     encode,
     save,
 )
-from .errors import GemInputError
 from .latency import fit
+from .precision import PRECISIONS
 from .profiles import calibration_patterns
 
 N_HELD_OUT = 12  # calibration_patterns ends with this many random mixed loads
@@ -69,6 +71,7 @@ class CalibrationSpec:
     extra_work: float = 0.0  # emulate a slower GPU: also run this fraction of the tokens again
     seed: int = 0
     time_limit_s: float | None = None  # give up (CalibrationTimeout) once measuring takes longer
+    precision: str = "bf16"  # a vllm_gem.precision.PRECISIONS name: the served kernel and dtype
 
 
 # --------------------------------------------------------------------------- GPU facts
@@ -144,21 +147,72 @@ def calibrate_device(device: int, spec: CalibrationSpec = CalibrationSpec(),
                      weights: tuple[Any, Any] | None = None) -> GpuProfile:
     """Time the calibration patterns on CUDA device `device` and return its GpuProfile.
 
-    weights: (w13 [experts, 2*inter, hidden], w2 [experts, hidden, inter]) in bf16 on that
-    device, only read: a served MoE layer's own experts, timed in place of random ones, so a
-    re-profile while serving allocates no weight copies (0.6 GB for model-q3's 64 local
-    experts, 2.8 GB for 32 of DeepSeek-V3's) in the memory vLLM left for the KV cache."""
-    from .kernels.moe_gemm import CALIBRATION_TILE
-    cfg = CALIBRATION_TILE
-    patterns = calibration_patterns(spec.num_experts, cfg.block_m, spec.seed)
+    weights: a served MoE layer's own experts on that device, only read, timed in place of
+    random ones, so a re-profile while serving allocates no weight copies (0.6 GB for
+    model-q3's 64 local experts, 2.8 GB for 32 of DeepSeek-V3's) in the memory vLLM left for
+    the KV cache: (w13 [experts, 2*inter, hidden], w2 [experts, hidden, inter]) in bf16, or
+    two kernels.moe_gemm_fp8.Fp8Weights for an fp8 spec.precision."""
+    kernel = expert_kernel(spec.precision)
+    patterns = calibration_patterns(spec.num_experts, kernel.tile.block_m, spec.seed)
     points, before, after = _measure(device, spec, weights, patterns, LIFT_SECONDS)
     ident = gpu_identity(device)
+    dtype, layout = PRECISIONS[spec.precision]
     return GpuProfile(
-        gpu=ident, expert=ExpertShape(spec.hidden, spec.intermediate, "bfloat16"),
-        kernel=KernelSpec("vllm_gem.kernels.moe_gemm", cfg.block_m, cfg.block_n, cfg.block_k),
+        gpu=ident, expert=ExpertShape(spec.hidden, spec.intermediate, dtype, layout),
+        kernel=KernelSpec(kernel.name, kernel.tile.block_m, kernel.tile.block_n, kernel.tile.block_k),
         points=points, state_before=before, state_after=after,
         emulation=_emulation_text(spec, ident.sm_count),
         source="measured", created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+@dataclass(frozen=True)
+class ExpertKernel:
+    """The expert FFN calibration times for one precision, at its one fixed tile."""
+
+    name: str  # the module, recorded in the profile's kernel.name
+    tile: Any  # kernels.moe_gemm.TileConfig
+    ffn: Callable[..., Any]  # (x, w13, w2, topk_weights, topk_ids, tile, alignment) -> [tokens, hidden]
+
+
+def expert_kernel(precision: str) -> ExpertKernel:
+    """bf16: kernels.moe_gemm; fp8 (any scale layout): kernels.moe_gemm_fp8."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}, expected one of {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        from .kernels.moe_gemm import CALIBRATION_TILE, moe_ffn
+        return ExpertKernel("vllm_gem.kernels.moe_gemm", CALIBRATION_TILE, moe_ffn)
+    from .kernels.moe_gemm_fp8 import FP8_CALIBRATION_TILE, moe_ffn_fp8
+    return ExpertKernel("vllm_gem.kernels.moe_gemm_fp8", FP8_CALIBRATION_TILE, moe_ffn_fp8)
+
+
+def calibration_weights(spec: CalibrationSpec, device: int, gen: Any) -> tuple[Any, Any]:
+    """Random experts of spec's shape and precision on `device`: (w13, w2) as calibrate_device
+    takes them (bf16 tensors, or Fp8Weights quantized from bf16 ones)."""
+    import torch
+    e, h, i = spec.num_experts, spec.hidden, spec.intermediate
+    w13 = torch.randn(e, 2 * i, h, device=device, dtype=torch.bfloat16, generator=gen) / h ** 0.5
+    w2 = torch.randn(e, h, i, device=device, dtype=torch.bfloat16, generator=gen) / i ** 0.5
+    layout = PRECISIONS[spec.precision].scale_layout
+    if layout == "none":
+        return w13, w2
+    from .kernels.moe_gemm_fp8 import quantize_weights
+    return quantize_weights(w13, layout), quantize_weights(w2, layout)
+
+
+def check_weights(spec: CalibrationSpec, device: int, weights: tuple[Any, Any]) -> None:
+    """Served weights must be of spec's shape, precision and device (ValueError naming which)."""
+    import torch
+    e, h, i = spec.num_experts, spec.hidden, spec.intermediate
+    dtype, layout = PRECISIONS[spec.precision]
+    for name, w, shape in zip(("w13", "w2"), weights, ((e, 2 * i, h), (e, h, i)), strict=True):
+        q = w if layout == "none" else getattr(w, "q", None)
+        w_layout = "none" if layout == "none" else getattr(w, "layout", None)
+        if (not isinstance(q, torch.Tensor) or tuple(q.shape) != shape or str(q.dtype) != f"torch.{dtype}"
+                or w_layout != layout or q.device != torch.device("cuda", device)):
+            got = (f"{tuple(q.shape)} {q.dtype} ({w_layout} scales) on {q.device}"
+                   if isinstance(q, torch.Tensor) else type(w).__name__)
+            raise ValueError(f"calibration weights {name}: {got}, expected {shape} torch.{dtype} "
+                             f"({layout} scales) on cuda:{device} (the spec's shape and precision)")
 
 
 @dataclass(frozen=True)
@@ -246,22 +300,17 @@ def _measure(device: int, spec: CalibrationSpec, weights: tuple[Any, Any] | None
     """Time `patterns` [points][experts] on `device` -> (points, GPU state before, after)."""
     import torch
 
-    from .kernels.moe_gemm import CALIBRATION_TILE, align, moe_ffn
+    from .kernels.moe_gemm import align
 
     torch.cuda.set_device(device)
-    cfg = CALIBRATION_TILE
+    kernel = expert_kernel(spec.precision)
     gen = torch.Generator(device=f"cuda:{device}").manual_seed(spec.seed)
-    e, h, i = spec.num_experts, spec.hidden, spec.intermediate
-    bf = torch.bfloat16
     if weights is None:
-        w13 = (torch.randn(e, 2 * i, h, device=device, dtype=bf, generator=gen) / h ** 0.5)
-        w2 = (torch.randn(e, h, i, device=device, dtype=bf, generator=gen) / i ** 0.5)
+        weights = calibration_weights(spec, device, gen)
     else:
-        w13, w2 = weights
-        for name, w, shape in (("w13", w13, (e, 2 * i, h)), ("w2", w2, (e, h, i))):
-            if tuple(w.shape) != shape or w.dtype != bf or w.device != torch.device("cuda", device):
-                raise ValueError(f"calibration weights {name}: {tuple(w.shape)} {w.dtype} on {w.device}, "
-                                 f"expected {shape} torch.bfloat16 on cuda:{device} (the spec's shape)")
+        check_weights(spec, device, weights)
+    w13, w2 = weights
+    h, bf = spec.hidden, torch.bfloat16
     max_tokens = max(sum(p) for p in patterns)
     x_all = torch.randn(max_tokens, h, device=device, dtype=bf, generator=gen)
 
@@ -277,7 +326,7 @@ def _measure(device: int, spec: CalibrationSpec, weights: tuple[Any, Any] | None
                 big @ big
                 torch.cuda.synchronize(device)
             points = measure_within(
-                patterns, lambda p: _time_pattern(p, x_all, w13, w2, cfg, align, moe_ffn, spec, stream),
+                patterns, lambda p: _time_pattern(p, x_all, w13, w2, kernel, align, spec, stream),
                 spec.time_limit_s, t0)
         after = gpu_state(device)
     finally:
@@ -318,8 +367,9 @@ def _emulation_text(spec: CalibrationSpec, sm_count: int) -> str:
     return ", ".join(parts)
 
 
-def _time_pattern(counts, x_all, w13, w2, cfg, align, moe_ffn, spec, stream) -> LatencyPoint:
+def _time_pattern(counts, x_all, w13, w2, kernel: ExpertKernel, align, spec, stream) -> LatencyPoint:
     import torch
+    cfg, moe_ffn = kernel.tile, kernel.ffn
     dev = x_all.device
     ids = torch.repeat_interleave(torch.arange(len(counts), device=dev),
                                   torch.tensor(counts, device=dev)).reshape(-1, 1)
@@ -371,8 +421,7 @@ def _time_pattern(counts, x_all, w13, w2, cfg, align, moe_ffn, spec, stream) -> 
 
 def held_out_report(prof: GpuProfile) -> dict[str, float]:
     """Fit on the structured points, report relative errors on the random mixed ones."""
-    train = GpuProfile(gpu=prof.gpu, expert=prof.expert, kernel=prof.kernel,
-                       points=prof.points[:-N_HELD_OUT])
+    train = msgspec.structs.replace(prof, points=prof.points[:-N_HELD_OUT])
     m = fit(train, prof.gpu.name)
     test = prof.points[-N_HELD_OUT:]
     rel = np.array([(m.predict(np.array(p.tokens_per_expert)) - p.median_us) / p.median_us
@@ -454,7 +503,7 @@ def main(args) -> int:
             raise GemInputError("command line", option, f"names devices {named}",
                                 f"distinct CUDA device indices below {visible} (the visible GPUs)")
     specs = [CalibrationSpec(args.hidden, args.intermediate, args.experts, sm_limit=slow.get(d),
-                             time_limit_s=args.time_limit)
+                             time_limit_s=args.time_limit, precision=args.dtype)
              for d in devices]
     t0 = time.perf_counter()
     profiles = calibrate_group(devices, specs)

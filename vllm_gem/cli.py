@@ -34,6 +34,7 @@ from .formats import (
 )
 from .latency import TERMS, GroupModel, fit, held_out_error
 from .planners import NAMES, PlacementProblem, PlannerUnavailable, make
+from .precision import PRECISIONS
 from .validation import (
     CLI,
     Device,
@@ -82,10 +83,11 @@ def _group(args: argparse.Namespace) -> GroupModel:
     if not args.profiles:
         raise GemInputError(CLI, "--profiles", "is missing", "profile files or --speeds")
     profs = _profiles(args.profiles)
-    shapes = {(p.expert.hidden, p.expert.intermediate, p.expert.dtype) for _, p in profs}
+    shapes = {(p.expert.hidden, p.expert.intermediate, p.expert.dtype, p.expert.scale_layout)
+              for _, p in profs}
     if len(shapes) > 1:
         raise GemInputError(", ".join(args.profiles), "expert", f"shapes differ ({sorted(shapes)})",
-                            "profiles of the same expert shape")
+                            "profiles of the same expert shape and precision")
     return GroupModel.of([fit(p, src) for src, p in profs])
 
 
@@ -335,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DEVICE:SMS[,DEVICE:SMS] emulate a slower GPU with a green context")
     p.add_argument("--time-limit", type=argtype(Seconds), default=None,
                    help="seconds per GPU; past it the calibration stops with an error naming the GPU")
+    p.add_argument("--dtype", choices=list(PRECISIONS), default="bf16",
+                   help="the served experts' precision: bf16, fp8 (per-tensor scales, vLLM's "
+                        "--quantization fp8), fp8-channel, or fp8-block (128x128 blocks: DeepSeek-V3, "
+                        "Qwen3 FP8)")
     p.set_defaults(func=cmd_calibrate)
     return ap
 

@@ -18,9 +18,13 @@ import numpy as np
 from msgspec import Meta
 
 from .errors import GemInputError
+from .precision import PRECISIONS, precision_name
 from .validation import MAX_COUNT, MAX_EXPERTS, MAX_RANKS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # routing traces and placements
+# GPU profiles: 2 adds expert.scale_layout (the fp8 scales timed); version 1 files are read
+# as bf16 profiles, which is what every version 1 profile timed
+PROFILE_SCHEMA_VERSION = 2
 _DTYPES = ("int32", "int64", "float32", "float64")
 MAX_ELEMENTS = 1 << 28  # a trace larger than this is not a routing trace (1 GiB as int32)
 Dim = Annotated[int, Meta(ge=0, le=MAX_ELEMENTS)]
@@ -69,11 +73,13 @@ class GpuState(msgspec.Struct):
 
 
 class ExpertShape(msgspec.Struct):
-    """The expert FFN that was timed: hidden -> 2*intermediate (gate/up) -> hidden (down)."""
+    """The expert FFN that was timed: hidden -> 2*intermediate (gate/up) -> hidden (down), in
+    `dtype` with fp8 scales laid out as `scale_layout` (vllm_gem.precision.PRECISIONS)."""
 
     hidden: int
     intermediate: int
     dtype: str = "bfloat16"
+    scale_layout: str = "none"
 
 
 class KernelSpec(msgspec.Struct):
@@ -99,7 +105,7 @@ class LatencyPoint(msgspec.Struct):
 
 class GpuProfile(msgspec.Struct, kw_only=True):
     kind: Literal["gpu_profile"] = "gpu_profile"
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = PROFILE_SCHEMA_VERSION
     gpu: GpuIdentity
     expert: ExpertShape
     kernel: KernelSpec
@@ -168,6 +174,9 @@ class Placement(msgspec.Struct, kw_only=True):
 AnyFile = GpuProfile | RoutingTrace | Placement
 T = TypeVar("T", GpuProfile, RoutingTrace, Placement)
 _KIND = {GpuProfile: "gpu_profile", RoutingTrace: "routing_trace", Placement: "placement"}
+# the schema versions each kind of file is read in (the newest is written)
+READ_VERSIONS = {GpuProfile: (1, PROFILE_SCHEMA_VERSION), RoutingTrace: (SCHEMA_VERSION,),
+                 Placement: (SCHEMA_VERSION,)}
 
 
 class _Header(msgspec.Struct):
@@ -237,9 +246,11 @@ def decode(raw: bytes, cls: type[T], source: str, json: bool) -> T:
         raise not_valid(e) from None
     if head.kind != _KIND[cls]:
         raise GemInputError(source, "kind", f"is {head.kind!r}", repr(_KIND[cls]))
-    if head.schema_version != SCHEMA_VERSION:
+    versions = READ_VERSIONS[cls]
+    if head.schema_version not in versions:
+        readable = " or ".join(map(str, versions))
         raise GemInputError(source, "schema_version", f"is {head.schema_version}",
-                            f"{SCHEMA_VERSION} (this vllm-gem reads schema {SCHEMA_VERSION})")
+                            f"{readable} (this vllm-gem reads {_KIND[cls]} schema {readable})")
     try:
         obj = mod.decode(raw, type=cls)
     except msgspec.ValidationError as e:
@@ -291,6 +302,10 @@ def validate(obj: AnyFile, source: str) -> None:
 
 
 def _validate_profile(p: GpuProfile, source: str) -> None:
+    if precision_name(p.expert.dtype, p.expert.scale_layout) is None:
+        raise GemInputError(source, "expert.dtype", f"is {p.expert.dtype!r} with scale_layout "
+                            f"{p.expert.scale_layout!r}", "one of " + ", ".join(
+                                f"{q.dtype}/{q.scale_layout}" for q in PRECISIONS.values()))
     for name in ("hidden", "intermediate"):
         v = getattr(p.expert, name)
         if not 0 < v <= 1 << 20:

@@ -30,7 +30,7 @@ def calibration_patterns(num_experts: int, block_m: int, seed: int = 0) -> list[
     # active-expert counts are capped at num_experts (a model with few experts per GPU)
     for active in sorted({min(a, num_experts) for a in
                           (1, 2, 4, 8, num_experts // 4, num_experts // 2, num_experts)} - {0}):
-        for tok in (1, 4, 16):
+        for tok in (1, 4, 16, 32):  # up to half a BLOCK_M tile: where mixed loads sit
             c = np.zeros(num_experts, dtype=np.int64)
             c[rng.choice(num_experts, active, replace=False)] = tok
             pats.append(c.tolist())

@@ -6,6 +6,9 @@
 #          speed (a recalibration's GPU speed check against a quick re-profile: cost, ratios)
 #          recorder (GEM's routing recorder per engine step, GPU and host time; STEP_MS: a measured
 #          TPOT, default 4.2 ms = GEM's TPOT p50 in session 5's ab-slow20 on nvidia-h200-x2)
+#          fp8tests (the fp8 kernel's GPU tests), fp8calib (calibrate --dtype fp8-block, fp8 and bf16,
+#          twice each: seconds and held-out error), fp8kernels (the fp8 kernel against vLLM's, each
+#          scale layout; needs vLLM)
 #   env: SEARCH=0 times the tile table only (kernels), not every tile of the search;
 #        STAGES=1 also times each launch alone (kernels --stages)
 set -u
@@ -41,6 +44,19 @@ speed)
   python3 benchmarks/gpu/speed_check.py --json "$out/speed-check-$tag.json" 2>&1 | tee "$out/speed-check-$tag.txt" ;;
 recorder)
   python3 benchmarks/recorder_overhead.py --step-ms "${STEP_MS:-4.2}" --json "$out/recorder-$tag.json" | tee "$out/recorder-$tag.txt" ;;
+fp8tests)
+  python3 -m pytest -q -m gpu tests/test_fp8.py tests/test_kernels.py 2>&1 | tail -15 | tee "$out/fp8-tests-$tag.log" ;;
+fp8calib)
+  for dtype in fp8-block fp8 bf16; do for run in 1 2; do
+    python3 -m vllm_gem.cli calibrate --dtype $dtype --out-dir "$out/profiles-$tag-$dtype-run$run" --json > "$out/calib-$tag-$dtype-run$run.json" 2> "$out/calib-$tag-$dtype-run$run.err" \
+      || { echo "calibration $dtype run $run failed:"; tail -5 "$out/calib-$tag-$dtype-run$run.err"; }
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(f'$dtype run $run: {d[\"seconds\"]:.1f} s'); [print(' ', r['device'], r['gpu'], 'fit %.3f held-out %.3f max %.3f'%(r['fit_rel_rms'], r['held_out_rel_rms'], r['held_out_rel_max'])) for r in d['profiles']]" "$out/calib-$tag-$dtype-run$run.json"
+  done; done ;;
+fp8kernels)
+  for dtype in ${FP8_DTYPES:-fp8-block fp8 fp8-channel}; do
+    python3 benchmarks/kernels.py --dtype $dtype $([ "${SEARCH:-1}" = 0 ] || echo --search) --json "$out/kernels-$dtype-$tag.json" 2> "$out/kernels-$dtype-$tag.err" | tee "$out/kernels-$dtype-$tag.txt"
+    tail -3 "$out/kernels-$dtype-$tag.err"
+  done ;;
 kernels)
   python3 benchmarks/kernels.py $([ "${SEARCH:-1}" = 0 ] || echo --search) $([ "${STAGES:-0}" = 1 ] && echo --stages) --json "$out/kernels-$tag.json" 2> "$out/kernels-$tag.err" | tee "$out/kernels-$tag.txt" ;;
 esac; done

@@ -16,6 +16,7 @@ from ..bounds import LP_MAX_VARIABLES, lower_bounds
 from ..errors import GemInputError
 from ..formats import GpuProfile, RoutingTrace
 from ..planners import PlacementProblem, make
+from ..precision import PRECISIONS, precision_name
 from ..profiles import group_from_profiles
 from ..simulate import simulate
 
@@ -62,6 +63,21 @@ def check_profiles_match(profiles: list[GpuProfile], sources: list[str], num_ran
             raise GemInputError(src, "expert", f"is hidden {p.expert.hidden} x intermediate "
                                 f"{p.expert.intermediate}",
                                 f"the model's expert shape {hidden} x {intermediate}")
+
+
+def precision_mismatch(profiles: list[GpuProfile], sources: list[str], precision: str
+                       ) -> GemInputError | None:
+    """The first profile not timed in the served precision (a bf16 profile for an fp8 model
+    plans with the wrong latency curve), as the error to raise or warn with; None if all match."""
+    want = PRECISIONS[precision]
+    for p, src in zip(profiles, sources, strict=False):
+        if (p.expert.dtype, p.expert.scale_layout) != want:
+            got = precision_name(p.expert.dtype, p.expert.scale_layout) or p.expert.dtype
+            return GemInputError(src, "expert.dtype", f"is {got} ({p.expert.dtype}, scales "
+                                 f"{p.expert.scale_layout})",
+                                 f"the served experts' {precision} ({want.dtype}, scales {want.scale_layout}): "
+                                 f"`vllm-gem calibrate --dtype {precision}`")
+    return None
 
 
 def keep_slots(new: np.ndarray, old: np.ndarray, num_ranks: int) -> np.ndarray:

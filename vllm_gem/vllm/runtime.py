@@ -35,12 +35,14 @@ from ..formats import GpuProfile, NdArray, RoutingTrace, load, save
 from .apply import WeightsLostError, apply_placement, slot_bytes
 from .background import PendingPlan, PlanJob, next_delay
 from .config import ON_WORDS, GemConfig, from_additional
+from .experts import expert_shape, served_precision, served_weights
 from .metrics import RankState, write_state
 from .planning import (
     PlanDecision,
     check_profiles_match,
     check_trace_matches,
     decide,
+    precision_mismatch,
     saving_horizon,
     worth_moving,
 )
@@ -91,6 +93,7 @@ class GemWorker:
         self.rank, self.size = ep.rank_in_group, ep.world_size
         self.device = ms.physical_to_logical_map.device
         self.hidden, self.intermediate, self.local_experts = expert_shape(self.model)
+        self.precision = served_precision(self.model)  # what calibration times (bf16, fp8-block...)
         self.dp_size = dp_size
         self.recorder = RoutingRecorder(self.model.num_moe_layers, self.model.num_logical_experts,
                                         cfg.record_capacity, self.device, model=model_name)
@@ -150,15 +153,13 @@ class GemWorker:
     def calibration_spec(self, quick: bool = False) -> CalibrationSpec:
         extra = self.cfg.emulate_slowdown.get(self.rank, 0.0)
         return CalibrationSpec(hidden=self.hidden, intermediate=self.intermediate,
-                               num_experts=self.local_experts, extra_work=extra,
+                               num_experts=self.local_experts, extra_work=extra, precision=self.precision,
                                reps=10 if quick else CalibrationSpec.reps,
                                time_limit_s=self.cfg.calibration_time_limit_s)
 
-    def own_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The first MoE layer's experts to time in place, or None (not bf16 on this GPU)."""
-        w13, w2 = expert_tensors(self.model)
-        own = w13.dtype == w2.dtype == torch.bfloat16 and w13.device == w2.device == self.device
-        return (w13, w2) if own else None
+    def own_weights(self) -> tuple[Any, Any] | None:
+        """The first MoE layer's experts to time in place, or None (experts.served_weights)."""
+        return served_weights(self.model, self.precision, self.device)
 
     def local_profile(self, quick: bool = False) -> GpuProfile:
         prof = calibrate_device(self.device.index, self.calibration_spec(quick), self.own_weights())
@@ -208,35 +209,50 @@ class GemWorker:
 
     def gather_profiles(self, quick: bool = False) -> tuple[list[GpuProfile], dict[str, Any]]:
         """Calibrate every GPU at once, or read the configured files -> (profiles in rank order,
-        what the report says of them). Files must be of these GPUs (UUIDs); each GPU then
-        re-times a few of its file's patterns, and if one's speed moved against the others' by
-        more than speed_tolerance (a stale file: clocks, a power cap) every GPU is calibrated
-        instead. A check that cannot run leaves the files as they are."""
+        what the report says of them). Files are used while they still describe these GPUs
+        (checked_profile_files); otherwise every GPU is calibrated."""
         info: dict[str, Any] = {"profiles_from": "calibration"}
         if self.cfg.profiles and not quick:
-            profiles = self.load_profile_files(self.cfg.profiles)
-            if self.cfg.speed_tolerance <= 0:
-                return profiles, {"profiles_from": "files"}
-            relative, checks, errors = self.gather_speed_checks(profiles, LIFT_SECONDS)  # idle: full lift
-            info = self.speed_report(relative, checks, errors)
-            off = [f"{self.cfg.profiles[r]} {x - 1:+.1%}" for r, x in enumerate(relative)
-                   if self.speed_moved(x)]
-            if not off:
-                if errors and self.rank == 0:
-                    logger.warning("vllm-gem: could not check the profile files against the GPUs "
-                                   "(%s); planning with them as they are", "; ".join(errors))
-                return profiles, {"profiles_from": "files", **info}
-            if self.rank == 0:
-                logger.warning("vllm-gem: these GPUs' speeds moved against the others' since their "
-                               "profile files (%s; speed_tolerance %.0f%%): calibrating every GPU instead",
-                               ", ".join(off), 100 * self.cfg.speed_tolerance)
-            info["profiles_from"] = "calibration (files off by more than speed_tolerance)"
+            profiles, info = self.checked_profile_files()
+            if profiles is not None:
+                return profiles, info
         prof, err = None, ""
         try:
             prof = self.local_profile(quick)
         except Exception as e:  # reported to every rank by the exchange
             err = f"GPU {self.device.index}: {type(e).__name__}: {e}"
         return exchange_profiles(prof, err, group=self.ep.cpu_group), info
+
+    def checked_profile_files(self) -> tuple[list[GpuProfile] | None, dict[str, Any]]:
+        """The configured profile files, or None to calibrate instead -> (profiles, report).
+        Files must be of these GPUs (UUIDs) and of the served precision (else one error in
+        strict mode, a warning and a calibration by default); each GPU then re-times a few
+        of its file's patterns, and if one's speed moved against the others' by more than
+        speed_tolerance (a stale file: clocks, a power cap) every GPU is calibrated. A check
+        that cannot run leaves the files as they are."""
+        profiles = self.load_profile_files(self.cfg.profiles)
+        wrong = precision_mismatch(profiles, self.cfg.profiles, self.precision)
+        if wrong is not None:  # the same on every rank: every rank read the same files
+            if self.cfg.strict:
+                raise wrong
+            if self.rank == 0:
+                logger.warning("vllm-gem: %s; calibrating every GPU in %s instead", wrong, self.precision)
+            return None, {"profiles_from": f"calibration (profile files not {self.precision})"}
+        if self.cfg.speed_tolerance <= 0:
+            return profiles, {"profiles_from": "files"}
+        relative, checks, errors = self.gather_speed_checks(profiles, LIFT_SECONDS)  # idle: full lift
+        info = self.speed_report(relative, checks, errors)
+        off = [f"{self.cfg.profiles[r]} {x - 1:+.1%}" for r, x in enumerate(relative) if self.speed_moved(x)]
+        if not off:
+            if errors and self.rank == 0:
+                logger.warning("vllm-gem: could not check the profile files against the GPUs "
+                               "(%s); planning with them as they are", "; ".join(errors))
+            return profiles, {"profiles_from": "files", **info}
+        if self.rank == 0:
+            logger.warning("vllm-gem: these GPUs' speeds moved against the others' since their "
+                           "profile files (%s; speed_tolerance %.0f%%): calibrating every GPU instead",
+                           ", ".join(off), 100 * self.cfg.speed_tolerance)
+        return None, {**info, "profiles_from": "calibration (files off by more than speed_tolerance)"}
 
     def local_gpu_uuid(self) -> str:
         """This rank's GPU as NVML names it ('' when that cannot be read, or not on a GPU)."""
@@ -537,23 +553,6 @@ def _node_count() -> int:
 
 class PlacementError(RuntimeError):
     """GEM could not produce a placement that every rank agrees on."""
-
-
-def expert_tensors(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first MoE layer's routed experts: w13 [local experts, 2*inter, hidden] and
-    w2 [local experts, hidden, inter]."""
-    for m in model.modules():
-        w13, w2 = getattr(m, "w13_weight", None), getattr(m, "w2_weight", None)
-        if isinstance(w13, torch.Tensor) and w13.dim() == 3 and isinstance(w2, torch.Tensor):
-            return w13, w2
-    raise GemInputError("model", "w13_weight", "was not found in any MoE layer",
-                        "unquantized FusedMoE experts (w13_weight: [experts, 2*inter, hidden])")
-
-
-def expert_shape(model: Any) -> tuple[int, int, int]:
-    """(hidden, intermediate, local experts) of the model's routed experts."""
-    e, two_i, h = expert_tensors(model)[0].shape
-    return int(h), int(two_i // 2), int(e)
 
 
 # ---------------------------------------------------------------------- entry points
