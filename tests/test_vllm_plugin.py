@@ -428,7 +428,7 @@ def _step_until_the_plan_is_applied(w):
 
 
 def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lose=False, switches=(),
-                  speeds=(), dp=1, gpu_uuids=(), missing_on_rank=None):
+                  speeds=(), dp=1, gpu_uuids=(), missing_on_rank=None, precision=None):
     import torch
     import torch.distributed as dist
 
@@ -459,7 +459,9 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
             return example_profile(f"gpu{rank}", 1.0 + 0.3 * rank, num_experts=12)
         w.local_profile = local_profile
     profiled = []
-    if speeds or any(s.startswith("recalibrate") for s in switches):  # live profiles: stand-ins, counted
+    if precision:  # the served experts' precision, as experts.served_precision reads it
+        w.precision = precision
+    if speeds or precision or any(s.startswith("recalibrate") for s in switches):  # stand-ins, counted
         def local_profile(quick=False):
             profiled.append(quick)
             return example_profile(f"gpu{rank}", 1.0 + 0.3 * rank, num_experts=12)
@@ -517,13 +519,13 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
 
 
 def _run_place(cfg, fail_rank=None, world=2, inactive_rank=None, lose=False, switches=(), speeds=(),
-               dp=1, gpu_uuids=(), missing_on_rank=None):
+               dp=1, gpu_uuids=(), missing_on_rank=None, precision=None):
     import torch
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_place_worker, nprocs=world, args=(world, f"file://{tmp}/rdv", cfg, fail_rank, tmp,
                                                     inactive_rank, lose, tuple(switches), tuple(speeds),
-                                                    dp, tuple(gpu_uuids), missing_on_rank))
+                                                    dp, tuple(gpu_uuids), missing_on_rank, precision))
         return [torch.load(f"{tmp}/rank{r}.pt") for r in range(world)]
 
 
@@ -580,6 +582,22 @@ def test_start_up_placement_from_files_moves_experts_and_exports(inputs, caplog)
         text = caplog.text
         assert f"GiB/s, vLLM EPLB communicator {communicator})" in text, text
         assert ("moved through CPU memory" in text) == warned, text
+
+
+def test_profile_files_of_another_precision_are_recalibrated_or_refused_in_strict_mode(inputs):
+    # bf16 profile files for fp8 experts: the latency curve of another kernel
+    cfg = {"profiles": inputs["profiles"], "trace": inputs["trace"]}
+    res = _run_place(cfg, precision="fp8-block")
+    assert all(r["report"].get("applied") for r in res), [r["report"] for r in res]
+    assert all(r["profiled"] == [False] for r in res)  # every GPU calibrated, in fp8-block
+    assert res[0]["report"]["profiles_from"] == "calibration (profile files not fp8-block)"
+    strict = _run_place({**cfg, "strict": True}, precision="fp8-block")
+    for r in strict:
+        assert r["report"]["raised"] == (
+            f"GemInputError: {inputs['profiles'][0]}: expert.dtype: is bf16 (bfloat16, scales none); "
+            "expected the served experts' fp8-block (float8_e4m3fn, scales block): "
+            "`vllm-gem calibrate --dtype fp8-block`"), r["report"]
+        assert r["profiled"] == []
 
 
 def test_recording_only_runs_no_warm_up_even_with_data_parallelism(caplog):
