@@ -2,6 +2,7 @@
 against a stand-in server, and the soak's memory-growth and recalibration-stall readings."""
 
 import gzip
+import importlib.util
 import json
 import sys
 import threading
@@ -294,8 +295,12 @@ def test_recheck_plans_recomputes_what_the_server_logged(tmp_path):
 def test_speed_drift_a_placement_for_the_old_speeds_loses_to_a_replan():
     """benchmarks/speed_drift.py's reading, which sets speed_tolerance's default (docs/plugin.md):
     a GPU 20% slower than GEM placed for costs the stale placement, a re-plan wins it back."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from speed_drift import case
+    # loaded by path: benchmarks/ on sys.path would make benchmarks/kernels.py the `kernels`
+    # package that transformers probes for when vLLM is imported (in later tests' processes too)
+    spec = importlib.util.spec_from_file_location("speed_drift", ROOT / "benchmarks" / "speed_drift.py")
+    speed_drift = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed_drift)
+    case = speed_drift.case
 
     from vllm_gem.evaluate import bundled_trace
     rows = case(bundled_trace("qwen").loads.astype(np.float64), ranks=2, slowdowns=[0.0, 0.2])

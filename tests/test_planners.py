@@ -137,6 +137,24 @@ def test_vllm_default_policy_through_vllm():
 
 
 @pytest.mark.vllm
+def test_vllm_policy_is_read_from_the_installed_vllm_without_importing_vllm():
+    """The demo's set-up installs vllm without its dependencies: the policy runs from vLLM's
+    own file all the same, and no `import vllm` happens (tests above check its results)."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+    pytest.importorskip("torch")
+    code = ("import inspect, sys\n"
+            "from vllm_gem.planners.vllm_policy import default_eplb_policy\n"
+            "print(inspect.getfile(default_eplb_policy()))\n"
+            "print(any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    folder = Path(next(iter(importlib.util.find_spec("vllm").submodule_search_locations)))
+    assert out.stdout.split() == [str(folder / "distributed" / "eplb" / "policy" / "default.py"), "False"]
+
+
+@pytest.mark.vllm
 def test_linear_and_round_robin_match_vllm():
     from vllm.distributed.eplb.eplb_state import EplbState
     from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
@@ -152,15 +170,14 @@ def test_linear_and_round_robin_match_vllm():
 
 
 def test_vllm_default_unavailable_message(monkeypatch):
-    import builtins
-    real = builtins.__import__
-
-    def fake(name, *a, **k):
-        if name.startswith("vllm"):
-            raise ImportError("no vllm")
-        return real(name, *a, **k)
-    monkeypatch.setattr(builtins, "__import__", fake)
-    with pytest.raises(PlannerUnavailable, match="install vllm-gem\\[vllm\\]"):
+    import importlib.util
+    import sys
+    for name in [m for m in sys.modules if m.startswith(("vllm.", "vllm_gem._vllm_eplb_policy"))]:
+        monkeypatch.delitem(sys.modules, name)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(PlannerUnavailable, match=r"is not importable \(No module named 'vllm'\); "
+                                                 r"install torch and vllm \(README: the demo's set-up\)"):
         problem = PlacementProblem(np.ones((1, 1, 4)), GroupModel.tokens_over_speed(np.ones(2)), 4)
         make("vllm-default").place(problem)
 

@@ -936,8 +936,9 @@ def test_routing_drift_relabels_the_replayed_experts_in_place_at_step_multiples(
 
 
 def test_re_profiles_time_the_served_layers_own_experts(monkeypatch):
-    """No weight-sized copies while serving: bf16 experts on the worker's device are timed in
-    place; others (quantized, elsewhere) fall back to random weights."""
+    """No weight-sized copies while serving: experts on the worker's device in the served
+    precision are timed in place; others (another dtype, elsewhere) fall back to random weights
+    (fp8 layouts: tests/test_fp8.py)."""
     import torch
 
     from vllm_gem.vllm import runtime
@@ -949,7 +950,7 @@ def test_re_profiles_time_the_served_layers_own_experts(monkeypatch):
     model = types.SimpleNamespace(modules=lambda: [moe])
     worker = runtime.GemWorker.__new__(runtime.GemWorker)
     vars(worker).update(cfg=GemConfig(), rank=0, hidden=16, intermediate=8, local_experts=4,
-                        device=torch.device("cpu"), model=model)
+                        device=torch.device("cpu"), model=model, precision="bf16")
     worker.local_profile(quick=True)
     assert seen[-1][0] is w13 and seen[-1][1] is w2
     moe.w13_weight, moe.w2_weight = w13.float(), w2.float()  # e.g. not bf16: random weights instead

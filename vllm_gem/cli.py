@@ -121,9 +121,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
                             "rows": [r.as_dict() for r in rows]})
     if args.plot:
         texts.append(_plot_demo(results, Path(args.plot)))
-    _emit(args, results, "\n".join(texts) + "\n\ngap = mean layer time / tighter lower bound; "
-          "vs vllm-default < 1 is faster than vLLM's EPLB policy.")
+    texts.append("\ngap = mean layer time / tighter lower bound; vs vllm-default < 1 is faster than "
+                 "vLLM's EPLB policy.\n\nGEM's simulated mean MoE layer time, per case:")
+    texts += [_demo_summary(r) for r in results]
+    _emit(args, results, "\n".join(texts))
     return 0
+
+
+def _demo_summary(result: dict) -> str:
+    """One line: GEM's mean layer time against vLLM's EPLB policy and against the lower bound."""
+    rows = {r["planner"]: r for r in result["rows"]}
+    gem, vllm = rows.get("gem", {}), rows.get("vllm-default", {})
+    case = f"{result['trace']} on {result['profiles']}, {result['num_physical']} slots:"
+    if "mean" not in gem:
+        return f"{case:42s} GEM n/a ({gem.get('note', 'not run')})"
+    against = (f"{gem['mean'] / vllm['mean']:.3f}x vLLM's EPLB policy" if "mean" in vllm
+               else f"vLLM's EPLB policy n/a ({vllm.get('note', 'not run')})")
+    return f"{case:42s} GEM {gem['mean']:7.1f} us = {against}, {gem['gap']:.3f}x the lower bound"
 
 
 def _plot_demo(results: list[dict], path: Path) -> str:

@@ -5,19 +5,17 @@
   ``EplbState.build_initial_global_physical_to_logical_map``).
 - ``round_robin``: vLLM's ``--expert-placement-strategy round_robin``: rank r holds experts
   r, r + ranks, r + 2*ranks, ... (vLLM allows it only without redundant experts).
-- ``vllm-default``: vLLM's EPLB DefaultEplbPolicy, called through the installed vllm: it
-  balances summed token counts and assumes equal GPUs.
+- ``vllm-default``: vLLM's EPLB DefaultEplbPolicy, called through the installed vllm
+  (``vllm_policy``): it balances summed token counts and assumes equal GPUs.
 """
 
 from __future__ import annotations
-
-import contextlib
-import sys
 
 import numpy as np
 
 from ..errors import GemInputError
 from .base import PlacementPolicy, PlacementProblem, PlannerUnavailable
+from .vllm_policy import default_eplb_policy
 
 
 class LinearPolicy(PlacementPolicy):
@@ -50,13 +48,10 @@ class VllmDefaultPolicy(PlacementPolicy):
     def place(self, problem: PlacementProblem) -> np.ndarray:
         try:
             import torch
-            # vLLM binds its log handler to the sys.stdout of import time: keep it on stderr
-            # so `--json` output stays parseable
-            with contextlib.redirect_stdout(sys.stderr):
-                from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
-        except Exception as e:  # ImportError, or vllm failing to import on this machine
-            raise PlannerUnavailable(f"vllm's DefaultEplbPolicy is not importable ({e}); "
-                                     "install vllm-gem[vllm]") from None
+            DefaultEplbPolicy = default_eplb_policy()
+        except Exception as e:  # ImportError, or vllm's files failing on this machine
+            raise PlannerUnavailable(f"vllm's DefaultEplbPolicy is not importable ({e}); install "
+                                     "torch and vllm (README: the demo's set-up)") from None
         weight = torch.from_numpy(problem.loads.sum(0))
         old = (torch.from_numpy(problem.old_phys_to_log)
                if problem.old_phys_to_log is not None else None)
