@@ -13,9 +13,15 @@ class GemInputError(ValueError):
     def __init__(self, source: str, field: str, problem: str, expected: str | None = None):
         self.source = str(source)
         self.field = field
-        self.problem = problem
-        self.expected = expected
+        self.problem = _one_line(problem)  # a library's multi-line message (torch.load's) too
+        self.expected = _one_line(expected) if expected else expected
+        problem, expected = self.problem, self.expected
         msg = f"{self.source}: {field}: {problem}"
         if expected:
             msg += f"; expected {expected}"
         super().__init__(msg)
+
+
+def _one_line(text: str) -> str:
+    """text with its line breaks (and the indentation after them) folded into single spaces."""
+    return " ".join(text.split()) if "\n" in text else text

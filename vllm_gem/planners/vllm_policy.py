@@ -33,7 +33,8 @@ def default_eplb_policy() -> type:
         sys.modules[_PACKAGE] = package
         try:
             for name in ("abstract", "default"):
-                file_spec = importlib.util.spec_from_file_location(f"{_PACKAGE}.{name}", folder / f"{name}.py")
+                file_spec = importlib.util.spec_from_file_location(f"{_PACKAGE}.{name}",
+                                                                   folder / f"{name}.py")
                 if file_spec is None:
                     raise ImportError(f"vllm {folder / name}.py is missing")
                 module = importlib.util.module_from_spec(file_spec)
