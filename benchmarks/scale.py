@@ -2,7 +2,7 @@
 planning time (issue 6, CPU part).
 
     python benchmarks/scale.py [--sizes 8,16,...,1024] [--models deepseek-v3,qwen3-235b]
-                               [--out docs/results/scale]
+                               [--out out/scale]
 
 - Models: DeepSeek-V3-like (58 MoE layers x 256 experts, top-8) and Qwen3-235B-like
   (94 x 128, top-8); synthetic routing (Zipf 0.5, bursty groups), 128 decode tokens per GPU
@@ -103,7 +103,7 @@ def main() -> int:
     p.add_argument("--sizes", default="8,16,32,64,128,256,512,1024")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("docs/results/scale"))
+    p.add_argument("--out", type=Path, default=Path("out/scale"))
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -36,7 +36,7 @@ class TileConfig:
 # Autotune table for H100/H200 (bf16), keyed by the mean rows per expert of the call
 # (tokens * top_k / experts): that, not the token count, decides how full a BLOCK_M tile gets
 # for any expert count. Each tile is the fastest of `benchmarks/kernels.py --search` on H200
-# (docs/results/kernels-h200x2-2026-11-23.json) at every measured point of its range, for
+# (docs/results/2026-11-23-kernels-h200x2/kernels-search.json) at every measured point of its range, for
 # Qwen3-30B-A3B, DeepSeek-V3 and Mixtral shapes alike (r = 0.06-1, 4-16, 64-1024). No point
 # was measured between 16 and 64 rows: that entry is vLLM's tuned H200 tile for Qwen3-30B-A3B
 # at 512 tokens (fused_moe/configs/E=128,N=768,device_name=NVIDIA_H200.json).

@@ -2,7 +2,6 @@
 against a stand-in server, and the soak's memory-growth and recalibration-stall readings."""
 
 import gzip
-import importlib.util
 import json
 import sys
 import threading
@@ -14,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks" / "e2e"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "studies"))  # no kernels.py there (see speed_drift below)
 import moe_profile  # noqa: E402
 from soak import memory_growth, recalibration_stalls  # noqa: E402
 
@@ -104,7 +104,7 @@ def test_soak_memory_growth_reads_the_floor_not_the_swing():
 
 def test_soak_recalibration_stalls_from_session_8s_server_log():
     # the 12000-prompt GEM soak on nvidia-h200-x2: every 4th recalibration re-profiled
-    text = (ROOT / "docs/results/plugin/soak-12k-s8/gem-server-lines.txt").read_text()
+    text = (ROOT / "docs/results/2026-11-23-soak-gem-12k-h200x2/gem-server-lines.txt").read_text()
     s = recalibration_stalls(text)
     assert (s["profiled_count"], s["planned_only_count"], s["speed_checked_count"]) == (31, 91, 0)
     assert s["recalibration_seconds"] == pytest.approx(60.0, abs=0.05)
@@ -293,14 +293,11 @@ def test_recheck_plans_recomputes_what_the_server_logged(tmp_path):
 
 
 def test_speed_drift_a_placement_for_the_old_speeds_loses_to_a_replan():
-    """benchmarks/speed_drift.py's reading, which sets speed_tolerance's default (docs/plugin.md):
+    """benchmarks/studies/speed_drift.py's reading, which sets speed_tolerance's default (docs/plugin.md):
     a GPU 20% slower than GEM placed for costs the stale placement, a re-plan wins it back."""
-    # loaded by path: benchmarks/ on sys.path would make benchmarks/kernels.py the `kernels`
+    # benchmarks/ itself stays off sys.path: benchmarks/kernels.py would become the `kernels`
     # package that transformers probes for when vLLM is imported (in later tests' processes too)
-    spec = importlib.util.spec_from_file_location("speed_drift", ROOT / "benchmarks" / "speed_drift.py")
-    speed_drift = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed_drift)
-    case = speed_drift.case
+    from speed_drift import case
 
     from vllm_gem.evaluate import bundled_trace
     rows = case(bundled_trace("qwen").loads.astype(np.float64), ranks=2, slowdowns=[0.0, 0.2])

@@ -127,7 +127,7 @@ def test_calibration_on_gpu_gives_a_usable_profile(tmp_path):
 @pytest.mark.gpu
 def test_repeated_calibration_leaves_no_gpu_memory_behind():
     """Serving re-profiles every few hundred steps: each run used to leave a 32 MiB cuBLAS
-    workspace behind (one per new stream, benchmarks/gpu/calibration_memory.py)."""
+    workspace behind (one per new stream, benchmarks/studies/calibration_memory.py)."""
     from vllm_gem.calibrate import CalibrationSpec, calibrate_device
     spec = CalibrationSpec(num_experts=16, reps=3, extra_work=0.2)
     calibrate_device(0, spec)  # the first run may cache kernels and one workspace

@@ -276,7 +276,7 @@ def check_speed(device: int, spec: CalibrationSpec, reference: GpuProfile,
                 lift_s: float = SPEED_CHECK_LIFT_SECONDS) -> SpeedCheck:
     """Re-time k of `reference`'s load patterns on `device` and compare: a speed check that
     times 8 patterns after a 0.05 s clock lift, where a quick re-profile times up to 69 after
-    0.4 s (its GPU time: benchmarks/gpu/speed_check.py).
+    0.4 s (its GPU time: benchmarks/studies/speed_check.py).
 
     The short lift is for a check between serving steps, on a GPU that is already busy; an
     idle GPU (before serving) needs LIFT_SECONDS, as a profile does.
@@ -341,7 +341,7 @@ def calibration_stream(device: int, sm_limit: int | None = None):
     device and SM limit. Why once: the clock lift's matmul makes cuBLAS cache a workspace
     (32 MiB on Hopper) for every stream it meets, for the life of the process; a new stream
     per re-profile left 32 MiB behind each time, up to the 32 streams of torch's pool (about
-    1 GiB per GPU in the 12000-prompt soak, benchmarks/gpu/calibration_memory.py), and every
+    1 GiB per GPU in the 12000-prompt soak, benchmarks/studies/calibration_memory.py), and every
     green context's new stream without bound."""
     import torch
     if not sm_limit:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Pack DEST/gem-results into DEST/NAME-HHMMSS.tgz and remove the folder. The device tool returns
-# at most 8 files from $OUT: one archive per script run carries them all, named so that a
+# Pack DEST/gem-results into DEST/NAME-HHMMSS.tgz and remove the folder: one archive per script
+# run carries every result file (easy to copy off a GPU machine), named so that a
 # second script in the same call does not overwrite it (a call cut by its time limit never
 # gets here and returns what fits of the folder instead).
 #   usage: bash benchmarks/gpu/pack.sh DEST NAME

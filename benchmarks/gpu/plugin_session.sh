@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# On the GPU machine (device tool), repo root, vLLM overlay on PYTHONPATH: the plugin's checks
-# and the serving matrix. Results go to $OUT/gem-results.
-#   usage: OUT=dir bash benchmarks/gpu/plugin_session.sh STAGE...
+# On a GPU machine, repo root, vLLM overlay on PYTHONPATH: the plugin's checks
+# and the serving matrix. Results go to $RESULTS_DIR/gem-results.
+#   usage: RESULTS_DIR=dir bash benchmarks/gpu/plugin_session.sh STAGE...
 #   stages: setup      install msgspec + this project, make the models and the routing trace
 #           identity   greedy outputs with and without GEM (random-weight model, compiled mode)
 #           identity-vllm  the control: the same with vLLM's own EPLB policy moving the experts
@@ -36,15 +36,15 @@
 #        EPLB_COMM (vLLM's EPLB weight-transfer backend, e.g. pynccl; unset: vLLM's choice, which
 #        is torch_gloo through CPU memory when NIXL is absent, as on the overlay),
 #        DEADLINE (540: seconds after which a running benchmark is interrupted, so that the results
-#        so far are still packed; the device tool kills a call at 600 s)
-# Results are written straight under $OUT/gem-results: a call cut by its time limit keeps them.
+#        so far are still packed when a run is stopped after a time limit)
+# Results are written straight under $RESULTS_DIR/gem-results: a run cut short keeps them.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export VLLM_ALLREDUCE_USE_SYMM_MEM=0 VLLM_USE_FLASHINFER_SAMPLER=0
 export PYTHONPATH=/tmp/vllm-site:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-dest=${OUT:?set OUT}
+dest=${RESULTS_DIR:?set RESULTS_DIR to the folder for the results}
 pkill -9 -f "[v]llm.entrypoints" 2>/dev/null; sleep 1  # a server left over from a killed call
-out=$dest/gem-results; mkdir -p "$out" /tmp/gem
+res=$dest/gem-results; mkdir -p "$res" /tmp/gem
 # SIGINT at the deadline: the benchmark scripts stop their server in `finally` and the archive
 # below is still written (a call killed at its limit returns no nested folders)
 run_py() { timeout -s INT -k 30 $(( ${DEADLINE:-540} - SECONDS > 1 ? ${DEADLINE:-540} - SECONDS : 1 )) python3 "$@"; }
@@ -55,7 +55,7 @@ for s in "$@"; do
   case $s in
   setup)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || { echo "install failed"; tail "$out/install.log"; exit 1; }
+    python3 -m pip install -q --no-deps --no-build-isolation -e . > "$res/install.log" 2>&1 || { echo "install failed"; tail "$res/install.log"; exit 1; }
     run_py benchmarks/e2e/make_moe_model.py /tmp/gem/model-rand --layers 6 --experts 32 --top-k 4 \
       --hidden 1024 --moe-intermediate 512 --heads 16 --random-weights 0
     run_py benchmarks/e2e/make_moe_model.py /tmp/gem/model-top1 --layers 6 --experts 32 --top-k 1 \
@@ -69,35 +69,35 @@ for s in "$@"; do
       -o /tmp/gem/trace-skewed.msgpack --model qwen3-moe-128x12
     python3 -c "import importlib.metadata as m; print([e.value for e in m.entry_points(group='vllm.general_plugins')])" ;;
   identity)
-    run_py benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity.json" --reuse-baseline \
-      > "$out/greedy-identity.log" 2>&1; echo "identity exit $?"
-    grep -E "vllm-gem|identical|Error|error" "$out/greedy-identity.log" | grep -v "^$" | tail -25 ;;
+    run_py benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$res/greedy-identity.json" --reuse-baseline \
+      > "$res/greedy-identity.log" 2>&1; echo "identity exit $?"
+    grep -E "vllm-gem|identical|Error|error" "$res/greedy-identity.log" | grep -v "^$" | tail -25 ;;
   identity-vllm)
-    for b in baseline baseline2; do cp "$out/greedy-identity.json.$b.json" "$out/greedy-identity-vllm.json.$b.json" 2>/dev/null; done
-    run_py benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity-vllm.json" \
-      --reuse-baseline --planner vllm-default > "$out/greedy-identity-vllm.log" 2>&1; echo "identity-vllm exit $?"
-    grep -E "vllm-gem|identical|Error|error" "$out/greedy-identity-vllm.log" | tail -8 ;;
+    for b in baseline baseline2; do cp "$res/greedy-identity.json.$b.json" "$res/greedy-identity-vllm.json.$b.json" 2>/dev/null; done
+    run_py benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$res/greedy-identity-vllm.json" \
+      --reuse-baseline --planner vllm-default > "$res/greedy-identity-vllm.log" 2>&1; echo "identity-vllm exit $?"
+    grep -E "vllm-gem|identical|Error|error" "$res/greedy-identity-vllm.log" | tail -8 ;;
   identity-top1)
-    run_py benchmarks/e2e/greedy_identity.py /tmp/gem/model-top1 "$out/greedy-identity-top1.json" \
-      > "$out/greedy-identity-top1.log" 2>&1; echo "identity-top1 exit $?"
-    grep -E "vllm-gem|identical|slots_moved|Error|error" "$out/greedy-identity-top1.log" | tail -12 ;;
+    run_py benchmarks/e2e/greedy_identity.py /tmp/gem/model-top1 "$res/greedy-identity-top1.json" \
+      > "$res/greedy-identity-top1.log" 2>&1; echo "identity-top1 exit $?"
+    grep -E "vllm-gem|identical|slots_moved|Error|error" "$res/greedy-identity-top1.log" | tail -12 ;;
   identity-switch)
     for m in rand top1; do
-      run_py benchmarks/e2e/switch_identity.py /tmp/gem/model-$m "$out/switch-identity-$m.json" \
-        > "$out/switch-identity-$m.log" 2>&1; echo "identity-switch $m exit $?"
-      grep -E "slots: identical|not a test|Error" "$out/switch-identity-$m.log" | tail -6
+      run_py benchmarks/e2e/switch_identity.py /tmp/gem/model-$m "$res/switch-identity-$m.json" \
+        > "$res/switch-identity-$m.log" 2>&1; echo "identity-switch $m exit $?"
+      grep -E "slots: identical|not a test|Error" "$res/switch-identity-$m.log" | tail -6
     done ;;
   identity-fp32)
-    run_py benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$out/greedy-identity-fp32.json" \
-      --reuse-baseline --dtype float32 > "$out/greedy-identity-fp32.log" 2>&1; echo "identity-fp32 exit $?"
-    grep -E "vllm-gem|identical|Error|error" "$out/greedy-identity-fp32.log" | tail -8 ;;
+    run_py benchmarks/e2e/greedy_identity.py /tmp/gem/model-rand "$res/greedy-identity-fp32.json" \
+      --reuse-baseline --dtype float32 > "$res/greedy-identity-fp32.log" 2>&1; echo "identity-fp32 exit $?"
+    grep -E "vllm-gem|identical|Error|error" "$res/greedy-identity-fp32.log" | tail -8 ;;
   equal|slow20|slow10|mix20|dp2)
     case $s in equal) cfg=equal-gpus model=q3 ;; mix20) cfg=mix-slow20 model=mix ;; dp2) cfg=dp2-slow20 model=q3 ;;
       *) cfg=$s model=q3 ;; esac
-    run_py benchmarks/e2e/serve_matrix.py /tmp/gem/model-$model "$out/e2e-$s" \
+    run_py benchmarks/e2e/serve_matrix.py /tmp/gem/model-$model "$res/e2e-$s" \
       --configs "benchmarks/e2e/configs/$cfg.json" $E2E \
-      2>&1 | tee "$out/e2e-$s.log" | tail -30
-    grep -h "vllm-gem" "$out/e2e-$s"/raw/serve-*.log | cut -c1-600 | tail -12 ;;
+      2>&1 | tee "$res/e2e-$s.log" | tail -30
+    grep -h "vllm-gem" "$res/e2e-$s"/raw/serve-*.log | cut -c1-600 | tail -12 ;;
   ab-*)
     sw=initial,vllm-default,gem model=q3
     case $s in
@@ -107,35 +107,35 @@ for s in "$@"; do
       ab-dummy) cfg=equal-gpus only=gem-r16-dummy sw=$sw,gem:norecord ;;
       *) echo "unknown stage $s"; continue ;;
     esac
-    run_py benchmarks/e2e/serve_matrix.py /tmp/gem/model-$model "$out/e2e-$s" \
+    run_py benchmarks/e2e/serve_matrix.py /tmp/gem/model-$model "$res/e2e-$s" \
       --configs "benchmarks/e2e/configs/$cfg.json" --only $only --switch $sw $E2E_AB \
-      2>&1 | tee "$out/e2e-$s.log" | tail -32
+      2>&1 | tee "$res/e2e-$s.log" | tail -32
     # what GEM planned from, and every placement it applied (the recorder's dump stays: 25 MB)
-    mkdir -p "$out/e2e-$s/gem-planning" && cp /tmp/gem/traces-$only/planning-history-start.msgpack \
-      /tmp/gem/traces-$only/placement-gen*.json "$out/e2e-$s/gem-planning/" 2>/dev/null
-    grep -h "vllm-gem" "$out/e2e-$s"/raw/serve-*.log | cut -c1-500 | tail -8 ;;
+    mkdir -p "$res/e2e-$s/gem-planning" && cp /tmp/gem/traces-$only/planning-history-start.msgpack \
+      /tmp/gem/traces-$only/placement-gen*.json "$res/e2e-$s/gem-planning/" 2>/dev/null
+    grep -h "vllm-gem" "$res/e2e-$s"/raw/serve-*.log | cut -c1-500 | tail -8 ;;
   stale-profiles)
     # profile files of these GPUs, then a server whose GPU 1 does 20% extra work: its file is
     # stale, so the start-up speed check should calibrate every GPU instead (one warning)
-    run_py -m vllm_gem.cli calibrate --experts 64 --out-dir /tmp/gem/profiles-here > "$out/stale-calibrate.log" 2>&1
-    run_py benchmarks/e2e/soak.py /tmp/gem/model-q3 "$out/stale-profiles" --num-prompts 64 \
+    run_py -m vllm_gem.cli calibrate --experts 64 --out-dir /tmp/gem/profiles-here > "$res/stale-calibrate.log" 2>&1
+    run_py benchmarks/e2e/soak.py /tmp/gem/model-q3 "$res/stale-profiles" --num-prompts 64 \
       --gem '{"profiles": ["/tmp/gem/profiles-here/profile-gpu0.json", "/tmp/gem/profiles-here/profile-gpu1.json"], "emulate_slowdown": {"1": 0.2}}' \
       2>&1 | tail -4
-    grep -h "vllm-gem" "$out/stale-profiles/serve-soak.log" | grep -E "profile files|placed experts" | cut -c1-500 ;;
+    grep -h "vllm-gem" "$res/stale-profiles/serve-soak.log" | grep -E "profile files|placed experts" | cut -c1-500 ;;
   soak-dp2)
-    VLLM_GEM_RECALIBRATE=${RECALIBRATE:-500} run_py benchmarks/e2e/soak.py /tmp/gem/model-q3 "$out/soak-dp2" \
+    VLLM_GEM_RECALIBRATE=${RECALIBRATE:-500} run_py benchmarks/e2e/soak.py /tmp/gem/model-q3 "$res/soak-dp2" \
       --num-prompts "${SOAK_PROMPTS:-2000}" --data-parallel-size 2 \
       --gem '{"trace": "/tmp/gem/trace-skewed.msgpack", "emulate_slowdown": {"1": 0.2}}' 2>&1 | tail -22
-    grep -h "vllm-gem" "$out/soak-dp2/serve-soak.log" | grep -E "recalibration|failed" | cut -c1-400 | tail -6 ;;
+    grep -h "vllm-gem" "$res/soak-dp2/serve-soak.log" | grep -E "recalibration|failed" | cut -c1-400 | tail -6 ;;
   soak-plain)
-    run_py benchmarks/e2e/soak.py /tmp/gem/model-q3 "$out/soak-plain" --num-prompts "${SOAK_PROMPTS:-4000}" \
+    run_py benchmarks/e2e/soak.py /tmp/gem/model-q3 "$res/soak-plain" --num-prompts "${SOAK_PROMPTS:-4000}" \
       --no-gem 2>&1 | tail -20 ;;
   soak|soak-drift)
     drift=; [ $s = soak-drift ] && drift=${DRIFT:-4000}
     VLLM_GEM_ROUTING_DRIFT_STEPS=$drift VLLM_GEM_RECALIBRATE=${RECALIBRATE:-500} run_py benchmarks/e2e/soak.py \
-      /tmp/gem/model-q3 "$out/$s" --num-prompts "${SOAK_PROMPTS:-4000}" ${EPLB_COMM:+--eplb-communicator $EPLB_COMM} --gem '{"emulate_slowdown": {"1": 0.2}}' \
+      /tmp/gem/model-q3 "$res/$s" --num-prompts "${SOAK_PROMPTS:-4000}" ${EPLB_COMM:+--eplb-communicator $EPLB_COMM} --gem '{"emulate_slowdown": {"1": 0.2}}' \
       2>&1 | tail -22
-    grep -h "vllm-gem" "$out/$s/serve-soak.log" | grep -E "drift|'applied': True|failed" | cut -c1-400 | tail -8 ;;
+    grep -h "vllm-gem" "$res/$s/serve-soak.log" | grep -E "drift|'applied': True|failed" | cut -c1-400 | tail -8 ;;
   esac
   echo "[stage $s: $((SECONDS - t0)) s]"
 done

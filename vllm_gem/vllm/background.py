@@ -4,7 +4,7 @@ Rank 0 plans in a background thread while every rank keeps serving; all ranks ag
 plan and move at a given later engine step (runtime.GemWorker.finish_pending). Why a thread:
 planning is numpy (mostly GIL-free) and a little Python. Beside a stand-in serving loop it cost
 serving 0.012-0.035 s, against 0.30 s held for it inside the step (2 CPU cores,
-benchmarks/planning_overlap.py).
+benchmarks/studies/planning_overlap.py).
 """
 
 from __future__ import annotations

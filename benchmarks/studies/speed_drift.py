@@ -1,4 +1,14 @@
-"""What a GPU that slows down while serving costs a placement planned for its old speed, and
+"""Study. Question: How much does a placement lose when one GPU's speed drifts and GEM does not re-
+profile?
+
+Answer: Missing a 5% slowdown costs at most 1.6% of MoE layer time, a 10% one up to 4.3%: so a
+re-profile waits until a GPU's speed moved more than 5% against the others' (`speed_tolerance`
+0.05).
+
+Measured: 2026-11-23, CPU. Command: `python benchmarks/studies/speed_drift.py --ranks 2,4,8
+--slowdowns 0.03,0.05,0.1,0.2`.
+
+What a GPU that slows down while serving costs a placement planned for its old speed, and
 what re-planning for its new speed wins back: how large a drift recalibration's speed check
 must catch (`speed_tolerance`, default 5%).
 
@@ -15,7 +25,7 @@ measured this). Placements, all replayed under the slowed GPU:
 CPU only. Prints each case's mean slowest-GPU layer time, stale / replanned - 1 (the cost of
 missing the drift) and replanned / eplb.
 
-    python benchmarks/speed_drift.py [--ranks 2,4,8] [--slowdowns 0.03,0.05,0.1,0.2] [--json F]
+    python benchmarks/studies/speed_drift.py [--ranks 2,4,8] [--slowdowns 0.03,0.05,0.1,0.2] [--json F]
 """
 
 from __future__ import annotations

@@ -1,6 +1,15 @@
-"""Session 4's ceiling reading, from a switched A/B run's summary.json.
+"""Study. Question: What share of the TPOT gain that a perfect placement could bring did GEM's plan
+reach?
 
-    python benchmarks/e2e/fitted_ceiling.py SUMMARY.json [--rate inf] [--shape 512x128]
+Answer: 99-103% of the ceiling (measured MoE share of TPOT x the predicted bound) on 2xH200 with
+GPU 1 emulated 20% slower: the serving benchmark reports this ceiling in summary.md.
+
+Measured: 2026-11-23, 2xH200. Command: `python benchmarks/studies/fitted_ceiling.py
+docs/results/2026-11-23-e2e-slow20-no-prefix-cache-h200x2/summary.json`.
+
+Session 4's ceiling reading, from a switched A/B run's summary.json.
+
+    python benchmarks/studies/fitted_ceiling.py SUMMARY.json [--rate inf] [--shape 512x128]
 
 Fit TPOT p50 (the medians over rounds) against each placement's predicted slowest-rank MoE
 layer time. The slope gives the MoE share of a step. Take as the floor the start map's

@@ -1,9 +1,17 @@
-"""Do the static bounds bind on our skewed trace? Per-step tight bound against the static
+"""Study. Question: How far are GEM's plans from a bound that knows each rank's own latency
+coefficients (the static LP)?
+
+Answer: 8-11% above it on the skewed trace, where the fluid bound said more: the simulator's
+bound includes the static LP (`lower_bounds(..., lp=True)`).
+
+Measured: 2026-11-23, CPU. Command: `python benchmarks/studies/static_bound.py`.
+
+Do the static bounds bind on our skewed trace? Per-step tight bound against the static
 equal-slots and the static LP bound (bounds.py), and the simulated linear map and GEM's plan
 against them: mean over steps and layers, at the trace's own load and at decode-like loads
 drawn from it (multinomial, seeded).
 
-    python benchmarks/static_bound.py   (CPU; writes nothing)
+    python benchmarks/studies/static_bound.py   (CPU; writes nothing)
 
 GPUs: the bundled H200 profile and the bundled 66-SM green-context H200 profile (measured).
 """
@@ -22,7 +30,7 @@ from vllm_gem.bounds import lower_bounds, static_lp_bound
 from vllm_gem.formats import GpuProfile, RoutingTrace, load
 from vllm_gem.vllm.planning import decide, group_from_profiles
 
-TRACE_SPEC = Path(__file__).parent / "e2e" / "skewed-128x12.json"
+TRACE_SPEC = Path(__file__).parents[1] / "e2e" / "skewed-128x12.json"
 PHYSICAL = 144  # 128 experts + 16 redundant slots, as served in benchmarks/e2e
 
 

@@ -1,8 +1,16 @@
-"""Does GEM plan better from more history steps? Held-out test on the skewed trace.
+"""Study. Question: Does GEM plan better from more history steps (`max_steps`)?
 
-    python benchmarks/planning_steps.py   (CPU; writes nothing)
+Answer: On the held-out skewed trace, 32 -> 64 -> 128 steps moved the mean layer time by -2.6%
+at the trace's own load and within noise at 256 and 64 rows a step, for 2.5-3.7x the planning
+time: `max_steps` stays 32.
 
-Each case (benchmarks/static_bound.py's: the trace at its own load and at 256 and 64 rows a
+Measured: 2026-11-23, CPU. Command: `cd benchmarks/studies && python planning_steps.py`.
+
+Does GEM plan better from more history steps? Held-out test on the skewed trace.
+
+    python benchmarks/studies/planning_steps.py   (CPU; writes nothing)
+
+Each case (benchmarks/studies/static_bound.py's: the trace at its own load and at 256 and 64 rows a
 step, 2 GPUs with the bundled H200 and 66-SM profiles) is split in half by steps: GEM plans
 on the first half with `max_steps` of 32, 64 and 128, and every plan is replayed on the
 second half, next to the linear map and the simulator's bound there.

@@ -1,6 +1,14 @@
-"""Recompute a served run's predictions and lower bound offline, from what it brought back.
+"""Study. Question: Do the predictions a serving run logged recompute offline from what it saved?
 
-    python benchmarks/e2e/recheck_plans.py RESULTS/e2e-ab-slow20 [--block-m 64]
+Answer: Yes: every placement's predicted time and bound recompute from the saved routing history
+and coefficients (docs/results/2026-11-23-e2e-slow20-no-prefix-cache-h200x2/gem-planning).
+
+Measured: 2026-11-23, CPU. Command: `python benchmarks/studies/recheck_plans.py
+docs/results/2026-11-23-e2e-slow20-no-prefix-cache-h200x2/gem-planning`.
+
+Recompute a served run's predictions and lower bound offline, from what it brought back.
+
+    python benchmarks/studies/recheck_plans.py RESULTS/e2e-ab-slow20 [--block-m 64]
 
 Reads RESULTS/summary.json (the switch reports, with each rank's fitted latency coefficients
 `plan_latency_coef`) and RESULTS/gem-planning/ (the routing history the start-up planned from,
