@@ -149,7 +149,7 @@ def measure_case(name: str, x, w13, w2, w, ids, fused, vllm_align, search: bool,
     h, i = w13.shape[2], w2.shape[2]
     # do_bench_cudagraph runs on a side stream that does not wait for the default one:
     # without this, the first calls read ids still being written (after a shape's
-    # large weights, garbage expert ids: session 7's illegal access, session 2's assert)
+    # large weights, garbage expert ids: an illegal access and a device-side assert, seen on H200)
     torch.cuda.synchronize()
     ours = bench(lambda: moe_ffn(x, w13, w2, w, ids))
     ref_v = bench(lambda: fused(x, w13, w2, w, ids)) if fused else float("nan")

@@ -24,7 +24,7 @@ unit of reference work in at most 1/speed[r] microseconds and always pays its fi
 - Static LP bound: the linear relaxation of choosing one placement for all the steps, with
   every rank's own coefficients. The bounds above compare ranks through one reference speed
   each (the most favourable of its coefficient ratios), which is loose when two GPUs' fits
-  trade one term for another (likely why session 7's emulated 10% run reported 59.5 us
+  trade one term for another (likely why an emulated 10% run on 2xH200 reported 59.5 us
   against plans near 175 us; its fits were not saved).
 """
 

@@ -252,7 +252,7 @@ def relative_speed_changes(ratios: list[Any], paired: bool = True) -> np.ndarray
     other ranks of ratio[h, p]; otherwise over each rank's median ratio. One rank: its own.
     Why relative: a GPU's clocks follow its recent load, so the same unchanged GPU re-times
     2-25% slower at small loads after heavy work than in a profile taken from idle (nvidia-h200,
-    session 10, docs/calibration.md), and every GPU of an EP group runs the same steps; a
+    docs/calibration.md), and every GPU of an EP group runs the same steps; a
     placement depends only on how the GPUs' speeds compare."""
     lengths = {len(r) for r in ratios if r is not None}
     if paired and len(lengths) <= 1:

@@ -47,7 +47,7 @@ def kernel_times(trace: dict) -> dict[int, dict[str, float]]:
         if ev.get("cat") not in ("kernel", "gpu_user_annotation") or "dur" not in ev:
             continue
         # kernels name their device in args; GPU-side ranges only through pid (the device's
-        # timeline): reading args alone put every record_us on device -1 (session 6: 0.00 ms)
+        # timeline): reading args alone put every record_us on device -1 (it read 0.00 ms)
         dev = int(ev.get("args", {}).get("device", ev.get("pid", -1)))
         d = out.setdefault(dev, dict.fromkeys(SUMS, 0.0))
         dur, name = float(ev["dur"]), ev.get("name", "")

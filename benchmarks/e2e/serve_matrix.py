@@ -95,7 +95,7 @@ def rotated(entries: list[str], k: int) -> list[str]:
 def serve_command(model: str, cfg: dict, port: int, max_num_seqs: int | None = None) -> list[str]:
     """`vllm serve` for one configuration. Prefix caching is off unless the configuration sets
     "prefix_caching": the runs of one A/B round reuse one seed's prompts, so with it every run
-    after a round's first found 63-97% of its prompt tokens cached (session 7's log), and each
+    after a round's first found 63-97% of its prompt tokens cached (2xH200, 2026-11-23), and each
     round's first run was the slow one whatever its placement."""
     tp = cfg["tensor_parallel_size"] if "tensor_parallel_size" in cfg else num_gpus()  # asks nvidia-smi
     cmd = [*VLLM, "serve", model, "--load-format", cfg.get("load_format", "dummy"),

@@ -5,7 +5,7 @@
 #   usage: RESULTS_DIR=dir bash benchmarks/gpu/calibration_session.sh [stage...]   stages: tests calib slow kernels
 #          speed (a recalibration's GPU speed check against a quick re-profile: cost, ratios)
 #          recorder (GEM's routing recorder per engine step, GPU and host time; STEP_MS: a measured
-#          TPOT, default 4.2 ms = GEM's TPOT p50 in session 5's ab-slow20 on nvidia-h200-x2)
+#          TPOT, default 4.2 ms = GEM's TPOT p50 in ab-slow20 on 2xH200)
 #          fp8tests (the fp8 kernel's GPU tests), fp8calib (calibrate --dtype fp8-block, fp8 and bf16,
 #          twice each: seconds and held-out error), fp8kernels (the fp8 kernel against vLLM's, each
 #          scale layout; needs vLLM)

@@ -16,7 +16,7 @@ served model-q3's expert shape, 64 local experts, 20% extra work as on the emula
 driver sees it (NVML, what nvidia-smi adds up) next to torch's allocated and reserved bytes,
 and the run's peak allocation above what was allocated before it (the swing serving must have
 room for):
-  graph   random weights (as served until session 8), CUDA-graph replays
+  graph   random weights (as re-profiles were served before the layer's own weights), CUDA-graph replays
   own     as served since: the layer's own experts timed in place (here made once, outside)
   gc      graph with gc.collect() after each run (reference cycles holding graphs?)
   eager   graph, capture refused, so calibration times eager launches (graphs the cause?)
@@ -24,7 +24,7 @@ room for):
   history no profile: what every recalibration does on the GPU besides (the recorder's newest
           500 steps copied out and back, as GemRuntime.routing_history), 25 times per run
   speed   a recalibration's speed check (calibrate.check_speed, own weights) against one
-          profile made before the first run (session 9)
+          profile made before the first run
   usage: python benchmarks/studies/calibration_memory.py [--repeats 12]
          [--variants graph,own,gc,eager,green,history,speed]
 """

@@ -7,7 +7,7 @@ GPU 1 emulated 20% slower: the serving benchmark reports this ceiling in summary
 Measured: 2026-11-23, 2xH200. Command: `python benchmarks/studies/fitted_ceiling.py
 docs/results/2026-11-23-e2e-slow20-no-prefix-cache-h200x2/summary.json`.
 
-Session 4's ceiling reading, from a switched A/B run's summary.json.
+A ceiling reading from a switched A/B run's summary.json.
 
     python benchmarks/studies/fitted_ceiling.py SUMMARY.json [--rate inf] [--shape 512x128]
 
@@ -19,7 +19,7 @@ against vLLM's EPLB policy. When a plan's own prediction sits at that split, its
 near 100% by construction (docs/benchmarks.md, sixth run).
 
 Where the switch reports carry GEM's lower bound on any static placement's slowest-rank time
-(`predicted_bound_us`: the LP relaxation with each rank's own coefficients, since session 7),
+(`predicted_bound_us`: the LP relaxation with each rank's own coefficients),
 the same reading is also given against it (`*_bound`): a true floor for the model's
 prediction, so a share against it is not 100% by construction.
 """

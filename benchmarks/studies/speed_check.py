@@ -11,7 +11,7 @@ Measured: 2026-11-23, one H200 and one H100. Command: `python3 benchmarks/studie
 
 What a recalibration's GPU speed check costs and sees, against the quick re-profile it
 replaces when the GPU has not changed (issue 7: re-profiling took 1.43 s of serving per time in
-session 8's soak, 19% of the run at 500 steps).
+a 12000-request soak, 19% of the run at 500 steps).
 
 On cuda:0, in the served model-q3's expert shape (hidden 2048, intermediate 768, 64 local
 experts): a start-up profile (30 replays per point), then `--repeats` times a quick re-profile
@@ -20,7 +20,7 @@ start-up profile (`calibrate.check_speed`, as `GemWorker.local_speed_check`), ea
 host. Then speed checks of the same GPU doing extra expert work (the in-process emulation of
 a slower GPU, `emulate.slow_down_experts`' way): the ratio a check reads for each, and its
 change relative to the 0% check (how serving compares GPUs, calibrate.relative_speed_changes).
-Then where a check's reading of the unchanged GPU comes from (session 10 read 1.03-1.07 on
+Then where a check's reading of the unchanged GPU comes from (the first check read 1.03-1.07 on
 nvidia-h200, and over 1.05 at 16 experts in the GPU test): the check after the GPU idled or
 right after work, with a longer clock lift, with as many replays as the profile, over all
 points, and a full re-profile, each `--repeats` times, with per-point ratios and SM clocks;
