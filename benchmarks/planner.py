@@ -11,6 +11,14 @@
 3. Scale: 2, 8 and 64 GPUs up to 58 layers x 256 experts (DeepSeek-V3-like), with and
    without redundant slots: planning time of GEM and of vLLM's policy, and quality ratio.
 
+4. Certified gap (`--certify SECONDS`, per case): GEM's plan against the exact MILP
+   (vllm_gem.certify: replicas, the latency model as it is, GEM's plan as the incumbent) on
+   the steps GEM planned on (the first half, at most 32 steps, no padding): GEM's time, the
+   solver's best time, its certified lower bound beside the earlier bounds, how many layers
+   it proved optimal, and the planning time of each. Cases: the bundled ones, and held-out
+   synthetic ones drawn with new seeds (8 GPUs with speeds spread like measured fleets:
+   mean 8%, max 22% slower; and 6 GPUs).
+
 Every ratio compares planners in the same run on the same held-out steps.
 """
 
@@ -117,17 +125,68 @@ def scale(out: dict, quick: bool) -> None:
     out["scale"] = res
 
 
+def fleet_group(gpus: int, seed: int, shape: ExpertShape = ExpertShape(2048, 768)) -> GroupModel:
+    """gpus analytic H100-like models, slowed like a measured fleet: one GPU 22% slower, the
+    others drawn so that the mean slowdown is 8%."""
+    rng = np.random.default_rng(seed)
+    others = rng.uniform(0.0, 0.22, gpus - 1)
+    others *= (0.08 * gpus - 0.22) / others.sum()
+    slow = 1.0 + np.concatenate([[0.22], np.clip(others, 0.0, 0.22)])
+    return GroupModel.of([LatencyModel(analytic_model(shape, slowdown=s), 64) for s in slow])
+
+
+def certified_cases(out: dict, seconds: float) -> None:
+    from vllm_gem.certify import certify
+    print(f"\n## 4. Certified gap (exact MILP, {seconds:g} s per case, on the steps GEM planned on)")
+    print(f"{'case':34s} {'slots':>5s} {'gem us':>8s} {'exact us':>8s} {'bound':>8s} {'milp':>8s} "
+          f"{'earlier':>8s} {'gem/exact':>9s} {'gem/bound':>9s} {'proven':>7s} {'gem s':>6s} {'exact s':>7s}")
+    bundled = [("qwen", "h200x2-sm66"), ("qwen", "one-slow4"), ("synthetic", "one-slow4")]
+    cases = [(trace, f"bundled:{prof}", bundled_trace(trace), group_from_profiles(bundled_profiles(prof)))
+             for trace, prof in bundled]
+    for seed, gpus in ((101, 8), (102, 8), (103, 6)):
+        tr = synthetic_trace(SyntheticParams(steps=64, layers=4, experts=64, top_k=8,
+                                             tokens_per_step=1024, seed=seed))
+        cases.append((f"synthetic seed {seed}", f"fleet {gpus} GPUs", tr, fleet_group(gpus, seed)))
+    res = []
+    for name, prof, tr, g in cases:
+        plan, _ = split_steps(tr.loads)
+        plan = plan[:32]
+        experts = tr.shape[2]
+        for phys in (experts, experts + g.num_ranks):
+            if phys % g.num_ranks:
+                continue
+            t0 = time.perf_counter()
+            p2l = make("gem", min_steps=0).place(PlacementProblem(plan, g, phys))
+            gem_s = time.perf_counter() - t0
+            c = certify(plan, p2l, g, seconds)
+            label = f"{name} / {prof}"
+            print(f"{label:34s} {phys:5d} {c.plan_us:8.1f} {c.best_us:8.1f} {c.bound_us:8.1f} "
+                  f"{c.milp_bound_us:8.1f} {c.existing_bound_us:8.1f} {c.plan_us / c.best_us:9.3f} "
+                  f"{c.plan_us / c.bound_us:9.3f} {c.proven_layers:3d}/{c.layers:<3d} {gem_s:6.2f} "
+                  f"{c.seconds:7.1f}", flush=True)
+            res.append({"case": name, "profiles": prof, "gpus": g.num_ranks, "experts": experts,
+                        "layers": tr.shape[1], "steps": plan.shape[0], "slots": phys, "gem_seconds": gem_s,
+                        **c.as_dict()})
+    out["certified"] = res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--quick", action="store_true", help="small scale section only")
+    ap.add_argument("--certify", type=float, metavar="SECONDS",
+                    help="also section 4: the exact MILP for that long per case")
+    ap.add_argument("--only-certify", action="store_true", help="section 4 alone")
     a = ap.parse_args()
     make("vllm-default")  # fail early if vllm is missing
     out: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}",
                  "date": time.strftime("%Y-%m-%d %H:%M")}
-    reference_case(out)
-    synthetic_cases(out)
-    scale(out, a.quick)
+    if not a.only_certify:
+        reference_case(out)
+        synthetic_cases(out)
+        scale(out, a.quick)
+    if a.certify or a.only_certify:
+        certified_cases(out, a.certify or 60.0)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -112,7 +112,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         experts = tr.shape[2]
         for redundant in (0, group.num_ranks):
             num_physical = experts + redundant
-            rows = compare(tr.loads, group, num_physical, DEMO_PLANNERS)
+            rows = compare(tr.loads, group, num_physical, DEMO_PLANNERS, certify_seconds=args.certify)
             title = (f"{tr.model} [{tr.source}] on {prof} ({group.num_ranks} GPUs), "
                      f"{num_physical} slots ({redundant} redundant); plan on the first half, "
                      "replay the second")
@@ -137,7 +137,12 @@ def _demo_summary(result: dict) -> str:
         return f"{case:42s} GEM n/a ({gem.get('note', 'not run')})"
     against = (f"{gem['mean'] / vllm['mean']:.3f}x vLLM's EPLB policy" if "mean" in vllm
                else f"vLLM's EPLB policy n/a ({vllm.get('note', 'not run')})")
-    return f"{case:42s} GEM {gem['mean']:7.1f} us = {against}, {gem['gap']:.3f}x the lower bound"
+    line = f"{case:42s} GEM {gem['mean']:7.1f} us = {against}, {gem['gap']:.3f}x the lower bound"
+    cert = gem.get("report", {}).get("certificate")
+    if cert:
+        line += (f", {cert['plan_us'] / cert['certified_bound_us']:.3f}x the certified bound "
+                 f"({cert['proven_layers']}/{cert['layers']} layers proven)")
+    return line
 
 
 def _plot_demo(results: list[dict], path: Path) -> str:
@@ -193,6 +198,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                             f"another planner ({', '.join(NAMES)})") from None
     from .simulate import simulate
     sim = simulate(loads, p2l, group)
+    cert = _certify(args, loads, p2l, group)
     placement = Placement(
         model=tr.model, num_logical_experts=tr.shape[2], num_ranks=group.num_ranks,
         phys_to_log=p2l.tolist(), rank_of_slot=rank_of_slots(num_physical, group.num_ranks),
@@ -201,12 +207,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 "params": {k: v for k, v in policy.params.items() if v is not None},
                 "report": getattr(policy, "report", {})},
         predicted={"mean_layer_us": sim.mean, "p99_layer_us": sim.p99, "gap": sim.gap,
-                   "straggler_ratio": sim.straggler_ratio})
+                   "straggler_ratio": sim.straggler_ratio, **cert})
     save(placement, args.output)
     _emit(args, {"output": args.output, **placement.predicted},
           f"wrote {args.output}: {args.planner}, predicted mean layer {sim.mean:.1f} us "
-          f"(gap to lower bound {sim.gap:.3f}, straggler ratio {sim.straggler_ratio:.3f})")
+          f"(gap to lower bound {sim.gap:.3f}, straggler ratio {sim.straggler_ratio:.3f})"
+          + _certificate_text(cert))
     return 0
+
+
+def _certify(args: argparse.Namespace, loads: np.ndarray, p2l: np.ndarray, group: GroupModel
+             ) -> dict[str, float]:
+    """With --certify SECONDS: the exact MILP's certified lower bound for any placement on
+    these loads, and how far p2l is from it (vllm_gem.certify); else {}."""
+    if not getattr(args, "certify", None):
+        return {}
+    from .certify import certify
+    return certify(loads, p2l, group, args.certify).as_dict()
+
+
+def _certificate_text(cert: dict[str, float]) -> str:
+    if not cert:
+        return ""
+    return (f"\ncertified lower bound {cert['certified_bound_us']:.1f} us for any placement (exact MILP's "
+            f"{cert['milp_bound_us']:.1f}, earlier bounds' {cert['existing_bound_us']:.1f}; "
+            f"{cert['proven_layers']} of {cert['layers']} layers proven optimal in "
+            f"{cert['certify_seconds']:.0f} s): this plan is within {cert['certified_gap']:.1%} of "
+            f"optimal; the solver's best plan {cert['exact_best_us']:.1f} us")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -217,8 +244,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     validate_placement(pl, args.placement, num_layers=tr.shape[1], num_logical_experts=tr.shape[2],
                        num_ranks=group.num_ranks)
     sim = simulate(tr.loads, pl.array, group)
-    d = sim.as_dict()
-    _emit(args, d, "\n".join(f"{k:16s} {v:.4g}" if isinstance(v, float) else f"{k:16s} {v}"
+    d = {**sim.as_dict(), **_certify(args, tr.loads, pl.array, group)}
+    _emit(args, d, "\n".join(f"{k:18s} {v:.4g}" if isinstance(v, float) else f"{k:18s} {v}"
                              for k, v in d.items()))
     return 0
 
@@ -296,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="vllm-gem", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
 
+    def certify_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--certify", type=argtype(Seconds), metavar="SECONDS",
+                       help="also solve the exact MILP for that long (per case) and report its "
+                            "certified lower bound and the plan's certified gap")
+
     def common(p: argparse.ArgumentParser, group: bool = True) -> None:
         p.add_argument("--json", action="store_true", help="machine-readable output")
         if group:
@@ -307,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="compare every planner on bundled real and synthetic traces")
     common(p, group=False)
     p.add_argument("--plot", default="gem-demo.png", help="bar chart path ('' for none)")
+    certify_option(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("plan", help="plan a placement")
@@ -318,12 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--current", help="the placement in use (for migration-aware planning)")
     p.add_argument("--migration-weight", type=argtype(MigrationWeight), help="us of layer time one expert move is worth")
     p.add_argument("-o", "--output", default="placement.json")
+    certify_option(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("simulate", help="replay a trace through a placement")
     common(p)
     p.add_argument("--trace", required=True)
     p.add_argument("--placement", required=True)
+    certify_option(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("inspect", help="summarise a profile, trace or placement file")

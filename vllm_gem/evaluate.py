@@ -60,7 +60,8 @@ class Row:
 
 
 def compare(loads: np.ndarray, group: GroupModel, num_physical: int, planners: list[str],
-            plan_fraction: float = 0.5, planner_params: dict[str, dict] | None = None) -> list[Row]:
+            plan_fraction: float = 0.5, planner_params: dict[str, dict] | None = None,
+            certify_seconds: float | None = None) -> list[Row]:
     """Plan with each planner on the plan part and replay the test part.
 
     loads: [steps, layers, experts]. A planner that cannot run (vllm missing, or round_robin
@@ -78,8 +79,11 @@ def compare(loads: np.ndarray, group: GroupModel, num_physical: int, planners: l
             rows.append(Row(name, None, 0.0, note=str(e).split(";")[0]))
             continue
         dt = time.perf_counter() - t0
-        rows.append(Row(name, simulate(test, p2l, group, bounds), dt,
-                        report=dict(getattr(policy, "report", {}))))
+        report = dict(getattr(policy, "report", {}))
+        if certify_seconds and name == "gem":
+            from .certify import certify
+            report["certificate"] = certify(test, p2l, group, certify_seconds).as_dict()
+        rows.append(Row(name, simulate(test, p2l, group, bounds), dt, report=report))
     return rows
 
 
