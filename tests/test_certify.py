@@ -75,3 +75,17 @@ def test_plan_and_simulate_report_the_certified_bound(tmp_path, capsys):
     assert d["certified_bound_us"] >= d["existing_bound_us"] > 0
     assert d["certified_bound_us"] <= d["exact_best_us"] * (1 + 1e-9) <= d["plan_us"] * (1 + 1e-9)
     assert d["certified_gap"] == pytest.approx(d["plan_us"] / d["certified_bound_us"] - 1)
+
+
+def test_compare_certifies_gems_plan_for_the_demo():
+    from vllm_gem.cli import _demo_summary
+    from vllm_gem.evaluate import compare
+    rng = np.random.default_rng(3)
+    loads = rng.poisson(rng.gamma(0.8, 30.0, size=(1, 1, 8)).repeat(8, 0)).astype(float)
+    g = GroupModel.tokens_over_speed(np.array([1.0, 0.8]))
+    rows = compare(loads, g, 10, ["linear", "gem"], certify_seconds=2.0)
+    cert = rows[1].report["certificate"]
+    assert cert["certified_bound_us"] <= rows[1].result.mean * (1 + 1e-9)
+    line = _demo_summary({"trace": "t", "profiles": "p", "num_physical": 10,
+                          "rows": [r.as_dict() for r in rows]})
+    assert "the certified bound (1/1 layers proven)" in line or "the certified bound (0/1 layers proven)" in line
