@@ -57,6 +57,31 @@ def select_config(tokens: int, top_k: int, num_experts: int) -> TileConfig:
 
 
 @triton.jit
+def tile_of(pid, max_padded, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (row tile, column tile), in grouped order: GROUP_M row tiles share the
+    weight tiles they read, through L2."""
+    num_pid_m = tl.cdiv(max_padded, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_pid_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_pid_n)) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, num_valid, ONE_ROW_TILES: tl.constexpr,
+              BLOCK_M: tl.constexpr):
+    """Row tile pid_m -> (rows [BLOCK_M] (token, k) ids as int64, which are real, its expert)."""
+    if ONE_ROW_TILES:
+        rows = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_valid).to(tl.int64)
+    else:
+        rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    return rows, rows < num_valid, tl.load(block_expert_ptr + pid_m).to(tl.int64)
+
+
+@triton.jit
 def moe_grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, weight_ptr,
     sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
@@ -73,24 +98,11 @@ def moe_grouped_gemm_kernel(
     ONE_ROW_TILES: no sorted_ids; row tile t holds row t alone and block_expert is topk_ids
     itself (vLLM's naive block assignment for very sparse batches).
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(max_padded, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # grouped ordering: GROUP_M row tiles share the weight tiles they read, through L2
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % size_m
-    pid_n = (pid % (GROUP_M * num_pid_n)) // size_m
+    pid_m, pid_n = tile_of(tl.program_id(0), max_padded, N, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-
-    if ONE_ROW_TILES:
-        rows = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_valid).to(tl.int64)
-    else:
-        rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_ok = rows < num_valid
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    rows, row_ok, expert = tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, num_valid, ONE_ROW_TILES,
+                                     BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + (rows[:, None] // TOP_K) * stride_am + offs_k[None, :] * stride_ak

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe_gemm import Alignment, TileConfig, align, silu_and_mul
+from .moe_gemm import Alignment, TileConfig, align, silu_and_mul, tile_of, tile_rows
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
@@ -201,23 +201,11 @@ def moe_fp8_gemm_kernel(
     instruction takes 64 rows, so a short row tile (BLOCK_M 16) wastes most of it unless the
     weights' BLOCK_N side takes that place (vLLM's fp8 kernel does the same).
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(max_padded, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % size_m
-    pid_n = (pid % (GROUP_M * num_pid_n)) // size_m
+    pid_m, pid_n = tile_of(tl.program_id(0), max_padded, N, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-
-    if ONE_ROW_TILES:
-        rows = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_valid).to(tl.int64)
-    else:
-        rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_ok = rows < num_valid
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    rows, row_ok, expert = tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, num_valid, ONE_ROW_TILES,
+                                     BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
