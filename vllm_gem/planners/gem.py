@@ -142,6 +142,40 @@ def augment_steps(loads: np.ndarray, min_steps: int, seed: int = 0) -> np.ndarra
     return np.concatenate([loads, rng.poisson(extra).astype(np.float64)])
 
 
+def hottest_replicas(loads: np.ndarray, num_physical: int) -> np.ndarray:
+    """Replica counts by DeepSeek's EPLB rule: each redundant slot to the expert with the
+    largest load per copy (summed over steps): loads [steps, layers, experts] -> counts
+    [layers, experts], each row summing to num_physical."""
+    total = loads.sum(0)  # [L, E]
+    cnt = np.ones(total.shape, dtype=np.int64)
+    rows = np.arange(total.shape[0])
+    for _ in range(num_physical - total.shape[1]):
+        cnt[rows, (total / cnt).argmax(1)] += 1
+    return cnt
+
+
+def coldest_replicas(loads: np.ndarray, num_physical: int) -> np.ndarray:
+    """Replica counts that give the redundant slots to the least loaded experts, one each
+    from the coldest up (round robin past the experts): loads [steps, layers, experts] ->
+    counts [layers, experts], each row summing to num_physical."""
+    steps, layers, experts = loads.shape
+    order = np.argsort(loads.sum(0), axis=1, kind="stable")  # [L, E] coldest first
+    extra = num_physical - experts
+    cnt = np.ones((layers, experts), dtype=np.int64)
+    picks = order[:, np.arange(extra) % experts]  # [L, extra]
+    np.add.at(cnt, (np.arange(layers)[:, None], picks), 1)
+    return cnt
+
+
+def _item_features(loads: np.ndarray, item_log: np.ndarray, group: GroupModel) -> np.ndarray:
+    """loads: [S, L, E], item_log: [L, P] -> features [L, S, P, 3] of every slot, its expert's
+    tokens split evenly over that expert's copies."""
+    experts = loads.shape[2]
+    cnt_of_item = np.stack([np.bincount(r, minlength=experts)[r] for r in item_log])
+    tok = np.take_along_axis(loads, item_log[None], axis=2) / cnt_of_item[None]
+    return group.item_features(tok.transpose(1, 0, 2))
+
+
 def _rank_times(feat: np.ndarray, rank_of: np.ndarray, group: GroupModel) -> np.ndarray:
     """feat: [L, S, P, 3]; rank_of: [L, P] -> T: [L, S, G] each rank's time per step."""
     layers, steps, _, _ = feat.shape
@@ -177,18 +211,41 @@ class GemPolicy(PlacementPolicy):
         group, num_physical = problem.group, problem.num_physical
         migrate = p["migration_weight"] is not None and problem.old_phys_to_log is not None
 
+        consistent = classify_experts(loads)
         if migrate:  # keep the current replica set; start from where everything is now
             item_log = problem.old_phys_to_log.astype(np.int64)
             rank_of = np.broadcast_to(np.arange(num_physical) // problem.slots_per_rank,
                                       item_log.shape).copy()
+            feat = _item_features(loads, item_log, group)
         else:
-            cnt = choose_replicas(loads, num_physical, group)
-            item_log = np.stack([np.repeat(np.arange(experts), c) for c in cnt])
-        cnt_of_item = np.stack([np.bincount(r, minlength=experts)[r] for r in item_log])
-        tok = np.take_along_axis(loads, item_log[None], axis=2) / cnt_of_item[None]
-        feat = group.item_features(tok.transpose(1, 0, 2))  # [L, S, P, 3]
+            # three replica sets, kept per layer by their constructed time: the latency
+            # model's choice; the hottest experts by load per copy (DeepSeek's and vLLM's
+            # rule: a far hotter expert than the rest needs splitting whatever its reads
+            # cost); the coldest (a copy of an idle expert costs nothing, where splitting a
+            # hot one adds a weight read on a second GPU)
+            options = [choose_replicas(loads, num_physical, group)]
+            if num_physical > experts:
+                options += [hottest_replicas(loads, num_physical), coldest_replicas(loads, num_physical)]
+            best = None
+            for cnt in options:
+                log = np.stack([np.repeat(np.arange(experts), c) for c in cnt])
+                f = _item_features(loads, log, group)
+                if group.num_ranks > p["construct_ranks"]:
+                    r = _construct_large(f, log, consistent, group, problem.slots_per_rank, experts,
+                                         p["construct_ranks"])
+                else:
+                    r = self._construct(f, log, consistent, group, problem.slots_per_rank, experts,
+                                        p["stepwise"])
+                us = _rank_times(f, r, group).max(-1).mean(1)  # [L]
+                if best is None:
+                    best = [log, f, r, us]
+                    continue
+                take = us < best[3]  # [L] layers where this option constructs faster
+                best = [np.where(take[:, None], log, best[0]),
+                        np.where(take[:, None, None, None], f, best[1]),
+                        np.where(take[:, None], r, best[2]), np.minimum(us, best[3])]
+            item_log, feat, rank_of = best[0], best[1], best[2]
 
-        consistent = classify_experts(loads)
         self.report = {
             "consistent_experts": int(consistent.sum()),
             "temporal_experts": int((~consistent).sum()),
@@ -196,12 +253,6 @@ class GemPolicy(PlacementPolicy):
             "redundant_slots_per_layer": num_physical - experts,
             "planning_steps": steps,
         }
-        if not migrate and group.num_ranks > p["construct_ranks"]:
-            rank_of = _construct_large(feat, item_log, consistent, group, problem.slots_per_rank,
-                                       experts, p["construct_ranks"])
-        elif not migrate:
-            rank_of = self._construct(feat, item_log, consistent, group, problem.slots_per_rank,
-                                      experts, p["stepwise"])
         before = _rank_times(feat, rank_of, group).max(-1).mean()
         if p["local_search"] and p["stepwise"] and group.num_ranks > 1:
             fetch = None
