@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -956,3 +957,24 @@ def test_re_profiles_time_the_served_layers_own_experts(monkeypatch):
     moe.w13_weight, moe.w2_weight = w13.float(), w2.float()  # e.g. not bf16: random weights instead
     worker.local_profile(quick=True)
     assert seen[-1] is None
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_plugin_exports():
+    import re
+
+    from vllm_gem.vllm.metrics import METRICS, RankState
+    exported = {name for _, name, _ in METRICS}
+    assert {attr for attr, _, _ in METRICS} <= set(RankState.__struct_fields__)  # every series has data
+    dash = json.loads((Path(__file__).parents[1] / "docs" / "grafana-vllm-gem.json").read_text())
+    queried = set()
+    for panel in dash["panels"]:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            names = set(re.findall(r"vllm_gem:[a-z_]+", target["expr"]))
+            assert names, target["expr"]
+            queried |= names
+    queried |= set(re.findall(r"vllm_gem:[a-z_]+", json.dumps(dash["templating"])))
+    assert queried <= exported, queried - exported
+    # what an operator looks at: per-rank layer time, straggler ratio, recalibrations, moves
+    assert {"vllm_gem:predicted_moe_layer_time_us", "vllm_gem:straggler_ratio",
+            "vllm_gem:recalibrations", "vllm_gem:placement_generation"} <= queried

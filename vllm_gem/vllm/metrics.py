@@ -24,6 +24,22 @@ class RankState(msgspec.Struct, kw_only=True):
     straggler_ratio: float  # predicted slowest rank / mean rank, current placement
     move_seconds: float = 0.0
     recorded_steps: int = 0
+    recalibrations: int = 0  # recalibrations run while serving (moved or not)
+
+
+# (RankState field, metric name, help): every vllm_gem:* series on /metrics, one gauge per
+# EP rank (label `rank`); docs/grafana-vllm-gem.json queries these names
+METRICS: tuple[tuple[str, str, str], ...] = (
+    ("predicted_layer_us", "vllm_gem:predicted_moe_layer_time_us",
+     "Predicted mean MoE layer time of this EP rank under the current placement"),
+    ("predicted_layer_us_before", "vllm_gem:predicted_moe_layer_time_before_us",
+     "Predicted mean MoE layer time of this EP rank under the previous placement"),
+    ("straggler_ratio", "vllm_gem:straggler_ratio", "Predicted slowest-rank / mean-rank MoE layer time"),
+    ("generation", "vllm_gem:placement_generation", "Placements applied by GEM since start (0 = vLLM's own)"),
+    ("move_seconds", "vllm_gem:last_move_seconds", "Wall time of the last expert-weight move"),
+    ("recorded_steps", "vllm_gem:recorded_steps", "Engine steps recorded by the routing recorder"),
+    ("recalibrations", "vllm_gem:recalibrations", "Recalibrations run while serving, moved or not"),
+)
 
 
 def write_state(state_dir: str, state: RankState) -> None:
@@ -56,17 +72,7 @@ class GemCollector:
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
         states = read_states(self.state_dir)
-        specs = [("predicted_layer_us", "vllm_gem:predicted_moe_layer_time_us",
-                  "Predicted mean MoE layer time of this EP rank under the current placement"),
-                 ("straggler_ratio", "vllm_gem:straggler_ratio",
-                  "Predicted slowest-rank / mean-rank MoE layer time"),
-                 ("generation", "vllm_gem:placement_generation",
-                  "Placements applied by GEM since start (0 = vLLM's own)"),
-                 ("move_seconds", "vllm_gem:last_move_seconds",
-                  "Wall time of the last expert-weight move"),
-                 ("recorded_steps", "vllm_gem:recorded_steps",
-                  "Engine steps recorded by the routing recorder")]
-        for attr, name, doc in specs:
+        for attr, name, doc in METRICS:
             g = GaugeMetricFamily(name, doc, labels=["rank"])
             for s in states:
                 g.add_metric([str(s.rank)], float(getattr(s, attr)))

@@ -220,4 +220,5 @@ class Placing:
         write_state(self.cfg.state_dir, RankState(
             rank=self.rank, generation=self.generation, predicted_layer_us=rank_us[self.rank],
             predicted_layer_us_before=rank_us_before[self.rank], straggler_ratio=straggler,
-            move_seconds=self.last_move_seconds, recorded_steps=self.recorder.steps))
+            move_seconds=self.last_move_seconds, recorded_steps=self.recorder.steps,
+            recalibrations=self.recalibrations))
