@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from vllm_gem.cli import main
+from vllm_gem.export import read_engine_placement
 from vllm_gem.formats import GpuProfile, NdArray, Placement, RoutingTrace, load, save
 from vllm_gem.profiles import example_profile
 
@@ -77,7 +78,7 @@ def command(files: dict[str, str]):
 
     @st.composite
     def build(draw) -> list[str]:
-        sub = draw(st.sampled_from(["plan", "simulate", "inspect", "import-trace"]))
+        sub = draw(st.sampled_from(["plan", "simulate", "inspect", "import-trace", "export"]))
         args = [sub]
         if sub in ("plan", "simulate"):
             args += ["--trace", draw(trace)]
@@ -107,6 +108,9 @@ def command(files: dict[str, str]):
             if draw(st.booleans()):
                 args += ["--model", draw(st.sampled_from(["m", "", "x" * 300]))]
             args += ["-o", draw(mostly(["OUT.msgpack", "OUT.json"], [files["folder"]]))]
+        if sub == "export":
+            args += [draw(placement), "--to", draw(mostly(["sglang", "vllm-ascend"], ["trtllm", ""])),
+                     "-o", draw(mostly(["OUT.json"], [files["folder"]]))]
         if draw(st.booleans()):
             args.insert(1, "--json")
         return args
@@ -142,7 +146,10 @@ def check_run(argv: list[str], workdir: Path) -> int:
         return code
     if "-o" in argv:  # a success wrote a file that loads as what it claims to be
         target = Path(argv[argv.index("-o") + 1])
-        load(target, Placement if "plan" in argv[:2] else RoutingTrace)
+        if "export" in argv[:2]:
+            read_engine_placement(target)
+        else:
+            load(target, Placement if "plan" in argv[:2] else RoutingTrace)
     return code
 
 

@@ -181,7 +181,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     old = None
     params: dict[str, Any] = {}
     if args.current:
-        cur = load(args.current, Placement)
+        cur = _current_placement(args.current, group.num_ranks, tr.shape[2])
         validate_placement(cur, args.current, num_layers=tr.shape[1],
                            num_logical_experts=tr.shape[2], num_ranks=group.num_ranks)
         old = cur.array
@@ -213,6 +213,35 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"wrote {args.output}: {args.planner}, predicted mean layer {sim.mean:.1f} us "
           f"(gap to lower bound {sim.gap:.3f}, straggler ratio {sim.straggler_ratio:.3f})"
           + _certificate_text(cert))
+    return 0
+
+
+def _current_placement(path: str, num_ranks: int, num_experts: int) -> Placement:
+    """--current: our Placement file, or an SGLang or vllm-ascend placement (vllm_gem.export)."""
+    from .export import placement_from_engine
+    try:
+        head = msgspec.json.decode(Path(path).read_bytes()) if Path(path).is_file() else None
+    except msgspec.DecodeError:
+        head = None
+    if isinstance(head, dict) and ("physical_to_logical_map" in head or "layer_list" in head):
+        return placement_from_engine(path, num_ranks, num_experts)
+    return load(path, Placement)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import to_engine
+    placement = load(args.placement, Placement)
+    engine = "vllm-ascend" if args.to == "vllm-expert-map" else args.to
+    obj = to_engine(placement, engine, args.placement)
+    out = Path(args.output)
+    try:
+        out.write_bytes(msgspec.json.format(msgspec.json.encode(obj), indent=1))
+    except OSError as e:
+        raise GemInputError(str(out), "file", f"cannot be written ({e.strerror})",
+                            "a writable file path (not a folder)") from None
+    _emit(args, {"output": str(out), "format": engine},
+          f"wrote {out}: {len(placement.phys_to_log)} layers x {len(placement.phys_to_log[0])} slots "
+          f"as {engine}'s placement")
     return 0
 
 
@@ -360,6 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", required=True)
     certify_option(p)
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("export", help="write a placement as another engine reads it (SGLang, vllm-ascend)")
+    common(p, group=False)
+    p.add_argument("placement")
+    p.add_argument("--to", required=True, choices=["sglang", "vllm-ascend", "vllm-expert-map"],
+                   help="sglang: --init-expert-location; vllm-ascend (alias vllm-expert-map): expert_map_path")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("inspect", help="summarise a profile, trace or placement file")
     common(p, group=False)

@@ -1,0 +1,85 @@
+"""Placements out to and back from other engines' files (vllm_gem.export, `vllm-gem export`)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from vllm_gem.cli import main
+from vllm_gem.errors import GemInputError
+from vllm_gem.export import placement_from_engine, read_engine_placement, to_engine
+from vllm_gem.formats import Placement, encode, load, rank_of_slots
+
+
+def _placement(p2l: np.ndarray, ranks: int) -> Placement:
+    return Placement(num_logical_experts=int(p2l.max()) + 1, num_ranks=ranks, phys_to_log=p2l.tolist(),
+                     rank_of_slot=rank_of_slots(p2l.shape[1], ranks), planner="test")
+
+
+@pytest.mark.parametrize("engine", ["sglang", "vllm-ascend"])
+def test_a_placement_round_trips_through_each_engines_file(tmp_path, engine):
+    rng = np.random.default_rng(0)
+    p2l = np.stack([rng.permutation(8) for _ in range(3)])  # 3 layers, 8 slots, 2 ranks
+    src = tmp_path / "p.json"
+    src.write_bytes(encode(_placement(p2l, 2), json=True))
+    out = tmp_path / f"{engine}.json"
+    assert main(["export", str(src), "--to", engine, "-o", str(out)]) == 0
+    back = placement_from_engine(out, num_ranks=2, num_logical_experts=8)
+    assert back.phys_to_log == p2l.tolist()
+
+
+def test_files_written_the_way_each_engine_writes_them_are_read(tmp_path):
+    # SGLang: compute_initial_expert_location_metadata json-loads the file and passes
+    # physical_to_logical_map ([layers][num_physical]) to ExpertLocationMetadata.init_by_mapping
+    sglang = json.dumps({"physical_to_logical_map": [[0, 1, 2, 3, 3, 0], [3, 2, 1, 0, 1, 2]]})
+    # vllm-ascend: _export_tensor_to_file's record, json.dump(..., indent=4)
+    devices = [{"device_id": 0, "device_expert": [2, 0]}, {"device_id": 1, "device_expert": [1, 3]}]
+    ascend = json.dumps({"moe_layer_count": 1, "layer_list": [{"layer_id": 0, "device_count": 2,
+                                                                "device_list": devices}]}, indent=4)
+    (tmp_path / "s.json").write_text(sglang)
+    (tmp_path / "a.json").write_text(ascend)
+    p2l, ranks, fmt = read_engine_placement(tmp_path / "s.json", 4)
+    assert fmt == "sglang" and ranks is None and p2l.shape == (2, 6)
+    p2l, ranks, fmt = read_engine_placement(tmp_path / "a.json", 4)
+    assert (fmt, ranks, p2l.tolist()) == ("vllm-ascend", 2, [[2, 0, 1, 3]])
+
+
+def test_bad_engine_files_name_the_file_and_field(tmp_path):
+    cases = {
+        "ragged.json": ('{"physical_to_logical_map": [[0, 1], [1]]}', "physical_to_logical_map: has rows"),
+        "negative.json": ('{"physical_to_logical_map": [[0, -1]]}', "physical_to_logical_map[0][1]"),
+        "short.json": ('{"physical_to_logical_map": [[0, 0]]}', "does not hold experts 0..1"),
+        "count.json": ('{"moe_layer_count": 2, "layer_list": [{"layer_id": 0, "device_count": 1, '
+                       '"device_list": [{"device_id": 0, "device_expert": [0, 1]}]}]}',
+                       "moe_layer_count: is 2"),
+        "other.json": ('{"experts": []}', "has neither physical_to_logical_map nor layer_list"),
+    }
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(GemInputError) as e:
+            read_engine_placement(path, 2)
+        assert str(e.value).startswith(f"{path}: ") and message in str(e.value), e.value
+
+
+def test_vllm_ascend_refuses_two_copies_on_one_device():
+    p = _placement(np.array([[0, 0, 1, 1]]), 2)
+    with pytest.raises(GemInputError, match="phys_to_log\\[0\\]: puts two copies of one expert on rank 0"):
+        to_engine(p, "vllm-ascend", "p.json")
+    assert to_engine(p, "sglang").physical_to_logical_map == [[0, 0, 1, 1]]
+
+
+def test_plan_reads_an_engine_placement_as_the_current_one(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main(["plan", "--trace", "bundled:qwen", "--speeds", "1,1,1,0.8", "-o", str(out)]) == 0
+    for engine in ("sglang", "vllm-ascend"):
+        exported = tmp_path / f"{engine}.json"
+        assert main(["export", str(out), "--to", engine, "-o", str(exported)]) == 0
+        again = tmp_path / f"again-{engine}.json"
+        assert main(["plan", "--trace", "bundled:qwen", "--speeds", "1,1,1,0.8", "--current", str(exported),
+                     "--migration-weight", "1000000", "-o", str(again)]) == 0
+        assert load(again, Placement).phys_to_log == load(out, Placement).phys_to_log  # nothing worth a move
+    capsys.readouterr()
+    assert main(["plan", "--trace", "bundled:qwen", "--speeds", "1,1,0.8", "--current",
+                 str(tmp_path / "vllm-ascend.json"), "-o", str(tmp_path / "x.json")]) == 2
+    assert "vllm-ascend.json: device_count: is 4; expected 3" in capsys.readouterr().err

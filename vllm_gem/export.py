@@ -1,0 +1,139 @@
+"""Placements in and out of other engines' formats (docs/formats.md says where each is read).
+
+- ``sglang``: what SGLang's ``--init-expert-location FILE.json`` reads,
+  ``{"physical_to_logical_map": [layers][num_physical]}`` (its
+  ``compute_initial_expert_location_metadata`` passes the dict to
+  ``ExpertLocationMetadata.init_by_mapping``); slots are rank-major with equal slots per
+  rank, as in vLLM.
+- ``vllm-ascend``: what vllm-ascend's ``expert_map_path`` reads (upstream vLLM 0.26 takes no
+  placement file): ``{"moe_layer_count": L, "layer_list": [{"layer_id", "device_count",
+  "device_list": [{"device_id", "device_expert": [global expert id of each local slot]}]}]}``.
+  It cannot hold two copies of one expert on one device.
+
+Both map to and from our Placement's ``phys_to_log: [layers, num_physical]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import numpy as np
+
+from .errors import GemInputError
+from .formats import ExpertId, Placement, field_error, rank_of_slots
+
+FORMATS = ("sglang", "vllm-ascend")
+
+
+class SglangExpertLocation(msgspec.Struct, forbid_unknown_fields=False):
+    physical_to_logical_map: list[list[ExpertId]]
+
+
+class AscendDevice(msgspec.Struct):
+    device_id: int
+    device_expert: list[ExpertId]
+
+
+class AscendLayer(msgspec.Struct):
+    layer_id: int
+    device_count: int
+    device_list: list[AscendDevice]
+
+
+class AscendExpertMap(msgspec.Struct):
+    moe_layer_count: int
+    layer_list: list[AscendLayer]
+
+
+def to_engine(placement: Placement, engine: str, source: str = "placement") -> msgspec.Struct:
+    """Placement -> the engine's file object (GemInputError where the engine cannot hold it)."""
+    p2l = placement.array  # [layers, num_physical]
+    if engine == "sglang":
+        return SglangExpertLocation(p2l.tolist())
+    if engine != "vllm-ascend":
+        raise GemInputError("command line", "--to", f"is {engine!r}", " or ".join(FORMATS))
+    slots = p2l.shape[1] // placement.num_ranks
+    layers = []
+    for layer, row in enumerate(p2l):
+        devices = []
+        for g in range(placement.num_ranks):
+            local = row[g * slots:(g + 1) * slots].tolist()
+            if len(set(local)) < len(local):
+                raise GemInputError(source, f"phys_to_log[{layer}]", f"puts two copies of one expert on rank {g}",
+                                    "one copy per expert and device (what vllm-ascend's expert map holds)")
+            devices.append(AscendDevice(g, local))
+        layers.append(AscendLayer(layer, placement.num_ranks, devices))
+    return AscendExpertMap(len(layers), layers)
+
+
+def read_engine_placement(path: str | Path, num_logical_experts: int | None = None
+                          ) -> tuple[np.ndarray, int | None, str]:
+    """An SGLang or vllm-ascend placement file -> (phys_to_log [layers, num_physical], ranks
+    (None for SGLang, which does not say), format). Errors name the file and the field."""
+    src = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise GemInputError(src, "file", f"cannot be read ({e.strerror})", "a placement JSON") from None
+    try:
+        head = msgspec.json.decode(raw)
+    except msgspec.DecodeError as e:
+        raise GemInputError(src, "file", f"is not valid JSON ({e})", "an SGLang or vllm-ascend placement") from None
+    if isinstance(head, dict) and "physical_to_logical_map" in head:
+        obj = _decode(raw, SglangExpertLocation, src)
+        rows, ranks, fmt = obj.physical_to_logical_map, None, "sglang"
+    elif isinstance(head, dict) and "layer_list" in head:
+        obj = _decode(raw, AscendExpertMap, src)
+        rows, ranks = _ascend_rows(obj, src)
+        fmt = "vllm-ascend"
+    else:
+        raise GemInputError(src, "file", "has neither physical_to_logical_map nor layer_list",
+                            "SGLang's {\"physical_to_logical_map\": ...} or vllm-ascend's expert map")
+    if not rows or len({len(r) for r in rows}) != 1 or not rows[0]:
+        raise GemInputError(src, "physical_to_logical_map", "has rows of different or zero lengths",
+                            "one row of slots per MoE layer, all of one length")
+    p2l = np.asarray(rows, dtype=np.int64)
+    if num_logical_experts is not None:
+        missing = [e for e in range(num_logical_experts) if not (p2l == e).any(1).all()]
+        if missing or p2l.max() >= num_logical_experts:
+            raise GemInputError(src, "physical_to_logical_map",
+                                f"does not hold experts 0..{num_logical_experts - 1} exactly in every layer",
+                                f"every one of the model's {num_logical_experts} experts in every layer")
+    return p2l, ranks, fmt
+
+
+def _decode(raw: bytes, cls: type, src: str):
+    try:
+        return msgspec.json.decode(raw, type=cls)
+    except msgspec.ValidationError as e:
+        raise field_error(e, src) from None
+
+
+def _ascend_rows(obj: AscendExpertMap, src: str) -> tuple[list[list[int]], int]:
+    if obj.moe_layer_count != len(obj.layer_list) or not obj.layer_list:
+        raise GemInputError(src, "moe_layer_count", f"is {obj.moe_layer_count} for {len(obj.layer_list)} layers",
+                            "the number of entries of layer_list (> 0)")
+    ranks = obj.layer_list[0].device_count
+    rows = []
+    for i, layer in enumerate(obj.layer_list):
+        if layer.device_count != ranks or len(layer.device_list) != ranks:
+            raise GemInputError(src, f"layer_list[{i}].device_list", f"has {len(layer.device_list)} devices",
+                                f"{ranks} in every layer (device_count)")
+        devices = sorted(layer.device_list, key=lambda d: d.device_id)
+        rows.append([e for d in devices for e in d.device_expert])
+    return rows, ranks
+
+
+def placement_from_engine(path: str | Path, num_ranks: int, num_logical_experts: int, model: str = ""
+                          ) -> Placement:
+    """An engine's placement file as our Placement (for `plan --current` and `inspect`)."""
+    p2l, ranks, fmt = read_engine_placement(path, num_logical_experts)
+    if ranks is not None and ranks != num_ranks:
+        raise GemInputError(str(path), "device_count", f"is {ranks}", f"{num_ranks} (the EP ranks planned for)")
+    if p2l.shape[1] % num_ranks:
+        raise GemInputError(str(path), "physical_to_logical_map", f"has {p2l.shape[1]} slots per layer",
+                            f"a multiple of {num_ranks} ranks")
+    return Placement(model=model, num_logical_experts=num_logical_experts, num_ranks=num_ranks,
+                     phys_to_log=p2l.tolist(), rank_of_slot=rank_of_slots(p2l.shape[1], num_ranks),
+                     planner=f"imported from {fmt}")
