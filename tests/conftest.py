@@ -66,3 +66,18 @@ def load_cases(draw, max_ranks: int, max_experts: int, max_redundant: int, max_s
     elif kind == "one-step":
         loads = loads[:1]
     return loads, random_group(rng, ranks), phys
+
+
+def gpu_moe_layer(hidden: int, inter: int, experts: int, top_k: int, tokens: int):
+    """Random bf16 experts and routed inputs on the GPU, seeded by `tokens`: (w13 [experts,
+    2*inter, hidden], w2 [experts, hidden, inter], x [tokens, hidden], topk ids and weights
+    [tokens, top_k]) for the kernels' GPU tests."""
+    import torch
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    bf = torch.bfloat16
+    w13 = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=bf, generator=g) / hidden ** 0.5
+    w2 = torch.randn(experts, hidden, inter, device="cuda", dtype=bf, generator=g) / inter ** 0.5
+    x = torch.randn(tokens, hidden, device="cuda", dtype=bf, generator=g)
+    ids = torch.rand(tokens, experts, device="cuda", generator=g).topk(top_k, dim=1).indices
+    w = torch.rand(tokens, top_k, device="cuda", generator=g)
+    return w13, w2, x, ids, w

@@ -13,6 +13,7 @@ import textwrap
 
 import msgspec
 import pytest
+from conftest import gpu_moe_layer
 
 from vllm_gem.errors import GemInputError
 from vllm_gem.formats import GpuProfile, decode, encode, load, save
@@ -195,14 +196,7 @@ def test_fp8_kernel_matches_dequantized_reference_on_gpu(layout, shape, tokens):
     torch = pytest.importorskip("torch")
     from vllm_gem.kernels.moe_gemm import moe_ffn_reference
     from vllm_gem.kernels.moe_gemm_fp8 import moe_ffn_fp8, moe_ffn_fp8_reference, quantize_weights
-    h, i, e, k = SHAPES[shape]
-    g = torch.Generator(device="cuda").manual_seed(tokens)
-    bf = torch.bfloat16
-    w13 = torch.randn(e, 2 * i, h, device="cuda", dtype=bf, generator=g) / h ** 0.5
-    w2 = torch.randn(e, h, i, device="cuda", dtype=bf, generator=g) / i ** 0.5
-    x = torch.randn(tokens, h, device="cuda", dtype=bf, generator=g)
-    ids = torch.rand(tokens, e, device="cuda", generator=g).topk(k, dim=1).indices
-    w = torch.rand(tokens, k, device="cuda", generator=g)
+    w13, w2, x, ids, w = gpu_moe_layer(*SHAPES[shape], tokens)
     q13, q2 = quantize_weights(w13, layout), quantize_weights(w2, layout)
     out = moe_ffn_fp8(x, q13, q2, w, ids).float()
     torch.cuda.synchronize()

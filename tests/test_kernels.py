@@ -11,6 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import gpu_moe_layer
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -97,14 +98,7 @@ SHAPES = {  # name: (hidden, moe_intermediate, experts on this GPU, top_k)
 @pytest.mark.parametrize("tokens", [1, 37, 512])
 def test_kernel_matches_reference_on_gpu(shape, tokens):
     from vllm_gem.kernels.moe_gemm import moe_ffn, moe_ffn_reference
-    h, i, e, k = SHAPES[shape]
-    g = torch.Generator(device="cuda").manual_seed(tokens)
-    bf = torch.bfloat16
-    w13 = torch.randn(e, 2 * i, h, device="cuda", dtype=bf, generator=g) / h ** 0.5
-    w2 = torch.randn(e, h, i, device="cuda", dtype=bf, generator=g) / i ** 0.5
-    x = torch.randn(tokens, h, device="cuda", dtype=bf, generator=g)
-    ids = torch.rand(tokens, e, device="cuda", generator=g).topk(k, dim=1).indices
-    w = torch.rand(tokens, k, device="cuda", generator=g)
+    w13, w2, x, ids, w = gpu_moe_layer(*SHAPES[shape], tokens)
     out = moe_ffn(x, w13, w2, w, ids)
     torch.cuda.synchronize()
     ref = moe_ffn_reference(x, w13, w2, w, ids)
