@@ -79,15 +79,15 @@ class Fp8Weights:
 
     def dequantize(self) -> torch.Tensor:
         """[experts, N, K] float32: q times its scale (the reference's weights)."""
-        e, n, k = self.q.shape
-        s = self.scale.float()
-        if self.layout == "block":
-            s = s.repeat_interleave(GROUP, 1)[:, :n].repeat_interleave(GROUP, 2)[:, :, :k]
-        elif self.layout == "channel":
-            s = s[:, :, None]
-        else:
-            s = s[:, None, None]
-        return self.q.float() * s
+        return self.q.float() * _broadcast_scale(self.scale.float(), self.layout, self.q.shape[1:])
+
+
+def _broadcast_scale(scale: torch.Tensor, layout: str, nk: tuple[int, int]) -> torch.Tensor:
+    """A weight scale (Fp8Weights.scale) -> a tensor that broadcasts against [experts, N, K]."""
+    n, k = nk
+    if layout == "block":
+        return scale.repeat_interleave(GROUP, 1)[:, :n].repeat_interleave(GROUP, 2)[:, :, :k]
+    return scale[:, :, None] if layout == "channel" else scale[:, None, None]
 
 
 def _scale_of(amax: torch.Tensor) -> torch.Tensor:
@@ -117,15 +117,12 @@ def _quantize_experts(w: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch
         nb, kb = triton.cdiv(n, GROUP), triton.cdiv(k, GROUP)
         padded = torch.zeros(e, nb * GROUP, kb * GROUP, device=w.device)
         padded[:, :n, :k] = wf
-        amax = padded.view(e, nb, GROUP, kb, GROUP).abs().amax(dim=(2, 4))  # [e, nb, kb]
-        scale = _scale_of(amax)
-        full = scale.repeat_interleave(GROUP, 1)[:, :n].repeat_interleave(GROUP, 2)[:, :, :k]
+        scale = _scale_of(padded.view(e, nb, GROUP, kb, GROUP).abs().amax(dim=(2, 4)))  # [e, nb, kb]
     elif layout == "channel":
         scale = _scale_of(wf.abs().amax(dim=2))  # [e, n]
-        full = scale[:, :, None]
     else:
         scale = _scale_of(wf.abs().amax(dim=(1, 2)))  # [e]
-        full = scale[:, None, None]
+    full = _broadcast_scale(scale, layout, (n, k))
     return (wf / full).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous(), scale.contiguous()
 
 

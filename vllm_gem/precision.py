@@ -9,6 +9,7 @@ No torch here: the CLI and the file checks run without it.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 
@@ -44,9 +45,7 @@ def served_scale_layout(scale_shape: tuple[int, ...], num_experts: int, out_feat
     """
     if block_scales:
         return "block"
-    size = 1
-    for d in scale_shape:
-        size *= d
+    size = math.prod(scale_shape)
     if size == num_experts * out_features:
         return "channel"
     if size in (num_experts, 2 * num_experts):  # w1 and w3 may keep one scale each

@@ -7,6 +7,7 @@ layer's own expert weights where they are in the layout our kernels read.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -84,15 +85,8 @@ def served_weights(model: Any, precision: str, device: torch.device) -> tuple[An
             return None
         e, n, k = w.shape
         want = {"block": (e, -(-n // GROUP), -(-k // GROUP)), "channel": (e, n), "tensor": (e,)}[layout]
-        s = s.reshape(want) if s.numel() == _prod(want) else None
+        s = s.reshape(want) if s.numel() == math.prod(want) else None
         if s is None or s.dtype != torch.float32:
             return None
         out.append(Fp8Weights(w, s, layout))
     return out[0], out[1]
-
-
-def _prod(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
