@@ -55,7 +55,7 @@ def copy_costs(loads: np.ndarray, group: GroupModel, max_copies: int) -> np.ndar
     of one copy of expert e on rank g in step s when e has k + 1 copies (slot cost, no fixed)."""
     k = np.arange(1, max_copies + 1, dtype=np.float64)[:, None, None]
     feat = group.item_features(loads[None] / k)  # [K, S, E, 3]
-    return np.einsum("kse f,gf->kgse".replace(" ", ""), feat, group.slot_coef)
+    return np.einsum("ksef,gf->kgse", feat, group.slot_coef)
 
 
 def solve_layer(loads: np.ndarray, group: GroupModel, num_physical: int, time_limit: float,
@@ -123,14 +123,15 @@ def solve_layer(loads: np.ndarray, group: GroupModel, num_physical: int, time_li
 
 
 def copies_to_phys_to_log(copies: np.ndarray, slots: int) -> np.ndarray:
-    """copies: [experts, ranks] -> phys_to_log row [ranks * slots], rank-major, ids ascending."""
-    row = []
-    for g in range(copies.shape[1]):
-        ids = np.repeat(np.arange(copies.shape[0]), copies[:, g])
-        if len(ids) != slots:
-            raise AssertionError(f"rank {g} got {len(ids)} slots, expected {slots}")
-        row.append(ids)
-    return np.concatenate(row).astype(np.int64)
+    """copies: [experts, ranks] -> phys_to_log row [ranks * slots], rank-major, ids ascending
+    (planners.base.ranks_to_phys_to_log, which also checks the equal slots)."""
+    from .planners.base import ranks_to_phys_to_log
+    experts, ranks = copies.shape
+    per_item = copies.T.ravel()  # rank-major (rank, expert) pairs
+    log = np.repeat(np.tile(np.arange(experts), ranks), per_item)
+    rank = np.repeat(np.repeat(np.arange(ranks), experts), per_item)
+    assert len(log) == ranks * slots, f"{len(log)} copies for {ranks} ranks x {slots} slots"
+    return ranks_to_phys_to_log(log[None], rank[None], ranks)[0]
 
 
 @dataclass
