@@ -181,7 +181,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     old = None
     params: dict[str, Any] = {}
     if args.current:
-        cur = _current_placement(args.current, group.num_ranks, tr.shape[2])
+        from .export import load_any_placement
+        cur = load_any_placement(args.current, group.num_ranks, tr.shape[2])
         validate_placement(cur, args.current, num_layers=tr.shape[1],
                            num_logical_experts=tr.shape[2], num_ranks=group.num_ranks)
         old = cur.array
@@ -214,18 +215,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"(gap to lower bound {sim.gap:.3f}, straggler ratio {sim.straggler_ratio:.3f})"
           + _certificate_text(cert))
     return 0
-
-
-def _current_placement(path: str, num_ranks: int, num_experts: int) -> Placement:
-    """--current: our Placement file, or an SGLang or vllm-ascend placement (vllm_gem.export)."""
-    from .export import placement_from_engine
-    try:
-        head = msgspec.json.decode(Path(path).read_bytes()) if Path(path).is_file() else None
-    except msgspec.DecodeError:
-        head = None
-    if isinstance(head, dict) and ("physical_to_logical_map" in head or "layer_list" in head):
-        return placement_from_engine(path, num_ranks, num_experts)
-    return load(path, Placement)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -394,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, group=False)
     p.add_argument("placement")
     p.add_argument("--to", required=True, choices=["sglang", "vllm-ascend", "vllm-expert-map"],
-                   help="sglang: --init-expert-location; vllm-ascend (alias vllm-expert-map): expert_map_path")
+                   help="sglang: --init-expert-location; vllm-ascend (alias vllm-expert-map): "
+                        "expert_map_path")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_export)
 

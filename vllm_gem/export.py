@@ -21,7 +21,7 @@ import msgspec
 import numpy as np
 
 from .errors import GemInputError
-from .formats import ExpertId, Placement, field_error, rank_of_slots
+from .formats import ExpertId, Placement, field_error, load, rank_of_slots
 
 FORMATS = ("sglang", "vllm-ascend")
 
@@ -60,11 +60,21 @@ def to_engine(placement: Placement, engine: str, source: str = "placement") -> m
         for g in range(placement.num_ranks):
             local = row[g * slots:(g + 1) * slots].tolist()
             if len(set(local)) < len(local):
-                raise GemInputError(source, f"phys_to_log[{layer}]", f"puts two copies of one expert on rank {g}",
+                raise GemInputError(source, f"phys_to_log[{layer}]",
+                                    f"puts two copies of one expert on rank {g}",
                                     "one copy per expert and device (what vllm-ascend's expert map holds)")
             devices.append(AscendDevice(g, local))
         layers.append(AscendLayer(layer, placement.num_ranks, devices))
     return AscendExpertMap(len(layers), layers)
+
+
+def engine_format(head: object) -> str | None:
+    """Which engine's placement a decoded JSON document is, by its keys, or None."""
+    if isinstance(head, dict) and "physical_to_logical_map" in head:
+        return "sglang"
+    if isinstance(head, dict) and "layer_list" in head:
+        return "vllm-ascend"
+    return None
 
 
 def read_engine_placement(path: str | Path, num_logical_experts: int | None = None
@@ -79,14 +89,13 @@ def read_engine_placement(path: str | Path, num_logical_experts: int | None = No
     try:
         head = msgspec.json.decode(raw)
     except msgspec.DecodeError as e:
-        raise GemInputError(src, "file", f"is not valid JSON ({e})", "an SGLang or vllm-ascend placement") from None
-    if isinstance(head, dict) and "physical_to_logical_map" in head:
-        obj = _decode(raw, SglangExpertLocation, src)
-        rows, ranks, fmt = obj.physical_to_logical_map, None, "sglang"
-    elif isinstance(head, dict) and "layer_list" in head:
-        obj = _decode(raw, AscendExpertMap, src)
-        rows, ranks = _ascend_rows(obj, src)
-        fmt = "vllm-ascend"
+        raise GemInputError(src, "file", f"is not valid JSON ({e})",
+                            "an SGLang or vllm-ascend placement") from None
+    fmt = engine_format(head)
+    if fmt == "sglang":
+        rows, ranks = _decode(raw, SglangExpertLocation, src).physical_to_logical_map, None
+    elif fmt == "vllm-ascend":
+        rows, ranks = _ascend_rows(_decode(raw, AscendExpertMap, src), src)
     else:
         raise GemInputError(src, "file", "has neither physical_to_logical_map nor layer_list",
                             "SGLang's {\"physical_to_logical_map\": ...} or vllm-ascend's expert map")
@@ -112,7 +121,8 @@ def _decode(raw: bytes, cls: type, src: str):
 
 def _ascend_rows(obj: AscendExpertMap, src: str) -> tuple[list[list[int]], int]:
     if obj.moe_layer_count != len(obj.layer_list) or not obj.layer_list:
-        raise GemInputError(src, "moe_layer_count", f"is {obj.moe_layer_count} for {len(obj.layer_list)} layers",
+        raise GemInputError(src, "moe_layer_count",
+                            f"is {obj.moe_layer_count} for {len(obj.layer_list)} layers",
                             "the number of entries of layer_list (> 0)")
     ranks = obj.layer_list[0].device_count
     rows = []
@@ -125,12 +135,24 @@ def _ascend_rows(obj: AscendExpertMap, src: str) -> tuple[list[list[int]], int]:
     return rows, ranks
 
 
+def load_any_placement(path: str | Path, num_ranks: int, num_logical_experts: int) -> Placement:
+    """Our Placement file, or an SGLang or vllm-ascend one (engine_format), as our Placement."""
+    try:
+        head = msgspec.json.decode(Path(path).read_bytes())
+    except (OSError, msgspec.DecodeError):  # not JSON, or unreadable: formats.load says which
+        head = None
+    if engine_format(head):
+        return placement_from_engine(path, num_ranks, num_logical_experts)
+    return load(path, Placement)
+
+
 def placement_from_engine(path: str | Path, num_ranks: int, num_logical_experts: int, model: str = ""
                           ) -> Placement:
     """An engine's placement file as our Placement (for `plan --current` and `inspect`)."""
     p2l, ranks, fmt = read_engine_placement(path, num_logical_experts)
     if ranks is not None and ranks != num_ranks:
-        raise GemInputError(str(path), "device_count", f"is {ranks}", f"{num_ranks} (the EP ranks planned for)")
+        raise GemInputError(str(path), "device_count", f"is {ranks}",
+                            f"{num_ranks} (the EP ranks planned for)")
     if p2l.shape[1] % num_ranks:
         raise GemInputError(str(path), "physical_to_logical_map", f"has {p2l.shape[1]} slots per layer",
                             f"a multiple of {num_ranks} ranks")
