@@ -92,6 +92,14 @@ def bmm_experts(xin, w13, w2):
     return torch.bmm(torch.nn.functional.silu(h[..., :inter]) * h[..., inter:], w2.transpose(1, 2))
 
 
+def routed_inputs(tokens: int, hidden: int, experts: int, top_k: int, g: torch.Generator):
+    """One call's inputs, drawn from g: x [tokens, hidden] bf16, topk ids [tokens, top_k]
+    int32 (top_k distinct random experts per token), router weights [tokens, top_k]."""
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
+    ids = torch.rand(tokens, experts, device="cuda", generator=g).topk(top_k, dim=1).indices.to(torch.int32)
+    return x, ids, torch.rand(tokens, top_k, device="cuda", generator=g)
+
+
 def bench(fn) -> float:
     """us per call of fn: median of CUDA-graph replays."""
     return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
@@ -189,8 +197,8 @@ def vllm_fp8_experts(layout: str):
 
     def run(x, w13, w2, w, ids):
         channel = layout == "channel"
-        cfg = make(w1_scale=w13.scale, w2_scale=w2.scale, per_act_token_quant=channel, per_out_ch_quant=channel,
-                   block_shape=[128, 128] if layout == "block" else None)
+        cfg = make(w1_scale=w13.scale, w2_scale=w2.scale, per_act_token_quant=channel,
+                   per_out_ch_quant=channel, block_shape=[128, 128] if layout == "block" else None)
         return fused(x, w13.q, w2.q, w, ids, quant_config=cfg)
     return run
 
@@ -213,9 +221,7 @@ def main_fp8(a: argparse.Namespace) -> None:
         w2 = quantize_weights(rand(e, h, i) / i ** 0.5, layout)
         torch.cuda.empty_cache()
         for t in TOKENS:
-            x = torch.randn(t, h, device="cuda", dtype=bf, generator=g)
-            ids = torch.rand(t, e, device="cuda", generator=g).topk(k, dim=1).indices.to(torch.int32)
-            w = torch.rand(t, k, device="cuda", generator=g)
+            x, ids, w = routed_inputs(t, h, e, k, g)
             torch.cuda.synchronize()  # do_bench_cudagraph's side stream: inputs written first
             ours = bench(lambda: moe_ffn_fp8(x, w13, w2, w, ids))
             ref_v = bench(lambda: theirs(x, w13, w2, w, ids)) if theirs else float("nan")
@@ -265,9 +271,7 @@ def main() -> None:
         w13 = torch.randn(e, 2 * i, h, device="cuda", dtype=bf, generator=g) / h ** 0.5
         w2 = torch.randn(e, h, i, device="cuda", dtype=bf, generator=g) / i ** 0.5
         for t in TOKENS:
-            x = torch.randn(t, h, device="cuda", dtype=bf, generator=g)
-            ids = torch.rand(t, e, device="cuda", generator=g).topk(k, dim=1).indices.to(torch.int32)
-            w = torch.rand(t, k, device="cuda", generator=g)
+            x, ids, w = routed_inputs(t, h, e, k, g)
             row, line = measure_case(name, x, w13, w2, w, ids, fused, vllm_align, a.search, a.stages)
             rows.append(row)
             print(line, flush=True)
