@@ -324,74 +324,73 @@ class GemPolicy(PlacementPolicy):
         layers, steps, num_items, _ = feat.shape
         ranks, coef = group.num_ranks, group.slot_coef.astype(np.float32)
         slots = num_items // ranks
-        rows = np.arange(layers)
         t = _rank_times(feat, rank_of, group).astype(np.float32)  # [L, S, G]
         feat = feat.astype(np.float32)  # float32 halves the memory traffic of the search
         hold = np.zeros((layers, ranks, experts), dtype=np.int64)
-        np.add.at(hold, (rows[:, None], rank_of, item_log), 1)
+        np.add.at(hold, (np.arange(layers)[:, None], rank_of, item_log), 1)
         stale = np.zeros(layers, dtype=np.int64)
         windows = -(-slots // cand)  # candidate windows over the bottleneck rank's items
         rounds = windows * min(ranks, 2)  # x bottleneck choices
         swaps = 0
         for _ in range(self.params["max_iters"]):
-            live = stale < rounds
-            if not live.any() or time.perf_counter() > deadline:
+            # only the layers still improving are scored: most converge in a few dozen rounds
+            lv = np.nonzero(stale < rounds)[0]
+            if not len(lv) or time.perf_counter() > deadline:
                 break
-            tmax = t.max(-1)
+            n, rows = len(lv), np.arange(len(lv))
+            tl, rk, il = t[lv], rank_of[lv], item_log[lv]
+            tmax = tl.max(-1)
             obj = tmax.mean(-1)
             # bottleneck rank: most often the slowest (then the slowest on average); when
             # stuck, try the runner-up
-            mean = t.mean(1)
-            score = (t >= tmax[..., None] - 1e-9).sum(1) + mean / (mean.max(1, keepdims=True) + 1e-30)
-            pick = (stale // windows) % min(ranks, 2)
+            mean = tl.mean(1)
+            score = (tl >= tmax[..., None] - 1e-9).sum(1) + mean / (mean.max(1, keepdims=True) + 1e-30)
+            pick = (stale[lv] // windows) % min(ranks, 2)
             g1 = np.take_along_axis(np.argsort(-score, axis=1), pick[:, None], 1)[:, 0]
-            on1 = rank_of == g1[:, None]
+            on1 = rk == g1[:, None]
             items1 = np.argsort(~on1, axis=1, kind="stable")[:, :slots]
-            off = (stale % windows) * cand
+            off = (stale[lv] % windows) * cand
             sel = np.take_along_axis(items1, (off[:, None] + np.arange(cand)) % slots, 1)
-            f1 = feat[rows[:, None], :, sel]  # [L, C, S, 3]
+            f1 = feat[lv[:, None], :, sel]  # [n, C, S, 3]
             # swap partners: the items on other ranks only
-            part = np.argsort(on1, axis=1, kind="stable")[:, : num_items - slots]  # [L, J]
-            fj = feat[rows[:, None], :, part].transpose(0, 2, 1, 3)  # [L, S, J, 3]
-            h = np.take_along_axis(rank_of, part, 1)  # [L, J] rank of each partner
-            log_j = np.take_along_axis(item_log, part, 1)
-            coef_h = coef[h]  # [L, J, 3]
-            cg1 = coef[g1][:, :, None]  # [L, 3, 1]
-            c1_g1 = (f1.reshape(layers, -1, 3) @ cg1).reshape(layers, cand, steps)
-            cj_g1 = (fj.reshape(layers, -1, 3) @ cg1).reshape(layers, steps, -1)
+            part = np.argsort(on1, axis=1, kind="stable")[:, : num_items - slots]  # [n, J]
+            fj = feat[lv[:, None], :, part].transpose(0, 2, 1, 3)  # [n, S, J, 3]
+            h = np.take_along_axis(rk, part, 1)  # [n, J] rank of each partner
+            log_j = np.take_along_axis(il, part, 1)
+            coef_h = coef[h]  # [n, J, 3]
+            cg1 = coef[g1][:, :, None]  # [n, 3, 1]
+            c1_g1 = (f1.reshape(n, -1, 3) @ cg1).reshape(n, cand, steps)
+            cj_g1 = (fj.reshape(n, -1, 3) @ cg1).reshape(n, steps, -1)
             cj_h = (fj * coef_h[:, None]).sum(-1)
             # batched matmul (BLAS) rather than einsum: this is the hot spot
-            ci_h = (f1.reshape(layers, -1, 3) @ coef_h.transpose(0, 2, 1)).reshape(
-                layers, cand, steps, -1)
-            tg1 = t[rows, :, g1]
-            th = np.take_along_axis(t, h[:, None, :], axis=2)
+            ci_h = (f1.reshape(n, -1, 3) @ coef_h.transpose(0, 2, 1)).reshape(n, cand, steps, -1)
+            tg1 = tl[rows, :, g1]
+            th = np.take_along_axis(tl, h[:, None, :], axis=2)
             new1 = tg1[:, None, :, None] - c1_g1[..., None] + cj_g1[:, None]
             newh = th[:, None] - cj_h[:, None] + ci_h
-            other = _max_excluding(t, g1, h)  # [L, S, J]
-            val = np.maximum(np.maximum(new1, newh), other[:, None]).mean(2)  # [L, C, J]
-            log_i = np.take_along_axis(item_log, sel, 1)
-            dup = (hold[rows[:, None, None], h[:, None, :], log_i[:, :, None]] > 0) \
-                | (hold[rows[:, None], g1[:, None], log_j] > 0)[:, None, :] \
+            other = _max_excluding(tl, g1, h)  # [n, S, J]
+            val = np.maximum(np.maximum(new1, newh), other[:, None]).mean(2)  # [n, C, J]
+            log_i = np.take_along_axis(il, sel, 1)
+            dup = (hold[lv[:, None, None], h[:, None, :], log_i[:, :, None]] > 0) \
+                | (hold[lv[:, None], g1[:, None], log_j] > 0)[:, None, :] \
                 | (log_i[:, :, None] == log_j[:, None, :])
             if fetch is not None:  # what each rank pays to get each expert (0: it has it)
-                fi = fetch[rows[:, None, None], h[:, None, :], log_i[:, :, None]]
-                fj = fetch[rows[:, None], g1[:, None], log_j][:, None, :]
-                fi1 = fetch[rows[:, None], g1[:, None], log_i][:, :, None]
-                fjh = fetch[rows[:, None], h, log_j][:, None, :]
+                fi = fetch[lv[:, None, None], h[:, None, :], log_i[:, :, None]]
+                fj = fetch[lv[:, None], g1[:, None], log_j][:, None, :]
+                fi1 = fetch[lv[:, None], g1[:, None], log_i][:, :, None]
+                fjh = fetch[lv[:, None], h, log_j][:, None, :]
                 val = val + mw * (fi + fj - fi1 - fjh)
             val = np.where(dup, np.inf, val)
-            flat = val.reshape(layers, -1).argmin(1)
+            flat = val.reshape(n, -1).argmin(1)
             ci, pj = np.divmod(flat, num_items - slots)
-            best = val[rows, ci, pj]
-            gain = obj - best
-            ok = live & (gain > self.params["min_gain"] * np.maximum(obj, 1e-30))
-            stale = np.where(ok, 0, stale + 1)
-            for layer in np.nonzero(ok)[0]:
-                i, jj = sel[layer, ci[layer]], pj[layer]
-                j = part[layer, jj]
-                ga, gb = g1[layer], h[layer, jj]
-                t[layer, :, ga] = new1[layer, ci[layer], :, jj]
-                t[layer, :, gb] = newh[layer, ci[layer], :, jj]
+            gain = obj - val[rows, ci, pj]
+            ok = gain > self.params["min_gain"] * np.maximum(obj, 1e-30)
+            stale[lv] = np.where(ok, 0, stale[lv] + 1)
+            for x in np.nonzero(ok)[0]:
+                layer, i, j = lv[x], sel[x, ci[x]], part[x, pj[x]]
+                ga, gb = g1[x], h[x, pj[x]]
+                t[layer, :, ga] = new1[x, ci[x], :, pj[x]]
+                t[layer, :, gb] = newh[x, ci[x], :, pj[x]]
                 li, lj = item_log[layer, i], item_log[layer, j]
                 hold[layer, ga, li] -= 1
                 hold[layer, gb, lj] -= 1
