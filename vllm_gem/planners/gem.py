@@ -24,7 +24,10 @@ from the current placement and accepts only swaps whose gain pays for the moves 
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -192,12 +195,14 @@ class GemPolicy(PlacementPolicy):
                  local_search: bool = True, max_iters: int = 200, candidates: int = 16,
                  min_gain: float = 1e-4, time_budget: float | None = None,
                  migration_weight: float | None = None, seed: int = 0,
-                 construct_ranks: int = 64, node_move_cost: float = 0.25, **params: Any) -> None:
+                 construct_ranks: int = 16, node_move_cost: float = 0.25,
+                 threads: int = min(os.cpu_count() or 1, 8), **params: Any) -> None:
         super().__init__(max_steps=max_steps, min_steps=min_steps, stepwise=stepwise,
                          local_search=local_search, max_iters=max_iters, candidates=candidates,
                          min_gain=min_gain, time_budget=time_budget,
                          migration_weight=migration_weight, seed=seed,
-                         construct_ranks=construct_ranks, node_move_cost=node_move_cost, **params)
+                         construct_ranks=construct_ranks, node_move_cost=node_move_cost,
+                         threads=threads, **params)
         self.report: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- entry point
@@ -226,24 +231,24 @@ class GemPolicy(PlacementPolicy):
             options = [choose_replicas(loads, num_physical, group)]
             if num_physical > experts:
                 options += [hottest_replicas(loads, num_physical), coldest_replicas(loads, num_physical)]
-            best = None
-            for cnt in options:
+            def construct(cnt: np.ndarray) -> list:
                 log = np.stack([np.repeat(np.arange(experts), c) for c in cnt])
                 f = _item_features(loads, log, group)
-                if group.num_ranks > p["construct_ranks"]:
-                    r = _construct_large(f, log, consistent, group, problem.slots_per_rank, experts,
-                                         p["construct_ranks"])
+                if p["stepwise"] and group.num_ranks > 1:
+                    r = _construct_stepwise(f, log, consistent, group, problem.slots_per_rank,
+                                            experts, min(p["construct_ranks"], group.num_ranks))
                 else:
-                    r = self._construct(f, log, consistent, group, problem.slots_per_rank, experts,
-                                        p["stepwise"])
-                us = _rank_times(f, r, group).max(-1).mean(1)  # [L]
+                    r = _construct_mean(f, log, consistent, group, problem.slots_per_rank, experts)
+                return [log, f, r, _rank_times(f, r, group).max(-1).mean(1)]  # us: [L]
+            best = None
+            for opt in _map(construct, options, p["threads"]):
                 if best is None:
-                    best = [log, f, r, us]
+                    best = opt
                     continue
-                take = us < best[3]  # [L] layers where this option constructs faster
-                best = [np.where(take[:, None], log, best[0]),
-                        np.where(take[:, None, None, None], f, best[1]),
-                        np.where(take[:, None], r, best[2]), np.minimum(us, best[3])]
+                take = opt[3] < best[3]  # [L] layers where this option constructs faster
+                best = [np.where(take[:, None], opt[0], best[0]),
+                        np.where(take[:, None, None, None], opt[1], best[1]),
+                        np.where(take[:, None], opt[2], best[2]), np.minimum(opt[3], best[3])]
             item_log, feat, rank_of = best[0], best[1], best[2]
 
         self.report = {
@@ -266,42 +271,6 @@ class GemPolicy(PlacementPolicy):
         self.report.update(construct_us=float(before), final_us=float(after))
         return ranks_to_phys_to_log(item_log, rank_of, group.num_ranks)
 
-    # ----------------------------------------------------------------- construction
-    @staticmethod
-    def _construct(feat: np.ndarray, item_log: np.ndarray, consistent: np.ndarray,
-                   group: GroupModel, slots: int, experts: int, stepwise: bool) -> np.ndarray:
-        """Greedy placement of items; returns rank_of: [L, P]."""
-        layers, steps, num_items, _ = feat.shape
-        ranks = group.num_ranks
-        coef_t = group.slot_coef.T  # [3, G]
-        rows = np.arange(layers)
-        t = np.broadcast_to(group.fixed, (layers, steps, ranks)).copy()
-        fill = np.zeros((layers, ranks), dtype=np.int64)
-        hold = np.zeros((layers, ranks, experts), dtype=bool)
-        rank_of = np.full((layers, num_items), -1, dtype=np.int64)
-        order = _placement_order(feat.mean(1), item_log, consistent, group)
-        gidx = np.arange(ranks)
-        for k in range(num_items):
-            i = order[:, k]
-            cost = feat[rows, :, i, :] @ coef_t  # [L, S, G]
-            new_t = t + cost
-            if stepwise:
-                top = t.argmax(-1)
-                v1 = np.take_along_axis(t, top[..., None], -1)
-                v2 = np.partition(t, -2, axis=-1)[..., -2:-1] if ranks > 1 else v1 * 0
-                other = np.where(gidx == top[..., None], v2, v1)
-                score = np.maximum(new_t, other).mean(1) + 1e-3 * new_t.mean(1)
-            else:
-                score = new_t.mean(1)
-            lg = item_log[rows, i]
-            bad = _blocked_ranks(fill, slots, hold[rows, :, lg])
-            g = np.where(bad, np.inf, score).argmin(1)
-            rank_of[rows, i] = g
-            fill[rows, g] += 1
-            hold[rows, g, lg] = True
-            t[rows, :, g] += cost[rows, :, g]
-        return rank_of
-
     # ----------------------------------------------------------------- local search
     def _local_search(self, feat: np.ndarray, item_log: np.ndarray, rank_of: np.ndarray,
                       group: GroupModel, experts: int, fetch: np.ndarray | None,
@@ -310,22 +279,26 @@ class GemPolicy(PlacementPolicy):
         slots = num_items // group.num_ranks
         cand = min(slots, self.params["candidates"])
         chunk = max(1, _CHUNK_ELEMS // (cand * steps * (num_items - slots)))
+        chunk = min(chunk, -(-layers // self.params["threads"]))  # a share for every thread
         rank_of = rank_of.copy()
-        swaps = 0
-        for a in range(0, layers, chunk):
+
+        def search(a: int) -> int:  # layers are independent: each chunk is searched alone
             sl = slice(a, min(layers, a + chunk))
             oh = fetch[sl] if fetch is not None else None
             rank_of[sl], n = self._search_chunk(feat[sl], item_log[sl], rank_of[sl], group,
                                                 experts, cand, oh, migration_weight, deadline)
-            swaps += n
-        return rank_of, swaps
+            return n
+        return rank_of, sum(_map(search, range(0, layers, chunk), self.params["threads"]))
 
     def _search_chunk(self, feat, item_log, rank_of, group, experts, cand, fetch, mw, deadline):
         layers, steps, num_items, _ = feat.shape
         ranks, coef = group.num_ranks, group.slot_coef.astype(np.float32)
-        slots = num_items // ranks
-        t = _rank_times(feat, rank_of, group).astype(np.float32)  # [L, S, G]
-        feat = feat.astype(np.float32)  # float32 halves the memory traffic of the search
+        slots, num_part = num_items // ranks, num_items - num_items // ranks
+        # layouts with steps last, so that every gather below copies whole rows and the
+        # big [n, J, C, S] arrays reduce over their last axis; float32 halves the traffic
+        t = _rank_times(feat, rank_of, group).astype(np.float32).transpose(0, 2, 1).copy()  # [L, G, S]
+        feat = feat.astype(np.float32).transpose(0, 2, 1, 3).copy()  # [L, P, S, 3]
+        own = (feat * coef[rank_of][:, :, None]).sum(-1)  # [L, P, S] each item's cost where it is
         hold = np.zeros((layers, ranks, experts), dtype=np.int64)
         np.add.at(hold, (np.arange(layers)[:, None], rank_of, item_log), 1)
         stale = np.zeros(layers, dtype=np.int64)
@@ -339,58 +312,59 @@ class GemPolicy(PlacementPolicy):
                 break
             n, rows = len(lv), np.arange(len(lv))
             tl, rk, il = t[lv], rank_of[lv], item_log[lv]
-            tmax = tl.max(-1)
+            tmax = tl.max(1)  # [n, S]
             obj = tmax.mean(-1)
             # bottleneck rank: most often the slowest (then the slowest on average); when
             # stuck, try the runner-up
-            mean = tl.mean(1)
-            score = (tl >= tmax[..., None] - 1e-9).sum(1) + mean / (mean.max(1, keepdims=True) + 1e-30)
+            mean = tl.mean(2)
+            score = (tl >= tmax[:, None] - 1e-9).sum(2) + mean / (mean.max(1, keepdims=True) + 1e-30)
             pick = (stale[lv] // windows) % min(ranks, 2)
             g1 = np.take_along_axis(np.argsort(-score, axis=1), pick[:, None], 1)[:, 0]
             on1 = rk == g1[:, None]
             items1 = np.argsort(~on1, axis=1, kind="stable")[:, :slots]
             off = (stale[lv] % windows) * cand
             sel = np.take_along_axis(items1, (off[:, None] + np.arange(cand)) % slots, 1)
-            f1 = feat[lv[:, None], :, sel]  # [n, C, S, 3]
             # swap partners: the items on other ranks only
-            part = np.argsort(on1, axis=1, kind="stable")[:, : num_items - slots]  # [n, J]
-            fj = feat[lv[:, None], :, part].transpose(0, 2, 1, 3)  # [n, S, J, 3]
+            part = np.argsort(on1, axis=1, kind="stable")[:, :num_part]  # [n, J]
             h = np.take_along_axis(rk, part, 1)  # [n, J] rank of each partner
-            log_j = np.take_along_axis(il, part, 1)
-            coef_h = coef[h]  # [n, J, 3]
+            f1 = feat[lv[:, None], sel]  # [n, C, S, 3]
+            fj = feat[lv[:, None], part]  # [n, J, S, 3]
             cg1 = coef[g1][:, :, None]  # [n, 3, 1]
-            c1_g1 = (f1.reshape(n, -1, 3) @ cg1).reshape(n, cand, steps)
-            cj_g1 = (fj.reshape(n, -1, 3) @ cg1).reshape(n, steps, -1)
-            cj_h = (fj * coef_h[:, None]).sum(-1)
-            # batched matmul (BLAS) rather than einsum: this is the hot spot
-            ci_h = (f1.reshape(n, -1, 3) @ coef_h.transpose(0, 2, 1)).reshape(n, cand, steps, -1)
-            tg1 = tl[rows, :, g1]
-            th = np.take_along_axis(tl, h[:, None, :], axis=2)
-            new1 = tg1[:, None, :, None] - c1_g1[..., None] + cj_g1[:, None]
-            newh = th[:, None] - cj_h[:, None] + ci_h
-            other = _max_excluding(tl, g1, h)  # [n, S, J]
-            val = np.maximum(np.maximum(new1, newh), other[:, None]).mean(2)  # [n, C, J]
+            c1_g1 = (f1.reshape(n, -1, 3) @ cg1).reshape(n, cand, steps)  # candidates on g1
+            cj_g1 = (fj.reshape(n, -1, 3) @ cg1).reshape(n, num_part, 1, steps)  # partners on g1
+            # each candidate on each partner's rank: a batched matmul (BLAS), not einsum
+            ci_h = (coef[h] @ f1.reshape(n, -1, 3).transpose(0, 2, 1)).reshape(
+                n, num_part, cand, steps)
+            # times after swapping candidate c (on g1) with partner j (on h): g1, h, the rest
+            new1 = (tl[rows, g1][:, None] - c1_g1)[:, None] + cj_g1  # [n, J, C, S]
+            newh = ci_h
+            newh += (tl[rows[:, None], h] - own[lv[:, None], part])[:, :, None]
+            val = np.maximum(new1, newh, out=ci_h)
+            np.maximum(val, _max_excluding(tl, g1, h)[:, :, None], out=val)
+            val = val.mean(-1)  # [n, J, C]
             log_i = np.take_along_axis(il, sel, 1)
-            dup = (hold[lv[:, None, None], h[:, None, :], log_i[:, :, None]] > 0) \
-                | (hold[lv[:, None], g1[:, None], log_j] > 0)[:, None, :] \
-                | (log_i[:, :, None] == log_j[:, None, :])
+            log_j = np.take_along_axis(il, part, 1)
+            dup = (hold[lv[:, None, None], h[:, :, None], log_i[:, None, :]] > 0) \
+                | (hold[lv[:, None], g1[:, None], log_j] > 0)[:, :, None] \
+                | (log_i[:, None, :] == log_j[:, :, None])
             if fetch is not None:  # what each rank pays to get each expert (0: it has it)
-                fi = fetch[lv[:, None, None], h[:, None, :], log_i[:, :, None]]
-                fj = fetch[lv[:, None], g1[:, None], log_j][:, None, :]
-                fi1 = fetch[lv[:, None], g1[:, None], log_i][:, :, None]
-                fjh = fetch[lv[:, None], h, log_j][:, None, :]
-                val = val + mw * (fi + fj - fi1 - fjh)
+                i_to_h = fetch[lv[:, None, None], h[:, :, None], log_i[:, None, :]]
+                j_to_g1 = fetch[lv[:, None], g1[:, None], log_j][:, :, None]
+                i_at_g1 = fetch[lv[:, None], g1[:, None], log_i][:, None, :]
+                j_at_h = fetch[lv[:, None], h, log_j][:, :, None]
+                val = val + mw * (i_to_h + j_to_g1 - i_at_g1 - j_at_h)
             val = np.where(dup, np.inf, val)
-            flat = val.reshape(n, -1).argmin(1)
-            ci, pj = np.divmod(flat, num_items - slots)
-            gain = obj - val[rows, ci, pj]
+            pj, ci = np.divmod(val.reshape(n, -1).argmin(1), cand)
+            gain = obj - val[rows, pj, ci]
             ok = gain > self.params["min_gain"] * np.maximum(obj, 1e-30)
             stale[lv] = np.where(ok, 0, stale[lv] + 1)
             for x in np.nonzero(ok)[0]:
                 layer, i, j = lv[x], sel[x, ci[x]], part[x, pj[x]]
                 ga, gb = g1[x], h[x, pj[x]]
-                t[layer, :, ga] = new1[x, ci[x], :, pj[x]]
-                t[layer, :, gb] = newh[x, ci[x], :, pj[x]]
+                new_i, new_j = f1[x, ci[x]] @ coef[gb], cj_g1[x, pj[x], 0]  # [S] each
+                t[layer, ga] += new_j - own[layer, i]
+                t[layer, gb] += new_i - own[layer, j]
+                own[layer, i], own[layer, j] = new_i, new_j
                 li, lj = item_log[layer, i], item_log[layer, j]
                 hold[layer, ga, li] -= 1
                 hold[layer, gb, lj] -= 1
@@ -443,9 +417,34 @@ def fetch_costs(item_log: np.ndarray, rank_of: np.ndarray, ranks: int, experts: 
     return np.where(hold, 0.0, cost).astype(np.float32)
 
 
-def _construct_large(feat: np.ndarray, item_log: np.ndarray, consistent: np.ndarray,
+def _construct_mean(feat: np.ndarray, item_log: np.ndarray, consistent: np.ndarray,
+                    group: GroupModel, slots: int, experts: int) -> np.ndarray:
+    """The plain speed-aware greedy: each item to the rank where the mean time over steps
+    ends lowest (LPT on mean loads). feat: [L, S, P, 3] -> rank_of: [L, P]"""
+    layers, _, num_items, _ = feat.shape
+    rows = np.arange(layers)
+    t = np.broadcast_to(group.fixed, (layers, group.num_ranks)).copy()  # [L, G] mean times
+    fill = np.zeros((layers, group.num_ranks), dtype=np.int64)
+    hold = np.zeros((layers, group.num_ranks, experts), dtype=bool)
+    rank_of = np.full((layers, num_items), -1, dtype=np.int64)
+    feat_mean = feat.mean(1)  # [L, P, 3]
+    order = _placement_order(feat_mean, item_log, consistent, group)
+    for k in range(num_items):
+        i = order[:, k]
+        lg = item_log[rows, i]
+        new_t = t + feat_mean[rows, i] @ group.slot_coef.T  # [L, G]
+        g = np.where(_blocked_ranks(fill, slots, hold[rows, :, lg]), np.inf, new_t).argmin(1)
+        rank_of[rows, i] = g
+        fill[rows, g] += 1
+        hold[rows, g, lg] = True
+        t[rows, g] = new_t[rows, g]
+    return rank_of
+
+
+def _construct_stepwise(feat: np.ndarray, item_log: np.ndarray, consistent: np.ndarray,
                      group: GroupModel, slots: int, experts: int, num_cand: int) -> np.ndarray:
-    """The step-wise greedy construction for many ranks.
+    """The step-wise greedy construction: each item to the rank that least raises the
+    expected slowest-rank time over the planning steps.
 
     Each item considers only the `num_cand` ranks where it would end soonest on average
     (current mean time + the item's mean cost on that rank, so among idle ranks the fastest
@@ -476,7 +475,7 @@ def _construct_large(feat: np.ndarray, item_log: np.ndarray, consistent: np.ndar
         finish = np.where(blocked, np.inf, t_mean + feat_mean[rows, i] @ coef.T)
         cand = np.argpartition(finish, num_cand - 1, axis=1)[:, :num_cand]  # [L, C]
         ok = np.isfinite(finish[rows[:, None], cand])
-        cost = np.einsum("lsf,lcf->lcs", feat[rows, :, i, :], coef[cand])  # [L, C, S]
+        cost = coef[cand] @ feat[rows, :, i, :].transpose(0, 2, 1)  # [L, C, S], batched BLAS
         new_t = t[rows[:, None], cand] + cost
         other = np.where(cand[:, :, None] == top[:, None, :], v2[:, None, :], v1[:, None, :])
         score = np.maximum(new_t, other).mean(2) + 1e-3 * new_t.mean(2)
@@ -498,22 +497,30 @@ def _construct_large(feat: np.ndarray, item_log: np.ndarray, consistent: np.ndar
     return rank_of
 
 
+def _map(fn: Callable, items: Iterable, threads: int) -> list:
+    """[fn(x) for x in items], on `threads` threads when there are several (numpy releases
+    the GIL in its array loops, so independent layers or options plan in parallel)."""
+    items = list(items)
+    if threads <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(min(threads, len(items))) as ex:
+        return list(ex.map(fn, items))
+
+
 def _max_excluding(t: np.ndarray, g1: np.ndarray, h: np.ndarray) -> np.ndarray:
     """Max over ranks other than g1[l] and h[l, p].
 
-    t: [L, S, G]; g1: [L]; h: [L, P] -> [L, S, P] (-inf where no rank is left)
+    t: [L, G, S]; g1: [L]; h: [L, P] -> [L, P, S] (-inf where no rank is left)
     """
-    ranks = t.shape[-1]
-    k = min(3, ranks)
-    idx = np.argpartition(-t, k - 1, axis=-1)[..., :k] if ranks > k else np.argsort(-t, -1)
-    vals = np.take_along_axis(t, idx, -1)
-    o = np.argsort(-vals, axis=-1)
-    idx, vals = np.take_along_axis(idx, o, -1), np.take_along_axis(vals, o, -1)
-    out = np.full(t.shape[:2] + (h.shape[1],), -np.inf, dtype=t.dtype)  # keep float32
-    done = np.zeros_like(out, dtype=bool)
-    for c in range(k):
-        d = idx[..., c][..., None]  # [L, S, 1]
-        usable = (d != g1[:, None, None]) & (d != h[:, None, :]) & ~done
-        out = np.where(usable, vals[..., c][..., None], out)
-        done |= usable
-    return out
+    layers, ranks, steps = t.shape
+    rest = t.copy()
+    rest[np.arange(layers), g1] = -np.inf
+    if ranks < 3:  # the one rank left besides g1 and h, if any
+        return np.where((h == g1[:, None])[:, :, None], rest.max(1)[:, None], -np.inf).astype(t.dtype)
+    # the largest and second largest of the ranks but g1, per step: h excludes at most one
+    top2 = np.argpartition(-rest, 1, axis=1)[:, :2]  # [L, 2, S]
+    v = np.take_along_axis(rest, top2, 1)
+    first = v.argmax(1)[:, None]  # [L, 1, S]
+    a1 = np.take_along_axis(top2, first, 1)
+    m1, m2 = np.take_along_axis(v, first, 1), np.take_along_axis(v, 1 - first, 1)
+    return np.where(h[:, :, None] == a1, m2, m1)
