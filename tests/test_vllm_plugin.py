@@ -566,6 +566,16 @@ def test_start_up_placement_from_files_moves_experts_and_exports(inputs, caplog)
     # the history the plan came from is kept for offline checks: here, the trace file's
     planned_from = load(inputs["dir"] + "/planning-history-start.msgpack", RoutingTrace)
     assert np.array_equal(planned_from.loads, load(inputs["trace"], RoutingTrace).loads)
+    # the decision and the profiles planned with are logged for `vllm-gem report`
+    from vllm_gem.formats import GpuProfile, load_events
+    [ev] = load_events(inputs["dir"] + "/gem-events.jsonl")
+    assert ev.reason == "start" and ev.applied and ev.generation == 1
+    assert ev.rank_us_after == pytest.approx(rep[0]["rank_us_after"], abs=0.01)
+    assert [load(inputs["dir"] + f"/profile-rank{r}.json", GpuProfile).gpu.name
+            for r in range(2)] == ["gpu0", "gpu1"]
+    from vllm_gem.report import write_report
+    summary = write_report([inputs["dir"]], inputs["dir"] + "/../report.html")
+    assert summary["sections"][-2:] == ["Predicted per-rank layer time", "Placement decisions"]
 
     # the engine's start-up log names vLLM's EPLB communicator and the move's rate, and warns
     # when the weights went through CPU memory (vLLM's choice without NIXL)

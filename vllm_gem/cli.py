@@ -4,6 +4,7 @@
     vllm-gem plan --trace T --profiles P... --num-physical N -o placement.json
     vllm-gem simulate --trace T --profiles P... --placement placement.json
     vllm-gem inspect FILE
+    vllm-gem report DIR|FILE... -o report.html   plots of what GEM wrote, one self-contained page
     vllm-gem import-trace --format harmoeny|vllm-eplb|synthetic SRC -o trace.msgpack
 
 Traces and profiles may name bundled data: `bundled:qwen`, `bundled:one-slow4`. Bad input
@@ -26,8 +27,8 @@ from .formats import (
     GpuProfile,
     Placement,
     RoutingTrace,
-    _Header,
     load,
+    load_any,
     rank_of_slots,
     save,
     validate_placement,
@@ -268,26 +269,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+    summary = write_report(args.paths, args.output)
+    _emit(args, summary, f"wrote {summary['file']}: {summary['images']} figures, sections "
+          f"{', '.join(summary['sections'])} ({summary['files']} files)")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.file)
-    raw = path.read_bytes() if path.is_file() else b""
-    if not raw.strip():
-        raise GemInputError(str(path), "file", "is missing or empty", "a profile, trace or placement")
-    kind = None
-    for mod in (msgspec.json, msgspec.msgpack):
-        try:
-            kind = mod.decode(raw, type=_Header).kind
-            break
-        except msgspec.DecodeError:  # ValidationError included: a header of the wrong type
-            continue
-    if kind is None:
-        raise GemInputError(str(path), "file", "is neither JSON nor msgpack with a kind field "
-                            "(truncated or corrupt?)", "a profile, trace or placement")
-    cls = {"gpu_profile": GpuProfile, "routing_trace": RoutingTrace, "placement": Placement}.get(kind)
-    if cls is None:
-        raise GemInputError(str(path), "kind", f"is {kind!r}",
-                            "'gpu_profile', 'routing_trace' or 'placement'")
-    obj = load(path, cls)
+    obj = load_any(path)
+    kind = obj.kind
     info: dict[str, Any] = {"file": str(path), "kind": kind}
     if isinstance(obj, GpuProfile):
         m = fit(obj, str(path))
@@ -387,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "expert_map_path")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("report", help="one HTML page of plots from profiles, traces, placements "
+                       "and the plugin's event log (a plugin trace_dir)")
+    common(p, group=False)
+    p.add_argument("paths", nargs="+", help="folders (a plugin trace_dir) and files")
+    p.add_argument("-o", "--output", required=True, help="the HTML file to write")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("inspect", help="summarise a profile, trace or placement file")
     common(p, group=False)

@@ -1,6 +1,6 @@
-"""GEM's three file formats: GpuProfile, RoutingTrace and Placement.
+"""GEM's file formats: GpuProfile, RoutingTrace and Placement, and the PlacementEvent log.
 
-All are msgspec Structs carrying ``kind`` and ``schema_version``; they are written as JSON
+The three files are msgspec Structs carrying ``kind`` and ``schema_version``; they are written as JSON
 (``.json``) or msgpack (any other suffix, ``.msgpack`` by convention). Loading checks the
 header, decodes with msgspec's typed decoder, then checks shapes and values; every problem
 becomes a :class:`GemInputError` naming the file, the field and the expectation. Nothing is
@@ -171,6 +171,75 @@ class Placement(msgspec.Struct, kw_only=True):
         return np.asarray(self.phys_to_log, dtype=np.int64)
 
 
+class PlacementEvent(msgspec.Struct, kw_only=True):
+    """One placement decision of the plugin (start-up, switch or recalibration), moved or not:
+    one JSON line of ``gem-events.jsonl`` in the plugin's trace_dir, written by EP rank 0.
+
+    rank_us_before / rank_us_after: [ranks] predicted mean MoE layer time of each rank (us)
+    under the placement in use and the planned one.
+    """
+
+    kind: Literal["placement_event"] = "placement_event"
+    schema_version: int = SCHEMA_VERSION
+    time: str  # ISO 8601, UTC
+    step: int  # engine steps served when it was decided
+    reason: str  # start, switch, recalibration
+    planner: str
+    applied: bool
+    why: str = ""  # why it was not applied
+    predicted_layer_us_before: float
+    predicted_layer_us_after: float
+    predicted_bound_us: float | None = None
+    predicted_gain: float
+    rank_us_before: list[float]
+    rank_us_after: list[float]
+    gpus: list[str] = []
+    planning_seconds: float = 0.0
+    move_seconds: float = 0.0
+    slots_changed: int = 0
+    generation: int = 0  # placements applied by GEM so far, this one included
+
+
+EVENTS_FILE = "gem-events.jsonl"
+
+
+def append_event(event: PlacementEvent, trace_dir: str | Path) -> Path:
+    """Append one event line to trace_dir/gem-events.jsonl."""
+    path = Path(trace_dir) / EVENTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("ab") as f:
+        f.write(msgspec.json.encode(event) + b"\n")
+    return path
+
+
+def load_events(path: str | Path) -> list[PlacementEvent]:
+    """Every event of a gem-events.jsonl file; a bad line is one GemInputError naming it."""
+    src = str(path)
+    try:
+        lines = Path(path).read_bytes().splitlines()
+    except OSError as e:
+        raise GemInputError(src, "file", f"cannot be read ({e.strerror})", "a readable file") from None
+    dec = msgspec.json.Decoder(PlacementEvent)
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            ev = dec.decode(line)
+        except msgspec.ValidationError as e:
+            raise field_error(e, f"{src}:{n}", "a placement_event") from None
+        except (msgspec.DecodeError, UnicodeDecodeError) as e:
+            raise GemInputError(f"{src}:{n}", "line", f"is not valid JSON ({e})",
+                                "one placement_event per line") from None
+        if len(ev.rank_us_before) != len(ev.rank_us_after) or not ev.rank_us_after:
+            raise GemInputError(f"{src}:{n}", "rank_us_after", f"has {len(ev.rank_us_after)} ranks "
+                                f"and rank_us_before {len(ev.rank_us_before)}", "one time per EP rank in both")
+        out.append(ev)
+    if not out:
+        raise GemInputError(src, "file", "holds no event", "one placement_event per line")
+    return out
+
+
 AnyFile = GpuProfile | RoutingTrace | Placement
 T = TypeVar("T", GpuProfile, RoutingTrace, Placement)
 _KIND = {GpuProfile: "gpu_profile", RoutingTrace: "routing_trace", Placement: "placement"}
@@ -222,6 +291,28 @@ def load(path: str | Path, cls: type[T]) -> T:
     except OSError as e:
         raise GemInputError(src, "file", f"cannot be read ({e.strerror})", "a readable file") from None
     return decode(raw, cls, src, json=_is_json(path))
+
+
+def load_any(path: str | Path) -> AnyFile:
+    """A profile, trace or placement file, whichever its `kind` says."""
+    path = Path(path)
+    raw = path.read_bytes() if path.is_file() else b""
+    if not raw.strip():
+        raise GemInputError(str(path), "file", "is missing or empty", "a profile, trace or placement")
+    for mod in (msgspec.json, msgspec.msgpack):
+        try:
+            kind = mod.decode(raw, type=_Header).kind
+            break
+        except msgspec.DecodeError:  # ValidationError included: a header of the wrong type
+            continue
+    else:
+        raise GemInputError(str(path), "file", "is neither JSON nor msgpack with a kind field "
+                            "(truncated or corrupt?)", "a profile, trace or placement")
+    cls = {v: k for k, v in _KIND.items()}.get(kind)
+    if cls is None:
+        raise GemInputError(str(path), "kind", f"is {kind!r}",
+                            "'gpu_profile', 'routing_trace' or 'placement'")
+    return decode(raw, cls, str(path), json=_is_json(path))
 
 
 def decode(raw: bytes, cls: type[T], source: str, json: bool) -> T:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..formats import NdArray, RoutingTrace, load, save
+from ..formats import NdArray, PlacementEvent, RoutingTrace, append_event, load, save
 from .apply import apply_placement, slot_bytes
 from .background import PendingPlan, PlanJob
 from .metrics import RankState, write_state
@@ -93,6 +94,9 @@ class Placing:
             speed = self.speed_report(relative, checks, errors)
         if profiled:
             self.profiles, gathered = self.gather_profiles(quick_profile)
+            if self.rank == 0 and self.cfg.trace_dir:  # the curves GEM plans with, for reports
+                for r, prof in enumerate(self.profiles):
+                    save(prof, Path(self.cfg.trace_dir) / f"profile-rank{r}.json")
             if not horizon_steps:  # start-up: where the profiles came from, and how they were checked
                 speed = gathered
         t_prof = time.perf_counter() - t0
@@ -194,7 +198,23 @@ class Placing:
                     decision.rank_us_before,
                     decision.straggler_after if after else decision.straggler_before)
         report["total_seconds"] = round(stall_before + time.perf_counter() - t0, 3)
+        if self.rank == 0 and self.cfg.trace_dir:
+            self.log_event(report, decision)
         return report
+
+    def log_event(self, report: dict[str, Any], d: PlanDecision) -> None:
+        """Append this decision to trace_dir/gem-events.jsonl (what `vllm-gem report` reads)."""
+        ev = PlacementEvent(
+            time=datetime.now(timezone.utc).isoformat(timespec="seconds"), step=self.steps,
+            reason=report["reason"], planner=report["planner"], applied=report["applied"],
+            why=str(report.get("why", "")), predicted_layer_us_before=d.predicted_before_us,
+            predicted_layer_us_after=d.predicted_after_us,
+            predicted_bound_us=d.predicted_bound_us if np.isfinite(d.predicted_bound_us) else None,
+            predicted_gain=d.gain, rank_us_before=list(map(float, d.rank_us_before)),
+            rank_us_after=list(map(float, d.rank_us_after)), gpus=report["gpus"],
+            planning_seconds=d.planning_seconds, move_seconds=report.get("move_seconds", 0.0),
+            slots_changed=report.get("slots_changed", 0), generation=self.generation)
+        append_event(ev, self.cfg.trace_dir)
 
     def save_placement(self, d: PlanDecision, planner: str) -> None:
         from ..formats import Placement, rank_of_slots
