@@ -179,11 +179,14 @@ def main() -> None:
     ap.add_argument("--certify", type=float, metavar="SECONDS",
                     help="also section 4: the exact MILP for that long per case")
     ap.add_argument("--only-certify", action="store_true", help="section 4 alone")
+    ap.add_argument("--only-scale", action="store_true", help="section 3 alone (planning time)")
     a = ap.parse_args()
     make("vllm-default")  # fail early if vllm is missing
     out: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}",
                  "date": time.strftime("%Y-%m-%d %H:%M")}
-    if not a.only_certify:
+    if a.only_scale:
+        scale(out, a.quick)
+    elif not a.only_certify:
         reference_case(out)
         synthetic_cases(out)
         scale(out, a.quick)
