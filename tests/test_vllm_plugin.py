@@ -885,6 +885,24 @@ def test_trace_replay_draws_distinct_experts_in_proportion():
     assert all(len(set(row)) == 4 for row in ids.tolist()) and torch.allclose(w.sum(1), torch.ones(500))
 
 
+def test_trace_replay_in_recorded_order_takes_one_step_per_forward_pass(tmp_path):
+    import torch
+
+    from vllm_gem.vllm.routing import TraceReplayRouting
+    steps, layers, experts = 5, 3, 8
+    counts = np.zeros((steps, layers, experts), np.int32)
+    hot = np.arange(steps * layers).reshape(steps, layers) % experts  # one hot expert per step, layer
+    np.put_along_axis(counts, hot[..., None], 10**6, axis=2)
+    path = tmp_path / "t.msgpack"
+    save(RoutingTrace(model="m", source="t", counts=NdArray.from_numpy(counts)), path)
+    r = TraceReplayRouting(str(path), "recorded")
+    drawn = [[int(r.route_layer(layer, torch.zeros(64, 2), torch.zeros(64, experts), 1, None)[1]
+                  .flatten().mode().values) for layer in range(layers)] for _ in range(2 * steps)]
+    assert drawn == np.concatenate([hot, hot]).tolist()  # step after step, then again from the first
+    with pytest.raises(GemInputError, match="VLLM_GEM_ROUTING_ORDER: value: is 'sorted'"):
+        TraceReplayRouting(str(path), "sorted")
+
+
 def test_metrics_collector_reads_rank_states(tmp_path):
     from vllm_gem.vllm.metrics import GemCollector, RankState, write_state
     for r, us in [(0, 101.0), (1, 99.5)]:

@@ -19,6 +19,10 @@
 #           ab-slow20  ONE GEM server, GPU 1 20% slower: switch vLLM's start map / vLLM's EPLB policy /
 #                      GEM before every benchmark run, BENCH_REPEATS rounds in rotated order
 #           ab-slow10, ab-mix20   the same at 10%, and on the Mixtral-like model
+#           ab-real10  the same on the Qwen1.5-MoE-A2.7B-shaped model (60 experts, top-4) with the real
+#                      HarMoEny Qwen1.5-MoE routing replayed in recorded order, GPU 1 10% slower
+#                      (for the run: SHAPES=512x128,2048x16 RATES=16,inf)
+#           ab-fp8-10  the Qwen3-shaped model served in fp8 (--quantization fp8), GPU 1 10% slower
 #           ab-equal   the same on the GPUs as they are, plus GEM with its recorder off
 #           ab-dummy   ab-equal's placements (recorder off too) with vLLM's dummy-weight routing
 #           dp2        data parallelism 2 x TP 1, EP over both GPUs, GPU 1 20% slower: vLLM's placement /
@@ -63,6 +67,11 @@ for s in "$@"; do
     run_py benchmarks/e2e/make_moe_model.py /tmp/gem/model-q3 --layers 12 --experts 128 --top-k 8
     run_py benchmarks/e2e/make_moe_model.py /tmp/gem/model-mix --layers 12 --experts 8 --top-k 2 \
       --moe-intermediate 5632
+    # Qwen1.5-MoE-A2.7B's routed experts as a Qwen3-MoE model (vLLM's Qwen2-MoE has no EPLB
+    # support); its shared expert is left out
+    run_py benchmarks/e2e/make_moe_model.py /tmp/gem/model-q15 --layers 24 --experts 60 --top-k 4 \
+      --hidden 2048 --moe-intermediate 1408 --heads 16
+    python3 -c "from vllm_gem.evaluate import bundled_trace; from vllm_gem.formats import save; save(bundled_trace('qwen'), '/tmp/gem/trace-qwen15.msgpack')"
     python3 -m vllm_gem.cli import-trace --format synthetic benchmarks/e2e/skewed-8x12.json \
       -o /tmp/gem/trace-mix.msgpack --model mixtral-like-8x12
     python3 -m vllm_gem.cli import-trace --format synthetic benchmarks/e2e/skewed-128x12.json \
@@ -103,6 +112,8 @@ for s in "$@"; do
     case $s in
       ab-slow20|ab-slow10) cfg=${s#ab-} only=gem-${s#ab-} ;;
       ab-mix20) cfg=mix-slow20 only=gem-mix-slow20 model=mix ;;
+      ab-real10) cfg=real-slow10 only=gem-real-slow10 model=q15 ;;
+      ab-fp8-10) cfg=fp8-slow10 only=gem-fp8-slow10 ;;
       ab-equal) cfg=equal-gpus only=gem-r16 sw=$sw,gem:norecord ;;
       ab-dummy) cfg=equal-gpus only=gem-r16-dummy sw=$sw,gem:norecord ;;
       *) echo "unknown stage $s"; continue ;;

@@ -3,7 +3,10 @@
 Dummy weights route almost uniformly. With
     VLLM_MOE_ROUTING_SIMULATION_STRATEGY=gem_trace VLLM_GEM_ROUTING_TRACE=path/to/trace
 every MoE layer draws its tokens' experts from the trace: per forward pass and layer, one
-recorded step s is drawn at random, and each token takes top_k distinct experts with
+recorded step s is drawn at random (or, with VLLM_GEM_ROUTING_ORDER=recorded, the steps are
+taken in their recorded order, one per forward pass, cycling; a counter on the GPU advances
+at the first MoE layer, so CUDA-graph replays advance it too), and each token takes top_k
+distinct experts with
 probability proportional to that step's counts (Gumbel top-k, all on the GPU, so it is
 captured in CUDA graphs and redrawn on every replay). Hot experts, bursts and per-layer skew
 of the trace carry over. vLLM logs that routing is simulated; model outputs are not valid.
@@ -31,6 +34,8 @@ logger = logging.getLogger("vllm.gem")
 STRATEGY = "gem_trace"
 TRACE_ENV = "VLLM_GEM_ROUTING_TRACE"
 DRIFT_ENV = "VLLM_GEM_ROUTING_DRIFT_STEPS"
+ORDER_ENV = "VLLM_GEM_ROUTING_ORDER"
+ORDERS = ("random", "recorded")
 _ACTIVE: TraceReplayRouting | None = None  # this process's strategy, once installed
 
 
@@ -47,14 +52,15 @@ def step_log_probs(counts: np.ndarray, floor: float = 1e-3) -> np.ndarray:
     return np.log(p / p.sum(-1, keepdims=True)).astype(np.float32)
 
 
-def sample_topk(logp: torch.Tensor, num_tokens: int, top_k: int, gen: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_topk(logp: torch.Tensor, num_tokens: int, top_k: int, gen: torch.Generator | None = None,
+                step: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logp: [steps, experts] -> (topk_weights [T, k] float32, topk_ids [T, k] int64).
 
-    One step for the whole batch (bursts are batch-wide), experts drawn without replacement.
+    One step for the whole batch (bursts are batch-wide), experts drawn without replacement:
+    step [1] (int64, on logp's device) if given, taken modulo the steps; else a random one.
     """
     steps, experts = logp.shape
-    s = torch.randint(steps, (1,), device=logp.device, generator=gen)
+    s = step % steps if step is not None else torch.randint(steps, (1,), device=logp.device, generator=gen)
     u = torch.rand(num_tokens, experts, device=logp.device, generator=gen).clamp_(1e-20, 1.0)
     scores = logp.index_select(0, s) - torch.log(-torch.log(u))
     ids = scores.topk(top_k, dim=-1).indices
@@ -65,12 +71,15 @@ def sample_topk(logp: torch.Tensor, num_tokens: int, top_k: int, gen: torch.Gene
 class TraceReplayRouting:
     """A vLLM RoutingStrategy replaying one trace; layers are told apart by router instance."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, path: str, order: str = "random") -> None:
+        if order not in ORDERS:
+            raise GemInputError(ORDER_ENV, "value", f"is {order!r}", " or ".join(ORDERS))
+        self.path, self.order = path, order
         trace = load(path, RoutingTrace)
         self.logp_host = step_log_probs(trace.counts.to_numpy())  # [L, S, E]
         self.num_layers, self.steps, self.num_experts = self.logp_host.shape
         self._device_logp: dict[torch.device, torch.Tensor] = {}
+        self._device_step: dict[torch.device, torch.Tensor] = {}  # recorded order: forward passes
         self._layer_of: dict[int, int] = {}
 
     def layer_of(self, router: object) -> int:
@@ -87,7 +96,12 @@ class TraceReplayRouting:
         if dev not in self._device_logp:
             self._device_logp[dev] = torch.from_numpy(self.logp_host).to(dev)
         logp = self._device_logp[dev][layer % self.num_layers]
-        w, ids = sample_topk(logp, hidden_states.shape[0], top_k)
+        step = None
+        if self.order == "recorded":
+            step = self._device_step.setdefault(dev, torch.full((1,), -1, dtype=torch.long, device=dev))
+            if layer % self.num_layers == 0:  # a new forward pass: the next recorded step
+                step.add_(1)
+        w, ids = sample_topk(logp, hidden_states.shape[0], top_k, step=step)
         return w, ids.to(indices_type or torch.long)
 
     def relabel(self, perm: np.ndarray) -> None:
@@ -139,7 +153,7 @@ def install() -> None:
     if STRATEGY in RoutingSimulator.get_available_strategies():
         return
     global _ACTIVE
-    strategy = _ACTIVE = TraceReplayRouting(path)
+    strategy = _ACTIVE = TraceReplayRouting(path, os.environ.get(ORDER_ENV, "random").strip().lower() or "random")
     RoutingSimulator.register_strategy(STRATEGY, strategy)
     compute = RoutingSimulatorRouter._compute_routing
 
@@ -151,6 +165,6 @@ def install() -> None:
                                     self.top_k, indices_type)
 
     RoutingSimulatorRouter._compute_routing = compute_routing
-    logger.warning("vllm-gem: MoE routing replays %s (%d layers, %d steps, %d experts); "
+    logger.warning("vllm-gem: MoE routing replays %s (%d layers, %d steps, %d experts, %s order); "
                    "outputs are not valid, for benchmarks only", path, strategy.num_layers,
-                   strategy.steps, strategy.num_experts)
+                   strategy.steps, strategy.num_experts, strategy.order)
