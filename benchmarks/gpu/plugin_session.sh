@@ -23,6 +23,9 @@
 #                      HarMoEny Qwen1.5-MoE routing replayed in recorded order, GPU 1 10% slower
 #                      (for the run: SHAPES=512x128,2048x16 RATES=16,inf)
 #           ab-fp8-10  the Qwen3-shaped model served in fp8 (--quantization fp8), GPU 1 10% slower
+#           one-gpu    what of those runs on ONE GPU (vLLM's EPLB, hence GEM, needs two ranks): the
+#                      Qwen1.5-MoE-shaped model with the real routing in recorded order, and the
+#                      Qwen3-shaped model in fp8, each served and benchmarked without GEM
 #           ab-equal   the same on the GPUs as they are, plus GEM with its recorder off
 #           ab-dummy   ab-equal's placements (recorder off too) with vLLM's dummy-weight routing
 #           dp2        data parallelism 2 x TP 1, EP over both GPUs, GPU 1 20% slower: vLLM's placement /
@@ -107,6 +110,11 @@ for s in "$@"; do
       --configs "benchmarks/e2e/configs/$cfg.json" $E2E \
       2>&1 | tee "$res/e2e-$s.log" | tail -30
     grep -h "vllm-gem" "$res/e2e-$s"/raw/serve-*.log | cut -c1-600 | tail -12 ;;
+  one-gpu)
+    for c in one-gpu-q15-recorded:q15 one-gpu-fp8:q3; do
+      run_py benchmarks/e2e/serve_matrix.py /tmp/gem/model-${c#*:} "$res/e2e-${c%:*}" \
+        --configs "benchmarks/e2e/configs/${c%:*}.json" $E2E 2>&1 | tee "$res/e2e-${c%:*}.log" | tail -4
+    done ;;
   ab-*)
     sw=initial,vllm-default,gem model=q3
     case $s in

@@ -65,7 +65,7 @@ def coactivated_pairs(loads: np.ndarray, temporal: np.ndarray, threshold: float 
     return out
 
 
-MAX_REPLICA_ROUNDS = 16  # beyond this many redundant slots, several are chosen per round
+MAX_REPLICA_ROUNDS = 64  # beyond this many redundant slots, several are chosen per round
 
 
 def choose_replicas(loads: np.ndarray, num_physical: int, group: GroupModel) -> np.ndarray:

@@ -16,6 +16,8 @@ real-slow10: the Qwen1.5-MoE-A2.7B-shaped model (60 experts, top-4) with the rea
 Qwen1.5-MoE trace replayed in its recorded order, GPU 1 10% slower, 4 redundant slots (the
 two-GPU run of real routing). fp8-slow10: the Qwen3-30B-A3B-shaped model served in fp8
 (`--quantization fp8`), GPU 1 10% slower: GEM calibrates and plans in the served precision.
+one-gpu-q15-recorded.json and one-gpu-fp8.json (written by hand, not here): those two models
+served on one GPU without GEM (vLLM's EPLB needs two ranks), the check that runs there.
 """
 
 import json
