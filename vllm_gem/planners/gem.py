@@ -24,6 +24,7 @@ from the current placement and accepts only swaps whose gain pays for the moves 
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -228,10 +229,13 @@ class GemPolicy(PlacementPolicy):
             # rule: a far hotter expert than the rest needs splitting whatever its reads
             # cost); the coldest (a copy of an idle expert costs nothing, where splitting a
             # hot one adds a weight read on a second GPU)
-            options = [choose_replicas(loads, num_physical, group)]
+            options = [functools.partial(choose_replicas, loads, num_physical, group)]
             if num_physical > experts:
-                options += [hottest_replicas(loads, num_physical), coldest_replicas(loads, num_physical)]
-            def construct(cnt: np.ndarray) -> list:
+                options += [functools.partial(hottest_replicas, loads, num_physical),
+                            functools.partial(coldest_replicas, loads, num_physical)]
+
+            def construct(replicas: Callable[[], np.ndarray]) -> list:
+                cnt = replicas()  # [L, E] copies per expert (on the option's thread)
                 log = np.stack([np.repeat(np.arange(experts), c) for c in cnt])
                 f = _item_features(loads, log, group)
                 if p["stepwise"] and group.num_ranks > 1:
