@@ -78,7 +78,7 @@ def command(files: dict[str, str]):
 
     @st.composite
     def build(draw) -> list[str]:
-        sub = draw(st.sampled_from(["plan", "simulate", "inspect", "import-trace", "export"]))
+        sub = draw(st.sampled_from(["plan", "simulate", "inspect", "import-trace", "export", "report"]))
         args = [sub]
         if sub in ("plan", "simulate"):
             args += ["--trace", draw(trace)]
@@ -111,6 +111,11 @@ def command(files: dict[str, str]):
         if sub == "export":
             args += [draw(placement), "--to", draw(mostly(["sglang", "vllm-ascend"], ["trtllm", ""])),
                      "-o", draw(mostly(["OUT.json"], [files["folder"]]))]
+        if sub == "report":
+            args += draw(st.lists(mostly([files["trace"], files["placement"], files["profile0"],
+                                          files["profile1"], str(Path(files["trace"]).parent)],
+                                         bad_files), min_size=1, max_size=4))
+            args += ["-o", draw(mostly(["OUT.html"], [files["folder"], ""]))]
         if draw(st.booleans()):
             args.insert(1, "--json")
         return args
@@ -148,6 +153,8 @@ def check_run(argv: list[str], workdir: Path) -> int:
         target = Path(argv[argv.index("-o") + 1])
         if "export" in argv[:2]:
             read_engine_placement(target)
+        elif "report" in argv[:2]:
+            assert target.read_text().startswith("<!DOCTYPE html>"), argv
         else:
             load(target, Placement if "plan" in argv[:2] else RoutingTrace)
     return code
