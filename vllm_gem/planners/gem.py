@@ -196,13 +196,14 @@ class GemPolicy(PlacementPolicy):
                  local_search: bool = True, max_iters: int = 200, candidates: int = 16,
                  min_gain: float = 1e-4, time_budget: float | None = None,
                  migration_weight: float | None = None, seed: int = 0,
-                 construct_ranks: int = 16, node_move_cost: float = 0.25,
+                 construct_ranks: int = 16, option_margin: float = 0.0, node_move_cost: float = 0.25,
                  threads: int = min(os.cpu_count() or 1, 8), **params: Any) -> None:
         super().__init__(max_steps=max_steps, min_steps=min_steps, stepwise=stepwise,
                          local_search=local_search, max_iters=max_iters, candidates=candidates,
                          min_gain=min_gain, time_budget=time_budget,
                          migration_weight=migration_weight, seed=seed,
-                         construct_ranks=construct_ranks, node_move_cost=node_move_cost,
+                         construct_ranks=construct_ranks, option_margin=option_margin,
+                         node_move_cost=node_move_cost,
                          threads=threads, **params)
         self.report: dict[str, Any] = {}
 
@@ -249,7 +250,9 @@ class GemPolicy(PlacementPolicy):
                 if best is None:
                     best = opt
                     continue
-                take = opt[3] < best[3]  # [L] layers where this option constructs faster
+                # [L] layers where this option constructs faster (by option_margin: the
+                # latency model's set, first, keeps ties and near-ties; benchmarks/studies/replica_sets.py)
+                take = opt[3] < best[3] * (1.0 - p["option_margin"])
                 best = [np.where(take[:, None], opt[0], best[0]),
                         np.where(take[:, None, None, None], opt[1], best[1]),
                         np.where(take[:, None], opt[2], best[2]), np.minimum(opt[3], best[3])]
