@@ -731,6 +731,7 @@ def test_recalibration_plans_in_the_background_and_applies_at_the_due_step(input
         assert rep["plan_delay_steps"] == 4  # 5 asked, at most half the 8-step interval
         assert rep["planning_wall_seconds"] > 0 or r is not res[0]  # rank 0 planned
         assert rep["total_seconds"] < 1.0 and r["holds"]
+        assert rep["plan_threads"] == 1  # beside serving: one planning thread
     assert res[0]["switches"][0]["map"].equal(res[1]["switches"][0]["map"])
 
 

@@ -264,6 +264,7 @@ class GemPolicy(PlacementPolicy):
             "coactivated_temporal_pairs": int(coactivated_pairs(loads, ~consistent).sum()),
             "redundant_slots_per_layer": num_physical - experts,
             "planning_steps": steps,
+            "threads": p["threads"],
         }
         before = _rank_times(feat, rank_of, group).max(-1).mean()
         if p["local_search"] and p["stepwise"] and group.num_ranks > 1:

@@ -27,6 +27,7 @@ from .planning import (
 from .recorder import drop_idle
 
 logger = logging.getLogger("vllm.gem")
+GEM_PLANNERS = ("gem", "gem-migrate", "greedy-speed")  # GemPolicy: takes `threads`
 
 
 class PlacementError(RuntimeError):
@@ -132,6 +133,10 @@ class Placing:
         horizon = saving_horizon(horizon_steps, self.steps - self.placed_at_step) if horizon_steps else 0
         bytes_per_slot = slot_bytes(self.model.expert_weights)
         bandwidth, profiles = self.move_bandwidth, self.profiles
+        params = dict(self.cfg.planner_params)
+        if horizon_steps and planner in GEM_PLANNERS:
+            # a recalibration plans beside serving: one thread, unless planner_params say more
+            params.setdefault("threads", 1)
 
         def job() -> tuple[PlanDecision | None, str]:
             if error:
@@ -139,7 +144,7 @@ class Placing:
             try:  # pure numpy from here on: safe off the serving thread
                 decision = decide(history, profiles, old, num_nodes=self.num_nodes,
                                   num_groups=self.model.num_expert_groups, planner=planner,
-                                  planner_params=self.cfg.planner_params,
+                                  planner_params=params,
                                   min_gain=-1.0 if switch_to else self.cfg.min_gain,
                                   target=self.initial_map if switch_to == "initial" else None,
                                   lp_bound=not horizon_steps)
