@@ -239,11 +239,9 @@ class GemPolicy(PlacementPolicy):
                 cnt = replicas()  # [L, E] copies per expert (on the option's thread)
                 log = np.stack([np.repeat(np.arange(experts), c) for c in cnt])
                 f = _item_features(loads, log, group)
-                if p["stepwise"] and group.num_ranks > 1:
-                    r = _construct_stepwise(f, log, consistent, group, problem.slots_per_rank,
-                                            experts, min(p["construct_ranks"], group.num_ranks))
-                else:
-                    r = _construct_mean(f, log, consistent, group, problem.slots_per_rank, experts)
+                stepwise = p["stepwise"] and group.num_ranks > 1
+                r = _construct(f, log, consistent, group, problem.slots_per_rank, experts,
+                               min(p["construct_ranks"], group.num_ranks) if stepwise else None)
                 return [log, f, r, _rank_times(f, r, group).max(-1).mean(1)]  # us: [L]
             best = None
             for opt in _map(construct, options, p["threads"]):
@@ -425,40 +423,17 @@ def fetch_costs(item_log: np.ndarray, rank_of: np.ndarray, ranks: int, experts: 
     return np.where(hold, 0.0, cost).astype(np.float32)
 
 
-def _construct_mean(feat: np.ndarray, item_log: np.ndarray, consistent: np.ndarray,
-                    group: GroupModel, slots: int, experts: int) -> np.ndarray:
-    """The plain speed-aware greedy: each item to the rank where the mean time over steps
-    ends lowest (LPT on mean loads). feat: [L, S, P, 3] -> rank_of: [L, P]"""
-    layers, _, num_items, _ = feat.shape
-    rows = np.arange(layers)
-    t = np.broadcast_to(group.fixed, (layers, group.num_ranks)).copy()  # [L, G] mean times
-    fill = np.zeros((layers, group.num_ranks), dtype=np.int64)
-    hold = np.zeros((layers, group.num_ranks, experts), dtype=bool)
-    rank_of = np.full((layers, num_items), -1, dtype=np.int64)
-    feat_mean = feat.mean(1)  # [L, P, 3]
-    order = _placement_order(feat_mean, item_log, consistent, group)
-    for k in range(num_items):
-        i = order[:, k]
-        lg = item_log[rows, i]
-        new_t = t + feat_mean[rows, i] @ group.slot_coef.T  # [L, G]
-        g = np.where(_blocked_ranks(fill, slots, hold[rows, :, lg]), np.inf, new_t).argmin(1)
-        rank_of[rows, i] = g
-        fill[rows, g] += 1
-        hold[rows, g, lg] = True
-        t[rows, g] = new_t[rows, g]
-    return rank_of
+def _construct(feat: np.ndarray, item_log: np.ndarray, consistent: np.ndarray,
+               group: GroupModel, slots: int, experts: int, num_cand: int | None) -> np.ndarray:
+    """Greedy construction: items in `_placement_order`, each to the rank that scores best.
 
-
-def _construct_stepwise(feat: np.ndarray, item_log: np.ndarray, consistent: np.ndarray,
-                     group: GroupModel, slots: int, experts: int, num_cand: int) -> np.ndarray:
-    """The step-wise greedy construction: each item to the rank that least raises the
-    expected slowest-rank time over the planning steps.
-
-    Each item considers only the `num_cand` ranks where it would end soonest on average
-    (current mean time + the item's mean cost on that rank, so among idle ranks the fastest
-    come first), and the per-step slowest and second-slowest rank times are kept up to date
-    incrementally (times only grow). One item costs O(layers x (ranks + steps x num_cand))
-    instead of O(layers x steps x ranks).
+    num_cand None: the plain speed-aware greedy, each item where its mean time over the steps
+    ends lowest (LPT on mean loads). Otherwise step-wise: each item to the rank that least
+    raises the expected slowest-rank time over the planning steps, among the `num_cand` ranks
+    where it would end soonest on average (among idle ranks the fastest come first); the
+    per-step slowest and second-slowest rank times are kept up to date incrementally (times
+    only grow), so one item costs O(layers x (ranks + steps x num_cand)), not
+    O(layers x steps x ranks). Step-wise needs at least two ranks.
 
     feat: [L, S, P, 3]; item_log: [L, P]; consistent: [L, E] -> rank_of: [L, P]
     """
@@ -466,11 +441,12 @@ def _construct_stepwise(feat: np.ndarray, item_log: np.ndarray, consistent: np.n
     ranks = group.num_ranks
     coef = group.slot_coef  # [G, 3]
     rows = np.arange(layers)
-    t = np.broadcast_to(group.fixed[:, None], (layers, ranks, steps)).copy()  # [L, G, S]
-    top = t.argmax(1)  # [L, S]
-    v1 = t.max(1)
-    v2 = np.sort(t, axis=1)[:, -2]
-    t_mean = t.mean(2)  # [L, G], kept up to date with t
+    t_mean = np.broadcast_to(group.fixed, (layers, ranks)).copy()  # [L, G] mean time over steps
+    if num_cand is not None:
+        t = np.broadcast_to(group.fixed[:, None], (layers, ranks, steps)).copy()  # [L, G, S]
+        top = t.argmax(1)  # [L, S]
+        v1 = t.max(1)
+        v2 = np.sort(t, axis=1)[:, -2]
     fill = np.zeros((layers, ranks), dtype=np.int64)
     hold = np.zeros((layers, ranks, experts), dtype=bool)
     rank_of = np.full((layers, num_items), -1, dtype=np.int64)
@@ -481,27 +457,31 @@ def _construct_stepwise(feat: np.ndarray, item_log: np.ndarray, consistent: np.n
         lg = item_log[rows, i]
         blocked = _blocked_ranks(fill, slots, hold[rows, :, lg])  # [L, G]
         finish = np.where(blocked, np.inf, t_mean + feat_mean[rows, i] @ coef.T)
-        cand = np.argpartition(finish, num_cand - 1, axis=1)[:, :num_cand]  # [L, C]
-        ok = np.isfinite(finish[rows[:, None], cand])
-        cost = coef[cand] @ feat[rows, :, i, :].transpose(0, 2, 1)  # [L, C, S], batched BLAS
-        new_t = t[rows[:, None], cand] + cost
-        other = np.where(cand[:, :, None] == top[:, None, :], v2[:, None, :], v1[:, None, :])
-        score = np.maximum(new_t, other).mean(2) + 1e-3 * new_t.mean(2)
-        c = np.where(ok, score, np.inf).argmin(1)
-        g = cand[rows, c]
+        if num_cand is None:
+            g = finish.argmin(1)
+            t_mean[rows, g] = finish[rows, g]
+        else:
+            cand = np.argpartition(finish, num_cand - 1, axis=1)[:, :num_cand]  # [L, C]
+            ok = np.isfinite(finish[rows[:, None], cand])
+            cost = coef[cand] @ feat[rows, :, i, :].transpose(0, 2, 1)  # [L, C, S], batched BLAS
+            new_t = t[rows[:, None], cand] + cost
+            other = np.where(cand[:, :, None] == top[:, None, :], v2[:, None, :], v1[:, None, :])
+            score = np.maximum(new_t, other).mean(2) + 1e-3 * new_t.mean(2)
+            c = np.where(ok, score, np.inf).argmin(1)
+            g = cand[rows, c]
+            tg = new_t[rows, c]  # [L, S]
+            t[rows, g] = tg
+            t_mean[rows, g] = tg.mean(1)
+            # incremental slowest / second slowest per (layer, step)
+            is_top = top == g[:, None]
+            above1 = ~is_top & (tg > v1)
+            above2 = ~is_top & ~above1 & (tg > v2)
+            v2 = np.where(above1, v1, np.where(above2, tg, v2))
+            top = np.where(above1, g[:, None], top)
+            v1 = np.where(is_top | above1, tg, v1)
         rank_of[rows, i] = g
         fill[rows, g] += 1
         hold[rows, g, lg] = True
-        tg = new_t[rows, c]  # [L, S]
-        t[rows, g] = tg
-        t_mean[rows, g] = tg.mean(1)
-        # incremental slowest / second slowest per (layer, step)
-        is_top = top == g[:, None]
-        above1 = ~is_top & (tg > v1)
-        above2 = ~is_top & ~above1 & (tg > v2)
-        v2 = np.where(above1, v1, np.where(above2, tg, v2))
-        top = np.where(above1, g[:, None], top)
-        v1 = np.where(is_top | above1, tg, v1)
     return rank_of
 
 
