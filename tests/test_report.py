@@ -77,7 +77,8 @@ def test_report_of_a_run_folder_draws_every_section_and_every_image_decodes(run_
 def test_report_predicts_gem_below_vllms_policy_on_the_planned_trace(run_dir):
     from vllm_gem import report
     inp = report.read_inputs([str(run_dir)])
-    _, rows = report.predicted_rank_times(report._trace_for(inp), report._rank_profiles(inp), inp.placements)
+    _, rows = report.predicted_rank_times(report._trace_for(inp), report._rank_profiles(inp), inp.placements,
+                                          inp.models)
     layer = {r["placement"]: r["layer_us"] for r in rows}
     assert layer["placement-gem.json"] < layer["placement-vllm-default.json"]
     assert all(r["gap_to_bound"] >= 1.0 for r in rows)

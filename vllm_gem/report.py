@@ -24,6 +24,7 @@ import base64
 import html
 import io
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,11 @@ from .formats import (
     load_any,
     load_events,
 )
-from .latency import GroupModel, fit
+from .latency import GroupModel, LatencyModel, fit
 
 SUFFIXES = (".json", ".msgpack", ".jsonl")
 MAX_PANELS = 16  # GPUs, traces or placements drawn (the rest are listed in the tables)
+RANK_IN_NAME = re.compile(r"rank(\d+)")  # the plugin writes profile-rankN.json
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Inputs:
     placements: list[tuple[str, Placement]] = field(default_factory=list)
     events: list[tuple[str, PlacementEvent]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) in folders
+    models: dict[str, LatencyModel] = field(default_factory=dict)  # each profile's fit, by file
 
 
 def read_inputs(paths: list[str]) -> Inputs:
@@ -85,7 +88,7 @@ def read_inputs(paths: list[str]) -> Inputs:
 def _profile_order(item: tuple[str, GpuProfile]) -> tuple[int, str]:
     """EP-rank order where the file name says it (the plugin's profile-rankN.json), else the
     GPU index, then the name."""
-    m = re.search(r"rank(\d+)", Path(item[0]).stem)
+    m = RANK_IN_NAME.search(Path(item[0]).stem)
     return (int(m.group(1)) if m else item[1].gpu.index, item[0])
 
 
@@ -94,6 +97,8 @@ def _add(got: Inputs, f: Path) -> None:
         got.events.extend((str(f), e) for e in load_events(f))
         return
     obj = load_any(f)
+    if isinstance(obj, GpuProfile):  # fitted once here: a profile no model fits is skipped in a folder
+        got.models[str(f)] = fit(obj, str(f))
     {GpuProfile: got.profiles, RoutingTrace: got.traces, Placement: got.placements}[type(obj)].append(
         (str(f), obj))
 
@@ -120,13 +125,13 @@ def _grid(n: int, width: float = 4.2, height: float = 3.2, label: str = ""):
     return fig, axes.flat
 
 
-def latency_curves(profiles: list[tuple[str, GpuProfile]]) -> str:
+def latency_curves(profiles: list[tuple[str, GpuProfile]], models: dict[str, LatencyModel]) -> str:
     """Measured time against the largest per-expert load, the model at the same loads, and
     the tile boundaries: one panel per GPU."""
     shown = profiles[:MAX_PANELS]
     fig, axes = _grid(len(shown), label="GPU latency curves")
     for ax, (f, prof) in zip(axes, shown):
-        model = fit(prof, f)
+        model = models[f]
         counts = [np.asarray(p.tokens_per_expert, dtype=np.float64) for p in prof.points]
         x = np.maximum([c.max() for c in counts], 1.0)  # log axis: an idle point sits at 1
         active = np.array([(c > 0).sum() for c in counts])
@@ -198,7 +203,8 @@ def placement_maps(placements: list[tuple[str, Placement]]) -> str:
 
 
 def predicted_rank_times(trace: tuple[str, RoutingTrace], profiles: list[tuple[str, GpuProfile]],
-                         placements: list[tuple[str, Placement]]) -> tuple[str, list[dict[str, Any]]]:
+                         placements: list[tuple[str, Placement]], models: dict[str, LatencyModel]
+                         ) -> tuple[str, list[dict[str, Any]]]:
     """Each placement's predicted mean MoE layer time per rank on the trace, with vLLM's
     linear start map and the lower bound: a bar chart and its rows."""
     import matplotlib.pyplot as plt
@@ -208,7 +214,7 @@ def predicted_rank_times(trace: tuple[str, RoutingTrace], profiles: list[tuple[s
     from .planners.baselines import LinearPolicy
     from .simulate import simulate
     loads = trace[1].loads
-    group = GroupModel.of([fit(p, f) for f, p in profiles])
+    group = GroupModel.of([models[f] for f, _ in profiles])
     usable = [(f, p) for f, p in placements if p.num_ranks == group.num_ranks
               and p.num_logical_experts == loads.shape[2] and p.array.shape[0] == loads.shape[1]]
     physical = usable[0][1].array.shape[1] if usable else loads.shape[2]
@@ -310,17 +316,17 @@ def build_report(inp: Inputs, title: str = "vllm-gem report") -> tuple[str, dict
                  + f"{len(p.phys_to_log)} layers x {len(p.phys_to_log[0])} slots")
                 for f, p in inp.placements]
              + [(f, "placement_event", f"{n} decisions")
-                for f, n in _count_by_file(inp.events)]
+                for f, n in Counter(f for f, _ in inp.events).items()]
              + [(f, "skipped", why) for f, why in inp.skipped])
     section("Files", _table(["file", "kind", "what"], [list(r) for r in files]))
 
     if inp.profiles:
         rows = []
         for f, p in inp.profiles:
-            m = fit(p, f)
+            m = inp.models[f]
             rows.append([Path(f).name, p.gpu.name, p.emulation or "-", p.kernel.block_m,
                          f"{m.fit_rel_rms:.1%}", *m.coef.round(4).tolist()])
-        section("GPU latency curves", latency_curves(inp.profiles) + _table(
+        section("GPU latency curves", latency_curves(inp.profiles, inp.models) + _table(
             ["file", "GPU", "emulation", "BLOCK_M", "fit RMS", "fixed us", "per expert", "per tile",
              "per token"], rows))
     if inp.traces:
@@ -329,7 +335,8 @@ def build_report(inp: Inputs, title: str = "vllm-gem report") -> tuple[str, dict
         section("Placements", placement_maps(inp.placements))
     if inp.traces and inp.profiles:
         try:
-            img, rows = predicted_rank_times(_trace_for(inp), _rank_profiles(inp), inp.placements)
+            img, rows = predicted_rank_times(_trace_for(inp), _rank_profiles(inp), inp.placements,
+                                             inp.models)
             section("Predicted per-rank layer time", img + _table(
                 ["placement", "layer us", "slowest rank us", "over lower bound", "per rank us"],
                 [[r["placement"], r["layer_us"], r["slowest_rank_us"], r["gap_to_bound"],
@@ -356,7 +363,7 @@ def build_report(inp: Inputs, title: str = "vllm-gem report") -> tuple[str, dict
 def _rank_profiles(inp: Inputs) -> list[tuple[str, GpuProfile]]:
     """The EP group's profiles: the plugin's profile-rankN files where there are any (a trace_dir
     may also hold the profile files the run was given), else every profile, in order."""
-    ranked = [fp for fp in inp.profiles if re.search(r"rank\d+", Path(fp[0]).stem)]
+    ranked = [fp for fp in inp.profiles if RANK_IN_NAME.search(Path(fp[0]).stem)]
     return ranked or inp.profiles
 
 
@@ -366,13 +373,6 @@ def _trace_for(inp: Inputs) -> tuple[str, RoutingTrace]:
         p.array.shape[0] == ft[1].loads.shape[1] and p.num_logical_experts == ft[1].loads.shape[2]
         for _, p in inp.placements)]
     return (fits or inp.traces)[-1]
-
-
-def _count_by_file(events: list[tuple[str, PlacementEvent]]) -> list[tuple[str, int]]:
-    out: dict[str, int] = {}
-    for f, _ in events:
-        out[f] = out.get(f, 0) + 1
-    return list(out.items())
 
 
 def write_report(paths: list[str], out: str | Path) -> dict[str, Any]:
