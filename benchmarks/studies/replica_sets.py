@@ -18,24 +18,14 @@ GEM's mean layer time (us) on its planning steps for benchmarks/planner.py's fle
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
+
+from bench_modules import bench
 
 from vllm_gem.evaluate import bundled_trace, compare, split_steps
 from vllm_gem.planners import PlacementProblem, make
 from vllm_gem.profiles import bundled_profiles, group_from_profiles
 from vllm_gem.simulate import simulate
 from vllm_gem.traces import SyntheticParams, synthetic_trace
-
-
-def bench(name: str):
-    """A benchmarks/*.py module, loaded by path (benchmarks/ stays off sys.path)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_bench", Path(__file__).parents[1] / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def row(margin: float) -> list[str]:

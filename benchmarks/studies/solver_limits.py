@@ -15,9 +15,10 @@ per GPU, GPUs slowed like a fleet (benchmarks/planner.py's fleet_group).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
+
+from bench_modules import bench
 
 from vllm_gem.certify import certify
 from vllm_gem.planners import PlacementProblem, make
@@ -25,12 +26,8 @@ from vllm_gem.traces import SyntheticParams, synthetic_trace
 
 
 def fleet_group(gpus: int, seed: int):
-    """benchmarks/planner.py's fleet_group, loaded by path (benchmarks/ stays off sys.path)."""
-    path = Path(__file__).parents[1] / "planner.py"
-    spec = importlib.util.spec_from_file_location("planner_bench", path)
-    planner = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(planner)
-    return planner.fleet_group(gpus, seed)
+    """benchmarks/planner.py's fleet_group."""
+    return bench("planner").fleet_group(gpus, seed)
 
 
 def main() -> None:
