@@ -30,5 +30,7 @@ PLANNERS: dict[str, type[PlacementPolicy]] = {
     c.name: c for c in (LinearPolicy, RoundRobinPolicy, VllmDefaultPolicy, GemPolicy, ExactPolicy)
 }
 NAMES = ["linear", "round_robin", "vllm-default", "greedy-speed", "gem", "gem-migrate", "exact"]
+GEM_NAMES = ("greedy-speed", "gem", "gem-migrate")  # the names make() builds as a GemPolicy
 
-__all__ = ["PlacementPolicy", "PlacementProblem", "PlannerUnavailable", "make", "NAMES", "PLANNERS"]
+__all__ = ["PlacementPolicy", "PlacementProblem", "PlannerUnavailable", "make", "NAMES", "GEM_NAMES",
+           "PLANNERS"]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..formats import NdArray, PlacementEvent, RoutingTrace, append_event, load, save
+from ..planners import GEM_NAMES
 from .apply import apply_placement, slot_bytes
 from .background import PendingPlan, PlanJob
 from .metrics import RankState, write_state
@@ -27,7 +28,6 @@ from .planning import (
 from .recorder import drop_idle
 
 logger = logging.getLogger("vllm.gem")
-GEM_PLANNERS = ("gem", "gem-migrate", "greedy-speed")  # GemPolicy: takes `threads`
 
 
 class PlacementError(RuntimeError):
@@ -134,7 +134,7 @@ class Placing:
         bytes_per_slot = slot_bytes(self.model.expert_weights)
         bandwidth, profiles = self.move_bandwidth, self.profiles
         params = dict(self.cfg.planner_params)
-        if horizon_steps and planner in GEM_PLANNERS:
+        if horizon_steps and planner in GEM_NAMES:  # a GemPolicy: it takes `threads`
             # a recalibration plans beside serving: one thread, unless planner_params say more
             params.setdefault("threads", 1)
 
