@@ -56,8 +56,18 @@ FP8_BLOCK_TILE_TABLE: list[tuple[float, TileConfig]] = [  # 128x128 block scales
     (32, TileConfig(32, 128, 128, 16, 4, 3)),
     (float("inf"), TileConfig(64, 128, 128, 16, 4, 4)),
 ]
-# Calibration times every load with one fixed tile, so the latency model has one BLOCK_M.
-FP8_CALIBRATION_TILE = TileConfig(64, 128, 128, 16, 4, 4)
+# Calibration times every load with one fixed tile per scale layout, so the latency model has
+# one BLOCK_M. Each is the tile whose times the model (fixed + experts + row tiles + tokens)
+# followed best on loads it was not fitted on, in two runs of
+# benchmarks/studies/fp8_calibration_tile.py on H100 (held-out RMS error; 8 tiles tried):
+# block 2.4-3.0%, channel 3.5-3.8%, tensor 2.8%. The 64x128 tile with 4 stages erred 8-9%
+# (block, channel): its gate/up GEMM's memory-bound tiles fill the SMs in rounds, and a load
+# just past a round costs a whole tile's time more, a step the model has no term for.
+FP8_CALIBRATION_TILES: dict[str, TileConfig] = {
+    "block": TileConfig(32, 64, 128, 16, 4, 3),
+    "channel": TileConfig(64, 128, 128, 16, 8, 3),
+    "tensor": TileConfig(64, 128, 128, 16, 4, 3),
+}
 
 
 def select_fp8_config(tokens: int, top_k: int, num_experts: int, layout: str = "block") -> TileConfig:
@@ -154,6 +164,17 @@ def quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, amax_ptr, rows, K, stride_x, s
     tl.store(q_ptr + r[:, None].to(tl.int64) * stride_q + col[None, :], q.to(q_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def abs_max_kernel(x_ptr, amax_ptr, rows, K, stride_x, GROUP_K: tl.constexpr, ROWS: tl.constexpr):
+    """amax[0] = max(amax[0], |x|max of ROWS rows and one GROUP_K-column group): one atomic
+    per program, as vLLM's dynamic per-tensor quantization (segmented max, then atomicMax)."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    col = tl.program_id(1) * GROUP_K + tl.arange(0, GROUP_K)
+    ok = (r < rows)[:, None] & (col < K)[None, :]
+    x = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_x + col[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(x), 1), 0))
+
+
 def quantize_activations(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [rows, K] -> (q [rows, K] fp8, scale): dynamic scales as vLLM quantizes MoE inputs.
 
@@ -162,10 +183,16 @@ def quantize_activations(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, to
     rows, k = x.shape
     q = torch.empty((rows, k), dtype=FP8, device=x.device)
     if layout == "tensor":
-        # one |x|max over the whole call (one reduction launch), then one quantizing pass
-        amax = torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32).reshape(1)
-        scale = torch.empty(1, dtype=torch.float32, device=x.device)
+        # one |x|max over the whole call, then one quantizing pass. The max is our own kernel:
+        # torch's reduction changes strategy with the size (3.5 us at 1 row, 9.8 at 32, 9 at
+        # 64 on H100), a step the latency model could not follow (11% held-out error)
         group, static, s_m, s_k = min(triton.next_power_of_2(k), 1024), True, 0, 0
+        amax = torch.zeros(1, dtype=torch.float32, device=x.device)
+        scale = torch.empty(1, dtype=torch.float32, device=x.device)
+        if rows:
+            max_rows = max(1, 16384 // group)  # big tiles: few atomics on the one address
+            abs_max_kernel[(triton.cdiv(rows, max_rows), triton.cdiv(k, group))](
+                x, amax, rows, k, x.stride(0), GROUP_K=group, ROWS=max_rows)
     else:
         group = GROUP if layout == "block" else triton.next_power_of_2(k)
         scale = torch.empty((rows, triton.cdiv(k, group)), dtype=torch.float32, device=x.device)

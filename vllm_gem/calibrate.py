@@ -175,14 +175,15 @@ class ExpertKernel:
 
 
 def expert_kernel(precision: str) -> ExpertKernel:
-    """bf16: kernels.moe_gemm; fp8 (any scale layout): kernels.moe_gemm_fp8."""
+    """bf16: kernels.moe_gemm; fp8: kernels.moe_gemm_fp8 at its scale layout's calibration tile."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}, expected one of {', '.join(PRECISIONS)}")
     if precision == "bf16":
         from .kernels.moe_gemm import CALIBRATION_TILE, moe_ffn
         return ExpertKernel("vllm_gem.kernels.moe_gemm", CALIBRATION_TILE, moe_ffn)
-    from .kernels.moe_gemm_fp8 import FP8_CALIBRATION_TILE, moe_ffn_fp8
-    return ExpertKernel("vllm_gem.kernels.moe_gemm_fp8", FP8_CALIBRATION_TILE, moe_ffn_fp8)
+    from .kernels.moe_gemm_fp8 import FP8_CALIBRATION_TILES, moe_ffn_fp8
+    tile = FP8_CALIBRATION_TILES[PRECISIONS[precision].scale_layout]
+    return ExpertKernel("vllm_gem.kernels.moe_gemm_fp8", tile, moe_ffn_fp8)
 
 
 def calibration_weights(spec: CalibrationSpec, device: int, gen: Any) -> tuple[Any, Any]:
@@ -419,13 +420,19 @@ def _time_pattern(counts, x_all, w13, w2, kernel: ExpertKernel, align, spec, str
     return LatencyPoint(list(counts), statistics.median(us), float(q[0]), float(q[1]))
 
 
-def held_out_report(prof: GpuProfile) -> dict[str, float]:
-    """Fit on the structured points, report relative errors on the random mixed ones."""
+def held_out_errors(prof: GpuProfile, test: list[LatencyPoint] | None = None) -> np.ndarray:
+    """[points] relative errors (predicted - measured) / measured on `test` (default: the
+    profile's own random mixed loads) of the model fitted on the profile's structured points."""
     train = msgspec.structs.replace(prof, points=prof.points[:-N_HELD_OUT])
     m = fit(train, prof.gpu.name)
-    test = prof.points[-N_HELD_OUT:]
-    rel = np.array([(m.predict(np.array(p.tokens_per_expert)) - p.median_us) / p.median_us
-                    for p in test])
+    test = prof.points[-N_HELD_OUT:] if test is None else test
+    return np.array([(m.predict(np.array(p.tokens_per_expert)) - p.median_us) / p.median_us
+                     for p in test])
+
+
+def held_out_report(prof: GpuProfile) -> dict[str, float]:
+    """Fit on the structured points, report relative errors on the random mixed ones."""
+    rel = held_out_errors(prof)
     full = fit(prof, prof.gpu.name)
     return {"fit_rel_rms": full.fit_rel_rms, "held_out_rel_rms": float(np.sqrt(np.mean(rel ** 2))),
             "held_out_rel_max": float(np.abs(rel).max())}

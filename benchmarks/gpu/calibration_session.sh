@@ -6,7 +6,7 @@
 #          speed (a recalibration's GPU speed check against a quick re-profile: cost, ratios)
 #          recorder (GEM's routing recorder per engine step, GPU and host time; STEP_MS: a measured
 #          TPOT, default 4.2 ms = GEM's TPOT p50 in ab-slow20 on 2xH200)
-#          fp8tests (the fp8 kernel's GPU tests), fp8calib (calibrate --dtype fp8-block, fp8 and bf16,
+#          fp8tests (the fp8 kernel's GPU tests), fp8calib (calibrate --dtype fp8-block, fp8, fp8-channel and bf16,
 #          twice each: seconds and held-out error), fp8kernels (the fp8 kernel against vLLM's, each
 #          scale layout; needs vLLM)
 #   env: SEARCH=0 times the tile table only (kernels), not every tile of the search;
@@ -47,7 +47,7 @@ recorder)
 fp8tests)
   python3 -m pytest -q -m gpu tests/test_fp8.py tests/test_kernels.py 2>&1 | tail -15 | tee "$res/fp8-tests-$tag.log" ;;
 fp8calib)
-  for dtype in fp8-block fp8 bf16; do for run in 1 2; do
+  for dtype in fp8-block fp8 fp8-channel bf16; do for run in 1 2; do
     python3 -m vllm_gem.cli calibrate --dtype $dtype --out-dir "$res/profiles-$tag-$dtype-run$run" --json > "$res/calib-$tag-$dtype-run$run.json" 2> "$res/calib-$tag-$dtype-run$run.err" \
       || { echo "calibration $dtype run $run failed:"; tail -5 "$res/calib-$tag-$dtype-run$run.err"; }
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(f'$dtype run $run: {d[\"seconds\"]:.1f} s'); [print(' ', r['device'], r['gpu'], 'fit %.3f held-out %.3f max %.3f'%(r['fit_rel_rms'], r['held_out_rel_rms'], r['held_out_rel_max'])) for r in d['profiles']]" "$res/calib-$tag-$dtype-run$run.json"
