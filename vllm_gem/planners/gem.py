@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ..latency import GroupModel
 from .base import PlacementPolicy, PlacementProblem, ranks_to_phys_to_log
@@ -100,26 +101,36 @@ def choose_replicas(loads: np.ndarray, num_physical: int, group: GroupModel) -> 
     cur = piece(cnt)  # [S, L, E] work of one replica now
     new = piece(cnt + 1)  # ... with one more replica
     work = (cur * cnt[None]).sum(-1)  # [S, L]
+    grow = new * (cnt + 1)[None] - cur * cnt[None]  # [S, L, E] what one more replica adds to the work
+    k_speed = tot / top_speed
     remaining = num_physical - experts
     batch = -(-remaining // MAX_REPLICA_ROUNDS)  # 1 unless there are many redundant slots
     while remaining:
         k = min(batch, remaining)
         remaining -= k
-        new_work = work[..., None] + new * (cnt + 1)[None] - cur * cnt[None]
-        # the largest piece excluding each expert itself: the top two per (step, layer)
-        top = cur.argmax(-1)[..., None]
-        first = np.take_along_axis(cur, top, -1)
-        second = np.partition(cur, experts - 2, axis=-1)[..., experts - 2:experts - 1] \
-            if experts > 1 else first * 0
-        excl = np.where(np.arange(experts) == top, second, first)
-        est = np.maximum(new_work / tot, np.maximum(excl, new) / top_speed).mean(0)  # [L, E]
+        # est = mean_s max(work + grow, k_speed * largest piece) / tot. A new replica's piece
+        # is never above the largest one, so the largest piece is the step's largest, except
+        # for that expert itself: there the second largest, or its own new piece
+        top = cur.argmax(-1)  # [S, L]
+        first = np.take_along_axis(cur, top[..., None], -1)[..., 0]
+        masked = cur.copy()
+        np.put_along_axis(masked, top[..., None], -np.inf, -1)
+        second = masked.max(-1)  # -inf with one expert: its own new piece counts then
+        floor = k_speed * first - work  # [S, L]
+        est = np.maximum(grow, floor[..., None]).sum(0)  # [L, E], as sums over steps for now
+        at_top = np.take_along_axis(grow, top[..., None], -1)[..., 0]
+        own_new = np.take_along_axis(new, top[..., None], -1)[..., 0]
+        fix = np.maximum(at_top, k_speed * np.maximum(second, own_new) - work) - np.maximum(at_top, floor)
+        np.add.at(est, (np.broadcast_to(rows, top.shape), top), fix)
+        est = (est / steps + work.mean(0)[:, None]) / tot
         score = est - 1e-6 * est.mean(1, keepdims=True) * (peak / cnt) / (peak.max(1, keepdims=True) + 1e-30)
         for e in (np.argpartition(score, k - 1, axis=1)[:, :k].T if k > 1 else score.argmin(1)[None]):
             # only expert e of each layer changed: update its columns, not the whole [S, L, E]
-            work += new[:, rows, e] * (cnt[rows, e] + 1) - cur[:, rows, e] * cnt[rows, e]
+            work += grow[:, rows, e]
             cnt[rows, e] += 1
             cur[:, rows, e] = new[:, rows, e]
             new[:, rows, e] = group.item_features(loads[:, rows, e] / (cnt[rows, e] + 1)) @ ref
+            grow[:, rows, e] = new[:, rows, e] * (cnt[rows, e] + 1) - cur[:, rows, e] * cnt[rows, e]
     return cnt
 
 
@@ -209,6 +220,14 @@ class GemPolicy(PlacementPolicy):
 
     # ----------------------------------------------------------------- entry point
     def place(self, problem: PlacementProblem) -> np.ndarray:
+        if self.params["threads"] <= 1:
+            return self._place(problem)
+        # the planning threads already fill the cores: BLAS threads under each of them
+        # oversubscribe (58 x 256 x 64 GPUs, 320 slots, 2 cores: 1.44 s with, 1.13 s without)
+        with threadpool_limits(1, user_api="blas"):
+            return self._place(problem)
+
+    def _place(self, problem: PlacementProblem) -> np.ndarray:
         p = self.params
         # time_budget bounds the whole plan: the local search stops at this deadline
         deadline = time.perf_counter() + p["time_budget"] if p["time_budget"] else float("inf")
@@ -300,8 +319,8 @@ class GemPolicy(PlacementPolicy):
         layers, steps, num_items, _ = feat.shape
         ranks, coef = group.num_ranks, group.slot_coef.astype(np.float32)
         slots, num_part = num_items // ranks, num_items - num_items // ranks
-        # layouts with steps last, so that every gather below copies whole rows and the
-        # big [n, J, C, S] arrays reduce over their last axis; float32 halves the traffic
+        # per-item layouts with steps last, so that every gather below copies whole rows;
+        # float32 halves the traffic
         t = _rank_times(feat, rank_of, group).astype(np.float32).transpose(0, 2, 1).copy()  # [L, G, S]
         feat = feat.astype(np.float32).transpose(0, 2, 1, 3).copy()  # [L, P, S, 3]
         own = (feat * coef[rank_of][:, :, None]).sum(-1)  # [L, P, S] each item's cost where it is
@@ -337,37 +356,37 @@ class GemPolicy(PlacementPolicy):
             fj = feat[lv[:, None], part]  # [n, J, S, 3]
             cg1 = coef[g1][:, :, None]  # [n, 3, 1]
             c1_g1 = (f1.reshape(n, -1, 3) @ cg1).reshape(n, cand, steps)  # candidates on g1
-            cj_g1 = (fj.reshape(n, -1, 3) @ cg1).reshape(n, num_part, 1, steps)  # partners on g1
-            # each candidate on each partner's rank: a batched matmul (BLAS), not einsum
-            ci_h = (coef[h] @ f1.reshape(n, -1, 3).transpose(0, 2, 1)).reshape(
-                n, num_part, cand, steps)
+            cj_g1 = np.ascontiguousarray((fj.reshape(n, -1, 3) @ cg1).reshape(n, num_part, steps)
+                                         .transpose(0, 2, 1))  # [n, S, J]
+            # the big arrays are [n, C, S, J]: partners last, so every broadcast below runs
+            # along whole rows (a scalar, or a contiguous [S, J] block) and the step mean
+            # adds rows; each candidate on each partner's rank is a batched matmul (BLAS)
+            newh = (f1.reshape(n, -1, 3) @ coef[h].transpose(0, 2, 1)).reshape(n, cand, steps, num_part)
+            newh += np.ascontiguousarray((tl[rows[:, None], h] - own[lv[:, None], part]).transpose(0, 2, 1))[:, None]
             # times after swapping candidate c (on g1) with partner j (on h): g1, h, the rest
-            new1 = (tl[rows, g1][:, None] - c1_g1)[:, None] + cj_g1  # [n, J, C, S]
-            newh = ci_h
-            newh += (tl[rows[:, None], h] - own[lv[:, None], part])[:, :, None]
-            val = np.maximum(new1, newh, out=ci_h)
-            np.maximum(val, _max_excluding(tl, g1, h)[:, :, None], out=val)
-            val = val.mean(-1)  # [n, J, C]
+            new1 = (tl[rows, g1][:, None] - c1_g1)[..., None] + cj_g1[:, None]  # [n, C, S, J]
+            np.maximum(new1, _max_excluding(tl, g1, h)[:, None], out=new1)
+            val = np.maximum(new1, newh, out=newh).sum(2) / steps  # [n, C, J]
             log_i = np.take_along_axis(il, sel, 1)
             log_j = np.take_along_axis(il, part, 1)
-            dup = (hold[lv[:, None, None], h[:, :, None], log_i[:, None, :]] > 0) \
-                | (hold[lv[:, None], g1[:, None], log_j] > 0)[:, :, None] \
-                | (log_i[:, None, :] == log_j[:, :, None])
+            dup = (hold[lv[:, None, None], h[:, None, :], log_i[:, :, None]] > 0) \
+                | (hold[lv[:, None], g1[:, None], log_j] > 0)[:, None, :] \
+                | (log_i[:, :, None] == log_j[:, None, :])  # [n, C, J]
             if fetch is not None:  # what each rank pays to get each expert (0: it has it)
-                i_to_h = fetch[lv[:, None, None], h[:, :, None], log_i[:, None, :]]
-                j_to_g1 = fetch[lv[:, None], g1[:, None], log_j][:, :, None]
-                i_at_g1 = fetch[lv[:, None], g1[:, None], log_i][:, None, :]
-                j_at_h = fetch[lv[:, None], h, log_j][:, :, None]
+                i_to_h = fetch[lv[:, None, None], h[:, None, :], log_i[:, :, None]]
+                j_to_g1 = fetch[lv[:, None], g1[:, None], log_j][:, None, :]
+                i_at_g1 = fetch[lv[:, None], g1[:, None], log_i][:, :, None]
+                j_at_h = fetch[lv[:, None], h, log_j][:, None, :]
                 val = val + mw * (i_to_h + j_to_g1 - i_at_g1 - j_at_h)
             val = np.where(dup, np.inf, val)
-            pj, ci = np.divmod(val.reshape(n, -1).argmin(1), cand)
-            gain = obj - val[rows, pj, ci]
+            ci, pj = np.divmod(val.reshape(n, -1).argmin(1), num_part)
+            gain = obj - val[rows, ci, pj]
             ok = gain > self.params["min_gain"] * np.maximum(obj, 1e-30)
             stale[lv] = np.where(ok, 0, stale[lv] + 1)
             for x in np.nonzero(ok)[0]:
                 layer, i, j = lv[x], sel[x, ci[x]], part[x, pj[x]]
                 ga, gb = g1[x], h[x, pj[x]]
-                new_i, new_j = f1[x, ci[x]] @ coef[gb], cj_g1[x, pj[x], 0]  # [S] each
+                new_i, new_j = f1[x, ci[x]] @ coef[gb], cj_g1[x, :, pj[x]]  # [S] each
                 t[layer, ga] += new_j - own[layer, i]
                 t[layer, gb] += new_i - own[layer, j]
                 own[layer, i], own[layer, j] = new_i, new_j
@@ -447,6 +466,8 @@ def _construct(feat: np.ndarray, item_log: np.ndarray, consistent: np.ndarray,
         top = t.argmax(1)  # [L, S]
         v1 = t.max(1)
         v2 = np.sort(t, axis=1)[:, -2]
+        by_item = feat.transpose(0, 2, 1, 3).copy()  # [L, P, S, 3]: an item's steps in one row
+        step_mean = np.full(steps, 1.0 / steps)  # means over steps as BLAS (numpy's is ~10x slower here)
     fill = np.zeros((layers, ranks), dtype=np.int64)
     hold = np.zeros((layers, ranks, experts), dtype=bool)
     rank_of = np.full((layers, num_items), -1, dtype=np.int64)
@@ -463,15 +484,15 @@ def _construct(feat: np.ndarray, item_log: np.ndarray, consistent: np.ndarray,
         else:
             cand = np.argpartition(finish, num_cand - 1, axis=1)[:, :num_cand]  # [L, C]
             ok = np.isfinite(finish[rows[:, None], cand])
-            cost = coef[cand] @ feat[rows, :, i, :].transpose(0, 2, 1)  # [L, C, S], batched BLAS
+            cost = coef[cand] @ by_item[rows, i].transpose(0, 2, 1)  # [L, C, S], batched BLAS
             new_t = t[rows[:, None], cand] + cost
             other = np.where(cand[:, :, None] == top[:, None, :], v2[:, None, :], v1[:, None, :])
-            score = np.maximum(new_t, other).mean(2) + 1e-3 * new_t.mean(2)
+            score = (np.maximum(new_t, other) + 1e-3 * new_t) @ step_mean
             c = np.where(ok, score, np.inf).argmin(1)
             g = cand[rows, c]
             tg = new_t[rows, c]  # [L, S]
             t[rows, g] = tg
-            t_mean[rows, g] = tg.mean(1)
+            t_mean[rows, g] = tg @ step_mean
             # incremental slowest / second slowest per (layer, step)
             is_top = top == g[:, None]
             above1 = ~is_top & (tg > v1)
@@ -498,17 +519,15 @@ def _map(fn: Callable, items: Iterable, threads: int) -> list:
 def _max_excluding(t: np.ndarray, g1: np.ndarray, h: np.ndarray) -> np.ndarray:
     """Max over ranks other than g1[l] and h[l, p].
 
-    t: [L, G, S]; g1: [L]; h: [L, P] -> [L, P, S] (-inf where no rank is left)
+    t: [L, G, S]; g1: [L]; h: [L, P] -> [L, S, P] (-inf where no rank is left)
     """
-    layers, ranks, steps = t.shape
+    layers, ranks, _ = t.shape
     rest = t.copy()
     rest[np.arange(layers), g1] = -np.inf
     if ranks < 3:  # the one rank left besides g1 and h, if any
-        return np.where((h == g1[:, None])[:, :, None], rest.max(1)[:, None], -np.inf).astype(t.dtype)
+        return np.where((h == g1[:, None])[:, None, :], rest.max(1)[:, :, None], -np.inf).astype(t.dtype)
     # the largest and second largest of the ranks but g1, per step: h excludes at most one
-    top2 = np.argpartition(-rest, 1, axis=1)[:, :2]  # [L, 2, S]
-    v = np.take_along_axis(rest, top2, 1)
-    first = v.argmax(1)[:, None]  # [L, 1, S]
-    a1 = np.take_along_axis(top2, first, 1)
-    m1, m2 = np.take_along_axis(v, first, 1), np.take_along_axis(v, 1 - first, 1)
-    return np.where(h[:, :, None] == a1, m2, m1)
+    a1 = rest.argmax(1)[:, None]  # [L, 1, S]
+    m1 = np.take_along_axis(rest, a1, 1)
+    np.put_along_axis(rest, a1, -np.inf, 1)
+    return np.where(h[:, None, :] == a1[:, 0, :, None], rest.max(1)[:, :, None], m1[:, 0, :, None])
