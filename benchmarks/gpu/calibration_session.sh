@@ -30,7 +30,7 @@ calib)
   for run in 1 2; do
     python3 -m vllm_gem.cli calibrate --out-dir "$res/profiles-$tag-run$run" --json > "$res/calib-$tag-run$run.json" 2> "$res/calib-$tag-run$run.err" \
       || { echo "calibration run $run failed:"; tail -5 "$res/calib-$tag-run$run.err"; }
-    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(f'run $run: {d[\"seconds\"]:.1f} s'); [print(' ', r['device'], r['gpu'], 'vs first %.4f'%r['median_time_vs_first'], 'fit %.3f held-out %.3f max %.3f'%(r['fit_rel_rms'], r['held_out_rel_rms'], r['held_out_rel_max'])) for r in d['profiles']]" "$res/calib-$tag-run$run.json"
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(f'run $run: {d[\"seconds\"]:.1f} s'); [print(' ', r['device'], r['gpu'], 'in worker %.1f s'%r['device_seconds'], 'vs first %.4f'%r['median_time_vs_first'], 'fit %.3f held-out %.3f max %.3f'%(r['fit_rel_rms'], r['held_out_rel_rms'], r['held_out_rel_max'])) for r in d['profiles']]" "$res/calib-$tag-run$run.json"
   done ;;
 slow)
   last=$((ngpu - 1))
@@ -50,7 +50,7 @@ fp8calib)
   for dtype in fp8-block fp8 fp8-channel bf16; do for run in 1 2; do
     python3 -m vllm_gem.cli calibrate --dtype $dtype --out-dir "$res/profiles-$tag-$dtype-run$run" --json > "$res/calib-$tag-$dtype-run$run.json" 2> "$res/calib-$tag-$dtype-run$run.err" \
       || { echo "calibration $dtype run $run failed:"; tail -5 "$res/calib-$tag-$dtype-run$run.err"; }
-    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(f'$dtype run $run: {d[\"seconds\"]:.1f} s'); [print(' ', r['device'], r['gpu'], 'fit %.3f held-out %.3f max %.3f'%(r['fit_rel_rms'], r['held_out_rel_rms'], r['held_out_rel_max'])) for r in d['profiles']]" "$res/calib-$tag-$dtype-run$run.json"
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(f'$dtype run $run: {d[\"seconds\"]:.1f} s'); [print(' ', r['device'], r['gpu'], 'in worker %.1f s'%r['device_seconds'], 'fit %.3f held-out %.3f max %.3f'%(r['fit_rel_rms'], r['held_out_rel_rms'], r['held_out_rel_max'])) for r in d['profiles']]" "$res/calib-$tag-$dtype-run$run.json"
   done; done ;;
 fp8kernels)
   for dtype in ${FP8_DTYPES:-fp8-block fp8 fp8-channel}; do
