@@ -12,11 +12,47 @@ Weights use vLLM's FusedMoE layout: ``w13: [experts, 2 * intermediate, hidden]``
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+# inside compile_ahead(): launch() compiles the kernel for its arguments and runs nothing
+_COMPILE_ONLY: ContextVar[bool] = ContextVar("vllm_gem_compile_only", default=False)
+
+
+def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs); inside compile_ahead(), only its compile for these arguments."""
+    if _COMPILE_ONLY.get():
+        kernel.warmup(*args, grid=grid, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def compile_ahead(threads: int) -> Iterator[bool]:
+    """Yields True where it works: then every launch() within compiles its kernel on `threads`
+    threads (Triton's AsyncCompileMode) and runs nothing, and on exit every compile has
+    finished, so the same calls afterwards run without compiling. Why: Triton compiles a
+    kernel at its first launch, one at a time; a first calibration on a machine spent most of
+    its 6-12 s there (docs/calibration.md). Yields False (nothing to do within) with fewer than
+    2 threads, under Triton's interpreter, or on a Triton without AsyncCompileMode."""
+    mode = getattr(triton, "AsyncCompileMode", None)
+    if threads < 2 or mode is None or os.environ.get("TRITON_INTERPRET") == "1":
+        yield False
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="gem-compile") as pool, mode(pool):
+        token = _COMPILE_ONLY.set(True)
+        try:
+            yield True
+        finally:
+            _COMPILE_ONLY.reset(token)
 
 
 @dataclass(frozen=True)
@@ -244,18 +280,19 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_paralle
     block_e = triton.next_power_of_2(num_experts)
     if num_valid <= ONE_PROGRAM_ALIGN_ROWS:
         cursor = torch.empty(num_experts, dtype=torch.int32, device=dev)  # written before use
-        align_one_program_kernel[(1,)](flat, cursor, sorted_ids, block_expert, num_padded, num_valid,
-                                       num_experts, max_padded, num_tiles, BLOCK_M=block_m,
-                                       BLOCK_R=triton.next_power_of_2(max(num_valid, 16)),
-                                       BLOCK_E=block_e, BLOCK_T=64, BLOCK_P=1024)
+        launch(align_one_program_kernel, (1,), flat, cursor, sorted_ids, block_expert, num_padded,
+               num_valid, num_experts, max_padded, num_tiles, BLOCK_M=block_m,
+               BLOCK_R=triton.next_power_of_2(max(num_valid, 16)),
+               BLOCK_E=block_e, BLOCK_T=64, BLOCK_P=1024)
         return Alignment(sorted_ids, block_expert, num_padded, block_m)
     counts = torch.zeros(num_experts, dtype=torch.int32, device=dev)  # then each expert's cursor
     block = 1024
-    count_rows_kernel[(triton.cdiv(max_padded, block),)](flat, counts, sorted_ids, num_valid, max_padded,
-                                                         BLOCK=block)
-    expert_tiles_kernel[(1,)](counts, block_expert, num_padded, num_experts, num_tiles, BLOCK_M=block_m,
-                              BLOCK_E=block_e, BLOCK_T=64)
-    scatter_rows_kernel[(triton.cdiv(num_valid, block),)](flat, counts, sorted_ids, num_valid, BLOCK=block)
+    launch(count_rows_kernel, (triton.cdiv(max_padded, block),), flat, counts, sorted_ids, num_valid,
+           max_padded, BLOCK=block)
+    launch(expert_tiles_kernel, (1,), counts, block_expert, num_padded, num_experts, num_tiles,
+           BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_T=64)
+    launch(scatter_rows_kernel, (triton.cdiv(num_valid, block),), flat, counts, sorted_ids, num_valid,
+           BLOCK=block)
     return Alignment(sorted_ids, block_expert, num_padded, block_m)
 
 
@@ -276,8 +313,8 @@ def silu_and_mul(h: torch.Tensor) -> torch.Tensor:
     rows, inter = h.shape[0], h.shape[1] // 2
     act = torch.empty((rows, inter), dtype=h.dtype, device=h.device)
     block = min(1024, triton.next_power_of_2(inter))
-    silu_and_mul_kernel[(rows, triton.cdiv(inter, block))](h, act, inter, h.stride(0), act.stride(0),
-                                                           BLOCK=block)
+    launch(silu_and_mul_kernel, (rows, triton.cdiv(inter, block)), h, act, inter, h.stride(0),
+           act.stride(0), BLOCK=block)
     return act
 
 
@@ -292,8 +329,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, al: Alignment, top_k: int, nu
     max_padded = al.max_padded
     one_row_tiles = al.sorted_ids is None
     grid = (triton.cdiv(max_padded, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-    moe_grouped_gemm_kernel[grid](
-        a, w, out, weights if weights is not None else out,
+    launch(
+        moe_grouped_gemm_kernel, grid, a, w, out, weights if weights is not None else out,
         al.block_expert if one_row_tiles else al.sorted_ids, al.block_expert, al.num_padded,
         n, k, num_valid, max_padded,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),

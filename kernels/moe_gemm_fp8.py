@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe_gemm import Alignment, TileConfig, align, silu_and_mul, tile_of, tile_rows
+from .moe_gemm import Alignment, TileConfig, align, launch, silu_and_mul, tile_of, tile_rows
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
@@ -191,16 +191,16 @@ def quantize_activations(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, to
         scale = torch.empty(1, dtype=torch.float32, device=x.device)
         if rows:
             max_rows = max(1, 16384 // group)  # big tiles: few atomics on the one address
-            abs_max_kernel[(triton.cdiv(rows, max_rows), triton.cdiv(k, group))](
-                x, amax, rows, k, x.stride(0), GROUP_K=group, ROWS=max_rows)
+            launch(abs_max_kernel, (triton.cdiv(rows, max_rows), triton.cdiv(k, group)),
+                   x, amax, rows, k, x.stride(0), GROUP_K=group, ROWS=max_rows)
     else:
         group = GROUP if layout == "block" else triton.next_power_of_2(k)
         scale = torch.empty((rows, triton.cdiv(k, group)), dtype=torch.float32, device=x.device)
         amax, static, s_m, s_k = scale, False, scale.stride(0), scale.stride(1)
     block_rows = max(1, 4096 // group)  # tiles of about 4096 values
     if rows:
-        quantize_rows_kernel[(triton.cdiv(rows, block_rows), triton.cdiv(k, group))](
-            x, q, scale, amax, rows, k, x.stride(0), q.stride(0), s_m, s_k,
+        launch(
+            quantize_rows_kernel, (triton.cdiv(rows, block_rows), triton.cdiv(k, group)), x, q, scale, amax, rows, k, x.stride(0), q.stride(0), s_m, s_k,
             STATIC=static, GROUP_K=group, ROWS=block_rows)
     return q, scale
 
@@ -318,8 +318,8 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, w: Fp8Weights, al: 
     swap = use_swap_ab(cfg, a.device) if swap_ab is None else swap_ab
     grid = (triton.cdiv(al.max_padded, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     one_row_tiles = al.sorted_ids is None
-    moe_fp8_gemm_kernel[grid](
-        a, a_scale, w.q, s, out, weights if weights is not None else out,
+    launch(
+        moe_fp8_gemm_kernel, grid, a, a_scale, w.q, s, out, weights if weights is not None else out,
         al.block_expert if one_row_tiles else al.sorted_ids, al.block_expert, al.num_padded,
         n, k, num_valid, al.max_padded,
         a.stride(0), a.stride(1), w.q.stride(0), w.q.stride(1), w.q.stride(2), out.stride(0), out.stride(1),

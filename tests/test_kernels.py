@@ -203,3 +203,57 @@ def test_calibration_reuses_one_stream_per_device(monkeypatch):
         assert made == [0, 1]
     finally:
         calibrate.calibration_stream.cache_clear()
+
+
+def test_compile_ahead_compiles_each_launch_and_runs_none(monkeypatch):
+    from vllm_gem.kernels.moe_gemm import compile_ahead, launch
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    calls = []
+
+    class Kernel:  # what launch() uses of a triton.jit function
+        def warmup(self, *args, grid, **kwargs):
+            calls.append(("compile", grid, args, kwargs))
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(("run", grid, args, kwargs))
+
+    with compile_ahead(4) as ahead:
+        assert ahead
+        launch(Kernel(), (2,), 1, B=3)
+    launch(Kernel(), (2,), 1, B=3)
+    with compile_ahead(1) as ahead:  # one thread: nothing to gain, and nothing is compiled
+        assert not ahead
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with compile_ahead(4) as ahead:
+        assert not ahead
+    assert calls == [("compile", (2,), (1,), {"B": 3}), ("run", (2,), (1,), {"B": 3})]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["bf16", "block", "tensor"])
+def test_compile_ahead_leaves_nothing_to_compile_at_launch(layout):
+    from vllm_gem.kernels import moe_gemm as mg
+    from vllm_gem.kernels import moe_gemm_fp8 as f8
+    w13, w2, x, ids, w = gpu_moe_layer(256, 128, 8, 2, 23)
+    cfg = mg.TileConfig(32, 64, 128, 1, 4, 2)  # a tile no other test compiles
+    if layout == "bf16":
+        def call():
+            return mg.moe_ffn(x, w13, w2, w, ids, cfg)
+    else:
+        q13, q2 = f8.quantize_weights(w13, layout), f8.quantize_weights(w2, layout)
+
+        def call():
+            return f8.moe_ffn_fp8(x, q13, q2, w, ids, cfg)
+    kernels = [mg.align_one_program_kernel, mg.silu_and_mul_kernel, mg.moe_grouped_gemm_kernel,
+               f8.quantize_rows_kernel, f8.abs_max_kernel, f8.moe_fp8_gemm_kernel]
+    compiled = lambda: [len(k.device_caches[torch.cuda.current_device()][0]) for k in kernels]  # noqa: E731
+    before = compiled()
+    with mg.compile_ahead(4) as ahead:
+        assert ahead
+        call()
+    ahead_of_launch = compiled()
+    out = call()
+    torch.cuda.synchronize()
+    assert ahead_of_launch != before  # the GEMMs at least were new
+    assert compiled() == ahead_of_launch  # and the launch found every kernel compiled
+    assert torch.isfinite(out.float()).all()

@@ -72,6 +72,7 @@ class CalibrationSpec:
     seed: int = 0
     time_limit_s: float | None = None  # give up (CalibrationTimeout) once measuring takes longer
     precision: str = "bf16"  # a vllm_gem.precision.PRECISIONS name: the served kernel and dtype
+    compile_threads: int = 8  # compile every pattern's kernels at once before timing (0: at first launch)
 
 
 # --------------------------------------------------------------------------- GPU facts
@@ -301,7 +302,7 @@ def _measure(device: int, spec: CalibrationSpec, weights: tuple[Any, Any] | None
     """Time `patterns` [points][experts] on `device` -> (points, GPU state before, after)."""
     import torch
 
-    from .kernels.moe_gemm import align
+    from .kernels.moe_gemm import align, compile_ahead
 
     torch.cuda.set_device(device)
     kernel = expert_kernel(spec.precision)
@@ -315,6 +316,9 @@ def _measure(device: int, spec: CalibrationSpec, weights: tuple[Any, Any] | None
     max_tokens = max(sum(p) for p in patterns)
     x_all = torch.randn(max_tokens, h, device=device, dtype=bf, generator=gen)
 
+    with compile_ahead(spec.compile_threads) as ahead:
+        for p in patterns if ahead else []:  # compiles only: nothing runs
+            _pattern_call(p, x_all, w13, w2, kernel, align, spec)()
     green, stream = calibration_stream(device, spec.sm_limit)
     if green is not None:
         green.set_context()
@@ -368,7 +372,8 @@ def _emulation_text(spec: CalibrationSpec, sm_count: int) -> str:
     return ", ".join(parts)
 
 
-def _time_pattern(counts, x_all, w13, w2, kernel: ExpertKernel, align, spec, stream) -> LatencyPoint:
+def _pattern_call(counts, x_all, w13, w2, kernel: ExpertKernel, align, spec) -> Callable[[], None]:
+    """The expert layer for one load pattern (counts: [experts] tokens each), as a call."""
     import torch
     cfg, moe_ffn = kernel.tile, kernel.ffn
     dev = x_all.device
@@ -388,8 +393,14 @@ def _time_pattern(counts, x_all, w13, w2, kernel: ExpertKernel, align, spec, str
         moe_ffn(x, w13, w2, wts, ids, cfg, al)
         if n_extra:
             moe_ffn(x_x, w13, w2, wts_x, ids_x, cfg, al_x)
+    return once
 
-    for _ in range(2):  # compile and warm before capture
+
+def _time_pattern(counts, x_all, w13, w2, kernel: ExpertKernel, align, spec, stream) -> LatencyPoint:
+    import torch
+    dev = x_all.device
+    once = _pattern_call(counts, x_all, w13, w2, kernel, align, spec)
+    for _ in range(2):  # compile (if not yet) and warm before capture
         once()
     torch.cuda.synchronize(dev)
 
