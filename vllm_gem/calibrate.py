@@ -27,7 +27,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -291,7 +291,9 @@ def check_speed(device: int, spec: CalibrationSpec, reference: GpuProfile,
             raise ValueError(f"reference profile of {reference.gpu.name} #{reference.gpu.index}: "
                              f"points.tokens_per_expert has {len(p.tokens_per_expert)} experts, "
                              f"expected {spec.num_experts} (this GPU's local experts)")
-    points, before, after = _measure(device, spec, weights, [p.tokens_per_expert for p in chosen], lift_s)
+    # a check runs between serving steps on kernels its profile compiled: no compile pass
+    points, before, after = _measure(device, replace(spec, compile_threads=0), weights,
+                                     [p.tokens_per_expert for p in chosen], lift_s)
     ratios = point_ratios(chosen, points)
     return SpeedCheck(float(np.median(ratios)), len(points), time.perf_counter() - t0,
                       tuple(ratios.round(4).tolist()), before, after)
