@@ -199,9 +199,9 @@ def quantize_activations(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, to
         amax, static, s_m, s_k = scale, False, scale.stride(0), scale.stride(1)
     block_rows = max(1, 4096 // group)  # tiles of about 4096 values
     if rows:
-        launch(
-            quantize_rows_kernel, (triton.cdiv(rows, block_rows), triton.cdiv(k, group)), x, q, scale, amax, rows, k, x.stride(0), q.stride(0), s_m, s_k,
-            STATIC=static, GROUP_K=group, ROWS=block_rows)
+        launch(quantize_rows_kernel, (triton.cdiv(rows, block_rows), triton.cdiv(k, group)),
+               x, q, scale, amax, rows, k, x.stride(0), q.stride(0), s_m, s_k,
+               STATIC=static, GROUP_K=group, ROWS=block_rows)
     return q, scale
 
 
