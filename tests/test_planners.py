@@ -233,3 +233,65 @@ def test_two_nodes_keep_expert_moves_inside_a_node():
     assert res[2] < res[1], res  # node-aware costs move fewer experts across nodes
     with pytest.raises(GemInputError, match="num_nodes: is 3; expected a divisor of the 4 ranks"):
         PlacementProblem(loads, g, 40, num_nodes=3)
+
+
+@pytest.mark.parametrize("with_fetch", [False, True])
+def test_swap_scores_match_recomputing_the_layer(with_fetch):
+    # best_swaps (compiled) against the slowest-rank time recomputed from scratch after each
+    # allowed swap: its value, and that no allowed swap does better
+    from vllm_gem.planners.swap_scores import best_swaps
+    rng = np.random.default_rng(1)
+    layers, ranks, slots, experts, steps = 6, 4, 3, 6, 5  # few experts: many swaps not allowed
+    items = ranks * slots
+    item_log = np.stack([np.concatenate([rng.permutation(experts), rng.integers(0, experts, items - experts)])
+                         for _ in range(layers)])
+    rank_of = np.stack([rng.permutation(np.repeat(np.arange(ranks), slots)) for _ in range(layers)])
+    feat = rng.uniform(0, 1, (layers, steps, 3, items)).astype(np.float32)  # [L, S, 3, P]
+    coef = rng.uniform(0.5, 1.5, (ranks, 3)).astype(np.float32)
+    hold = np.zeros((layers, ranks, experts), dtype=np.int64)
+    np.add.at(hold, (np.arange(layers)[:, None], rank_of, item_log), 1)
+    fetch = rng.uniform(0, 1, (layers, ranks, experts)).astype(np.float32) if with_fetch \
+        else np.zeros((0, 0, 0), dtype=np.float32)
+    mw = 0.3
+
+    def cost(lay, r):  # [S, P] every item's cost on rank(s) r
+        return np.einsum("skp,pk->sp", feat[lay], coef[r])
+
+    def layer_time(lay, rk):  # mean over steps of the slowest rank
+        own = cost(lay, rk)
+        return np.stack([own[:, rk == g].sum(1) for g in range(ranks)]).max(0).mean()
+
+    t = np.stack([np.stack([cost(lay, rank_of[lay])[:, rank_of[lay] == g].sum(1) for g in range(ranks)])
+                  for lay in range(layers)]).astype(np.float32)  # [L, G, S]
+    own = np.stack([cost(lay, rank_of[lay]) for lay in range(layers)]).astype(np.float32)  # [L, S, P]
+    lv = np.arange(layers)
+    g1 = rng.integers(0, ranks, layers)
+    sel = np.stack([np.nonzero(rank_of[lay] == g1[lay])[0][:2] for lay in range(layers)])  # 2 of 3
+    val, ci, pj = best_swaps(t, feat, own, coef, item_log, rank_of, hold, fetch, mw, lv, g1, sel)
+    masked_best = 0  # layers whose best swap overall is one the rule forbids
+    for x, lay in enumerate(lv):
+        best, best_any = np.inf, np.inf
+        for c, i in enumerate(sel[x]):
+            for p in range(items):
+                li, lp, hp = item_log[lay, i], item_log[lay, p], rank_of[lay, p]
+                if hp == g1[x]:
+                    continue  # not a partner
+                on_h = item_log[lay, rank_of[lay] == hp]
+                on_g1 = item_log[lay, rank_of[lay] == g1[x]]
+                rk = rank_of[lay].copy()
+                rk[i], rk[p] = hp, g1[x]
+                v = layer_time(lay, rk)
+                if with_fetch:
+                    f = fetch[lay]
+                    v += mw * (f[hp, li] + f[g1[x], lp] - f[g1[x], li] - f[hp, lp])
+                best_any = min(best_any, v)
+                if li == lp or li in on_h or lp in on_g1:
+                    continue  # two copies of one expert on a rank
+                best = min(best, v)
+                if (c, p) == (ci[x], pj[x]):
+                    chosen = v
+        assert np.isfinite(best)
+        assert val[x] == pytest.approx(best, rel=1e-5)
+        assert chosen == pytest.approx(best, rel=1e-5)
+        masked_best += best_any < best * (1 - 1e-5)
+    assert masked_best  # the case exercises the rule

@@ -24,7 +24,6 @@ from the current placement and accepts only swaps whose gain pays for the moves 
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -36,9 +35,7 @@ from threadpoolctl import threadpool_limits
 
 from ..latency import GroupModel
 from .base import PlacementPolicy, PlacementProblem, ranks_to_phys_to_log
-
-_CHUNK_ELEMS = 1 << 22  # bound the [layers, cand, steps, items] temporaries (~32 MB float64)
-
+from .swap_scores import best_swaps
 
 def classify_experts(loads: np.ndarray, steady_frac: float = 0.9, level: float = 0.5) -> np.ndarray:
     """Consistent experts: loaded at >= `level` x their mean in >= `steady_frac` of steps.
@@ -234,98 +231,101 @@ class GemPolicy(PlacementPolicy):
         loads = sample_steps(problem.loads.astype(np.float64), p["max_steps"], p["seed"])
         loads = augment_steps(loads, p["min_steps"], p["seed"])
         steps, layers, experts = loads.shape
+        consistent = classify_experts(loads)
+        # layers are independent: each thread plans a share of them, start to finish
+        share = -(-layers // p["threads"])
+        parts = _map(lambda a: self._plan_layers(loads[:, a:a + share], consistent[a:a + share],
+                                                 problem, a, deadline),
+                     range(0, layers, share), p["threads"])
+        item_log, rank_of, before, after = (np.concatenate([x[k] for x in parts]) for k in range(4))
+        self.report = {
+            "consistent_experts": int(consistent.sum()),
+            "temporal_experts": int((~consistent).sum()),
+            "coactivated_temporal_pairs": int(coactivated_pairs(loads, ~consistent).sum()),
+            "redundant_slots_per_layer": problem.num_physical - experts,
+            "planning_steps": steps,
+            "threads": p["threads"],
+        }
+        if parts[0][4] is not None:
+            self.report["local_search_swaps"] = sum(x[4] for x in parts)
+        self.report.update(construct_us=float(before.mean()), final_us=float(after.mean()))
+        return ranks_to_phys_to_log(item_log, rank_of, problem.group.num_ranks)
+
+    def _plan_layers(self, loads: np.ndarray, consistent: np.ndarray, problem: PlacementProblem,
+                     first: int, deadline: float) -> tuple:
+        """Plan a share of the layers: loads [S, L, E], consistent [L, E] of layers first.. ->
+        (item_log [L, P], rank_of [L, P], constructed and final layer time [L] us, swaps or None)."""
+        p = self.params
+        steps, layers, experts = loads.shape
         group, num_physical = problem.group, problem.num_physical
         migrate = p["migration_weight"] is not None and problem.old_phys_to_log is not None
-
-        consistent = classify_experts(loads)
         if migrate:  # keep the current replica set; start from where everything is now
-            item_log = problem.old_phys_to_log.astype(np.int64)
+            item_log = problem.old_phys_to_log[first:first + layers].astype(np.int64)
             rank_of = np.broadcast_to(np.arange(num_physical) // problem.slots_per_rank,
                                       item_log.shape).copy()
             feat = _item_features(loads, item_log, group)
+            before = _rank_times(feat, rank_of, group).max(-1).mean(1)
         else:
             # three replica sets, kept per layer by their constructed time: the latency
             # model's choice; the hottest experts by load per copy (DeepSeek's and vLLM's
             # rule: a far hotter expert than the rest needs splitting whatever its reads
             # cost); the coldest (a copy of an idle expert costs nothing, where splitting a
             # hot one adds a weight read on a second GPU)
-            options = [functools.partial(choose_replicas, loads, num_physical, group)]
+            counts = [choose_replicas(loads, num_physical, group)]
             if num_physical > experts:
-                options += [functools.partial(hottest_replicas, loads, num_physical),
-                            functools.partial(coldest_replicas, loads, num_physical)]
-
-            def construct(replicas: Callable[[], np.ndarray]) -> list:
-                cnt = replicas()  # [L, E] copies per expert (on the option's thread)
-                log = np.stack([np.repeat(np.arange(experts), c) for c in cnt])
-                f = _item_features(loads, log, group)
-                stepwise = p["stepwise"] and group.num_ranks > 1
-                r = _construct(f, log, consistent, group, problem.slots_per_rank, experts,
-                               min(p["construct_ranks"], group.num_ranks) if stepwise else None)
-                return [log, f, r, _rank_times(f, r, group).max(-1).mean(1)]  # us: [L]
-            best = None
-            for opt in _map(construct, options, p["threads"]):
-                if best is None:
-                    best = opt
-                    continue
-                # [L] layers where this option constructs faster (by option_margin: the
-                # latency model's set, first, keeps ties and near-ties; benchmarks/studies/replica_sets.py)
-                take = opt[3] < best[3] * (1.0 - p["option_margin"])
-                best = [np.where(take[:, None], opt[0], best[0]),
-                        np.where(take[:, None, None, None], opt[1], best[1]),
-                        np.where(take[:, None], opt[2], best[2]), np.minimum(opt[3], best[3])]
-            item_log, feat, rank_of = best[0], best[1], best[2]
-
-        self.report = {
-            "consistent_experts": int(consistent.sum()),
-            "temporal_experts": int((~consistent).sum()),
-            "coactivated_temporal_pairs": int(coactivated_pairs(loads, ~consistent).sum()),
-            "redundant_slots_per_layer": num_physical - experts,
-            "planning_steps": steps,
-            "threads": p["threads"],
-        }
-        before = _rank_times(feat, rank_of, group).max(-1).mean()
-        if p["local_search"] and p["stepwise"] and group.num_ranks > 1:
-            fetch = None
-            if migrate:
-                fetch = fetch_costs(item_log, rank_of, group.num_ranks, experts,
-                                    problem.num_nodes, p["node_move_cost"])
-            rank_of, swaps = self._local_search(feat, item_log, rank_of, group, experts,
-                                                fetch, p["migration_weight"] or 0.0, deadline)
-            self.report["local_search_swaps"] = swaps
-        after = _rank_times(feat, rank_of, group).max(-1).mean()
-        self.report.update(construct_us=float(before), final_us=float(after))
-        return ranks_to_phys_to_log(item_log, rank_of, group.num_ranks)
+                counts += [hottest_replicas(loads, num_physical),
+                           coldest_replicas(loads, num_physical)]
+            # the options are constructed together, stacked along the layer axis: one pass
+            # of the construction loop instead of one per option
+            k = len(counts)
+            log = np.concatenate([np.stack([np.repeat(np.arange(experts), c) for c in cnt])
+                                  for cnt in counts])  # [k * L, P]
+            feat = _item_features(np.tile(loads, (1, k, 1)), log, group)
+            stepwise = p["stepwise"] and group.num_ranks > 1
+            rank_of = _construct(feat, log, np.tile(consistent, (k, 1)), group,
+                                 problem.slots_per_rank, experts,
+                                 min(p["construct_ranks"], group.num_ranks) if stepwise else None)
+            times = _rank_times(feat, rank_of, group).max(-1).mean(1).reshape(k, layers)  # us
+            choice, before = np.zeros(layers, dtype=np.int64), times[0]
+            for o in range(1, k):
+                # layers where this option constructs faster (by option_margin: the latency
+                # model's set, first, keeps ties and near-ties; benchmarks/studies/replica_sets.py)
+                take = times[o] < before * (1.0 - p["option_margin"])
+                choice, before = np.where(take, o, choice), np.minimum(times[o], before)
+            pick = choice * layers + np.arange(layers)
+            item_log, feat, rank_of = log[pick], feat[pick], rank_of[pick]
+        if not (p["local_search"] and p["stepwise"] and group.num_ranks > 1):
+            return item_log, rank_of, before, before, None
+        fetch = None
+        if migrate:
+            fetch = fetch_costs(item_log, rank_of, group.num_ranks, experts,
+                                problem.num_nodes, p["node_move_cost"])
+        rank_of, swaps = self._search(feat, item_log, rank_of, group, experts, fetch,
+                                      p["migration_weight"] or 0.0, deadline)
+        return item_log, rank_of, before, _rank_times(feat, rank_of, group).max(-1).mean(1), swaps
 
     # ----------------------------------------------------------------- local search
-    def _local_search(self, feat: np.ndarray, item_log: np.ndarray, rank_of: np.ndarray,
-                      group: GroupModel, experts: int, fetch: np.ndarray | None,
-                      migration_weight: float, deadline: float) -> tuple[np.ndarray, int]:
-        layers, steps, num_items, _ = feat.shape
-        slots = num_items // group.num_ranks
-        cand = min(slots, self.params["candidates"])
-        chunk = max(1, _CHUNK_ELEMS // (cand * steps * (num_items - slots)))
-        chunk = min(chunk, -(-layers // self.params["threads"]))  # a share for every thread
-        rank_of = rank_of.copy()
+    def _search(self, feat: np.ndarray, item_log: np.ndarray, rank_of: np.ndarray,
+                group: GroupModel, experts: int, fetch: np.ndarray | None, mw: float,
+                deadline: float) -> tuple[np.ndarray, int]:
+        """Swaps from the constructed placement until no layer improves (or the deadline).
 
-        def search(a: int) -> int:  # layers are independent: each chunk is searched alone
-            sl = slice(a, min(layers, a + chunk))
-            oh = fetch[sl] if fetch is not None else None
-            rank_of[sl], n = self._search_chunk(feat[sl], item_log[sl], rank_of[sl], group,
-                                                experts, cand, oh, migration_weight, deadline)
-            return n
-        return rank_of, sum(_map(search, range(0, layers, chunk), self.params["threads"]))
-
-    def _search_chunk(self, feat, item_log, rank_of, group, experts, cand, fetch, mw, deadline):
+        feat: [L, S, P, 3]; item_log, rank_of: [L, P]; fetch: [L, G, E] or None
+        -> (rank_of [L, P], swaps made)
+        """
         layers, steps, num_items, _ = feat.shape
         ranks, coef = group.num_ranks, group.slot_coef.astype(np.float32)
-        slots, num_part = num_items // ranks, num_items - num_items // ranks
-        # per-item layouts with steps last, so that every gather below copies whole rows;
-        # float32 halves the traffic
+        slots = num_items // ranks
+        cand = min(slots, self.params["candidates"])
+        rank_of = rank_of.copy()
+        # float32 halves the traffic; the swap scores read items-last layouts (best_swaps)
         t = _rank_times(feat, rank_of, group).astype(np.float32).transpose(0, 2, 1).copy()  # [L, G, S]
-        feat = feat.astype(np.float32).transpose(0, 2, 1, 3).copy()  # [L, P, S, 3]
-        own = (feat * coef[rank_of][:, :, None]).sum(-1)  # [L, P, S] each item's cost where it is
+        by_item = feat.astype(np.float32).transpose(0, 2, 1, 3).copy()  # [L, P, S, 3]
+        by_step = np.ascontiguousarray(by_item.transpose(0, 2, 3, 1))  # [L, S, 3, P]
+        own = np.ascontiguousarray((by_item * coef[rank_of][:, :, None]).sum(-1).transpose(0, 2, 1))  # [L, S, P]
         hold = np.zeros((layers, ranks, experts), dtype=np.int64)
         np.add.at(hold, (np.arange(layers)[:, None], rank_of, item_log), 1)
+        no_fetch = np.zeros((0, 0, 0), dtype=np.float32)
         stale = np.zeros(layers, dtype=np.int64)
         windows = -(-slots // cand)  # candidate windows over the bottleneck rank's items
         rounds = windows * min(ranks, 2)  # x bottleneck choices
@@ -335,8 +335,7 @@ class GemPolicy(PlacementPolicy):
             lv = np.nonzero(stale < rounds)[0]
             if not len(lv) or time.perf_counter() > deadline:
                 break
-            n, rows = len(lv), np.arange(len(lv))
-            tl, rk, il = t[lv], rank_of[lv], item_log[lv]
+            tl, rk = t[lv], rank_of[lv]
             tmax = tl.max(1)  # [n, S]
             obj = tmax.mean(-1)
             # bottleneck rank: most often the slowest (then the slowest on average); when
@@ -349,47 +348,19 @@ class GemPolicy(PlacementPolicy):
             items1 = np.argsort(~on1, axis=1, kind="stable")[:, :slots]
             off = (stale[lv] % windows) * cand
             sel = np.take_along_axis(items1, (off[:, None] + np.arange(cand)) % slots, 1)
-            # swap partners: the items on other ranks only
-            part = np.argsort(on1, axis=1, kind="stable")[:, :num_part]  # [n, J]
-            h = np.take_along_axis(rk, part, 1)  # [n, J] rank of each partner
-            f1 = feat[lv[:, None], sel]  # [n, C, S, 3]
-            fj = feat[lv[:, None], part]  # [n, J, S, 3]
-            cg1 = coef[g1][:, :, None]  # [n, 3, 1]
-            c1_g1 = (f1.reshape(n, -1, 3) @ cg1).reshape(n, cand, steps)  # candidates on g1
-            cj_g1 = np.ascontiguousarray((fj.reshape(n, -1, 3) @ cg1).reshape(n, num_part, steps)
-                                         .transpose(0, 2, 1))  # [n, S, J]
-            # the big arrays are [n, C, S, J]: partners last, so every broadcast below runs
-            # along whole rows (a scalar, or a contiguous [S, J] block) and the step mean
-            # adds rows; each candidate on each partner's rank is a batched matmul (BLAS)
-            newh = (f1.reshape(n, -1, 3) @ coef[h].transpose(0, 2, 1)).reshape(n, cand, steps, num_part)
-            newh += np.ascontiguousarray((tl[rows[:, None], h] - own[lv[:, None], part]).transpose(0, 2, 1))[:, None]
-            # times after swapping candidate c (on g1) with partner j (on h): g1, h, the rest
-            new1 = (tl[rows, g1][:, None] - c1_g1)[..., None] + cj_g1[:, None]  # [n, C, S, J]
-            np.maximum(new1, _max_excluding(tl, g1, h)[:, None], out=new1)
-            val = np.maximum(new1, newh, out=newh).sum(2) / steps  # [n, C, J]
-            log_i = np.take_along_axis(il, sel, 1)
-            log_j = np.take_along_axis(il, part, 1)
-            dup = (hold[lv[:, None, None], h[:, None, :], log_i[:, :, None]] > 0) \
-                | (hold[lv[:, None], g1[:, None], log_j] > 0)[:, None, :] \
-                | (log_i[:, :, None] == log_j[:, None, :])  # [n, C, J]
-            if fetch is not None:  # what each rank pays to get each expert (0: it has it)
-                i_to_h = fetch[lv[:, None, None], h[:, None, :], log_i[:, :, None]]
-                j_to_g1 = fetch[lv[:, None], g1[:, None], log_j][:, None, :]
-                i_at_g1 = fetch[lv[:, None], g1[:, None], log_i][:, :, None]
-                j_at_h = fetch[lv[:, None], h, log_j][:, None, :]
-                val = val + mw * (i_to_h + j_to_g1 - i_at_g1 - j_at_h)
-            val = np.where(dup, np.inf, val)
-            ci, pj = np.divmod(val.reshape(n, -1).argmin(1), num_part)
-            gain = obj - val[rows, ci, pj]
+            # each candidate against every item on another rank (swap partners)
+            val, ci, pj = best_swaps(t, by_step, own, coef, item_log, rank_of, hold,
+                                     no_fetch if fetch is None else fetch, float(mw), lv, g1, sel)
+            gain = obj - val
             ok = gain > self.params["min_gain"] * np.maximum(obj, 1e-30)
             stale[lv] = np.where(ok, 0, stale[lv] + 1)
             for x in np.nonzero(ok)[0]:
-                layer, i, j = lv[x], sel[x, ci[x]], part[x, pj[x]]
-                ga, gb = g1[x], h[x, pj[x]]
-                new_i, new_j = f1[x, ci[x]] @ coef[gb], cj_g1[x, :, pj[x]]  # [S] each
-                t[layer, ga] += new_j - own[layer, i]
-                t[layer, gb] += new_i - own[layer, j]
-                own[layer, i], own[layer, j] = new_i, new_j
+                layer, i, j = lv[x], sel[x, ci[x]], pj[x]
+                ga, gb = g1[x], rank_of[layer, j]
+                new_i, new_j = by_item[layer, i] @ coef[gb], by_item[layer, j] @ coef[ga]  # [S] each
+                t[layer, ga] += new_j - own[layer, :, i]
+                t[layer, gb] += new_i - own[layer, :, j]
+                own[layer, :, i], own[layer, :, j] = new_i, new_j
                 li, lj = item_log[layer, i], item_log[layer, j]
                 hold[layer, ga, li] -= 1
                 hold[layer, gb, lj] -= 1
@@ -514,20 +485,3 @@ def _map(fn: Callable, items: Iterable, threads: int) -> list:
         return [fn(x) for x in items]
     with ThreadPoolExecutor(min(threads, len(items))) as ex:
         return list(ex.map(fn, items))
-
-
-def _max_excluding(t: np.ndarray, g1: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """Max over ranks other than g1[l] and h[l, p].
-
-    t: [L, G, S]; g1: [L]; h: [L, P] -> [L, S, P] (-inf where no rank is left)
-    """
-    layers, ranks, _ = t.shape
-    rest = t.copy()
-    rest[np.arange(layers), g1] = -np.inf
-    if ranks < 3:  # the one rank left besides g1 and h, if any
-        return np.where((h == g1[:, None])[:, None, :], rest.max(1)[:, :, None], -np.inf).astype(t.dtype)
-    # the largest and second largest of the ranks but g1, per step: h excludes at most one
-    a1 = rest.argmax(1)[:, None]  # [L, 1, S]
-    m1 = np.take_along_axis(rest, a1, 1)
-    np.put_along_axis(rest, a1, -np.inf, 1)
-    return np.where(h[:, None, :] == a1[:, 0, :, None], rest.max(1)[:, :, None], m1[:, 0, :, None])
