@@ -1,5 +1,7 @@
 import numpy as np
+import pytest
 
+from vllm_gem.errors import GemInputError
 from vllm_gem.formats import ExpertShape
 from vllm_gem.latency import GroupModel, LatencyModel, features, fit, held_out_error
 from vllm_gem.profiles import analytic_model, calibration_patterns, example_profile
@@ -67,3 +69,10 @@ def test_calibration_stops_at_its_time_limit_between_patterns():
     now[0] = 0.0
     with pytest.raises(CalibrationTimeout, match=r"passed its 6 s limit after 2 of 3 load patterns"):
         measure_within([1, 2, 3], measure, 6.0, 0.0, clock)
+
+
+def test_group_model_rejects_negative_coefficients():
+    coef = np.ones((2, 4))
+    coef[1, 3] = -1e-3  # a rank whose time would fall as tokens are added
+    with pytest.raises(GemInputError, match=r"latency model: coef: has negative \(or NaN\) coefficients"):
+        GroupModel(coef, 16)

@@ -124,12 +124,19 @@ def held_out_error(profile: GpuProfile, k: int = 5, seed: int = 0) -> float:
 class GroupModel:
     """Latency models of the GPUs of one expert-parallel group, in rank order.
 
-    coef: [ranks, 4]; all ranks share block_m (they run the same kernel).
+    coef: [ranks, 4]; all ranks share block_m (they run the same kernel). Coefficients are
+    non-negative (fits are NNLS): the planners rely on a rank's time never falling as slots
+    are added to it.
     """
 
     coef: np.ndarray
     block_m: int
     names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not np.all(np.asarray(self.coef) >= 0):
+            raise GemInputError("latency model", "coef", "has negative (or NaN) coefficients",
+                                "every coefficient >= 0 (a non-negative least-squares fit)")
 
     @classmethod
     def of(cls, models: list[LatencyModel]) -> "GroupModel":

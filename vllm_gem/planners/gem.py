@@ -420,9 +420,10 @@ def _construct(feat: np.ndarray, item_log: np.ndarray, consistent: np.ndarray,
     num_cand None: the plain speed-aware greedy, each item where its mean time over the steps
     ends lowest (LPT on mean loads). Otherwise step-wise: each item to the rank that least
     raises the expected slowest-rank time over the planning steps, among the `num_cand` ranks
-    where it would end soonest on average (among idle ranks the fastest come first); the
-    per-step slowest and second-slowest rank times are kept up to date incrementally (times
-    only grow), so one item costs O(layers x (ranks + steps x num_cand)), not
+    where it would end soonest on average (among idle ranks the fastest come first). Times
+    only grow (a slot's cost is never negative), so the slowest rank after adding the item to
+    rank g is max(g's new time, the slowest time before) and the per-step slowest time is
+    kept up to date incrementally: one item costs O(layers x (ranks + steps x num_cand)), not
     O(layers x steps x ranks). Step-wise needs at least two ranks.
 
     feat: [L, S, P, 3]; item_log: [L, P]; consistent: [L, E] -> rank_of: [L, P]
@@ -434,9 +435,7 @@ def _construct(feat: np.ndarray, item_log: np.ndarray, consistent: np.ndarray,
     t_mean = np.broadcast_to(group.fixed, (layers, ranks)).copy()  # [L, G] mean time over steps
     if num_cand is not None:
         t = np.broadcast_to(group.fixed[:, None], (layers, ranks, steps)).copy()  # [L, G, S]
-        top = t.argmax(1)  # [L, S]
-        v1 = t.max(1)
-        v2 = np.sort(t, axis=1)[:, -2]
+        slowest = t.max(1)  # [L, S]
         by_item = feat.transpose(0, 2, 1, 3).copy()  # [L, P, S, 3]: an item's steps in one row
         step_mean = np.full(steps, 1.0 / steps)  # means over steps as BLAS (numpy's is ~10x slower here)
     fill = np.zeros((layers, ranks), dtype=np.int64)
@@ -457,20 +456,13 @@ def _construct(feat: np.ndarray, item_log: np.ndarray, consistent: np.ndarray,
             ok = np.isfinite(finish[rows[:, None], cand])
             cost = coef[cand] @ by_item[rows, i].transpose(0, 2, 1)  # [L, C, S], batched BLAS
             new_t = t[rows[:, None], cand] + cost
-            other = np.where(cand[:, :, None] == top[:, None, :], v2[:, None, :], v1[:, None, :])
-            score = (np.maximum(new_t, other) + 1e-3 * new_t) @ step_mean
+            score = (np.maximum(new_t, slowest[:, None]) + 1e-3 * new_t) @ step_mean
             c = np.where(ok, score, np.inf).argmin(1)
             g = cand[rows, c]
             tg = new_t[rows, c]  # [L, S]
             t[rows, g] = tg
             t_mean[rows, g] = tg @ step_mean
-            # incremental slowest / second slowest per (layer, step)
-            is_top = top == g[:, None]
-            above1 = ~is_top & (tg > v1)
-            above2 = ~is_top & ~above1 & (tg > v2)
-            v2 = np.where(above1, v1, np.where(above2, tg, v2))
-            top = np.where(above1, g[:, None], top)
-            v1 = np.where(is_top | above1, tg, v1)
+            np.maximum(slowest, tg, out=slowest)
         rank_of[rows, i] = g
         fill[rows, g] += 1
         hold[rows, g, lg] = True
