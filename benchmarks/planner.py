@@ -36,6 +36,7 @@ from vllm_gem.evaluate import bundled_trace, compare, split_steps
 from vllm_gem.formats import ExpertShape
 from vllm_gem.latency import GroupModel, LatencyModel
 from vllm_gem.planners import PlacementProblem, make
+from vllm_gem.planners.gem import warm_up
 from vllm_gem.profiles import analytic_model, bundled_profiles, group_from_profiles
 from vllm_gem.simulate import rank_times
 from vllm_gem.traces import SyntheticParams, synthetic_trace
@@ -103,6 +104,11 @@ def synthetic_cases(out: dict) -> None:
 
 def scale(out: dict, quick: bool) -> None:
     print("\n## 3. Scale: planning time and held-out quality (synthetic trace, spread of 0-20%)")
+    # the first plan of a process loads GEM's compiled swap kernel (compiles it, the first
+    # time after an install): timed apart, so that every row below is a plan in a warm process
+    first = warm_up()
+    print(f"first plan of this process (loads the compiled swap kernel): {first:.2f} s")
+    out["first_plan_seconds"] = first
     print(f"{'gpus':>4s} {'layers':>6s} {'experts':>7s} {'slots':>5s} {'gem s':>7s} {'vllm s':>7s} "
           f"{'gem/vllm time':>14s}")
     res = []

@@ -28,6 +28,7 @@ import numpy as np
 from vllm_gem.evaluate import split_steps
 from vllm_gem.latency import GroupModel, fit
 from vllm_gem.planners import PlacementProblem, make
+from vllm_gem.planners.gem import warm_up
 from vllm_gem.profiles import bundled_profiles
 from vllm_gem.simulate import simulate
 from vllm_gem.traces import SyntheticParams, synthetic_trace
@@ -106,6 +107,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("out/scale"))
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
+    # the first plan of a process loads GEM's compiled swap kernel: timed apart
+    print(f"first plan of this process (loads the compiled swap kernel): {warm_up():.2f} s")
     rows = []
     head = (f"{'model':12s} {'GPUs':>5s} {'slots':>5s} {'vLLM us':>8s} {'GEM us':>8s} {'gain':>6s} "
             f"{'GEM/bnd':>7s} {'vLLM/bnd':>8s} {'GEM s':>6s} {'vLLM s':>6s}")
