@@ -19,7 +19,9 @@
    synthetic ones drawn with new seeds (one layer, 8 GPUs with speeds spread like measured
    fleets: mean 8%, max 22% slower; and 6 GPUs).
 
-Every ratio compares planners in the same run on the same held-out steps.
+Every ratio compares planners in the same run on the same held-out steps. Planning times are
+of a warm process: its first plan, which loads GEM's compiled swap kernel (compiles it, the
+first time after an install), is timed apart and printed first.
 """
 
 from __future__ import annotations
@@ -104,11 +106,6 @@ def synthetic_cases(out: dict) -> None:
 
 def scale(out: dict, quick: bool) -> None:
     print("\n## 3. Scale: planning time and held-out quality (synthetic trace, spread of 0-20%)")
-    # the first plan of a process loads GEM's compiled swap kernel (compiles it, the first
-    # time after an install): timed apart, so that every row below is a plan in a warm process
-    first = warm_up()
-    print(f"first plan of this process (loads the compiled swap kernel): {first:.2f} s")
-    out["first_plan_seconds"] = first
     print(f"{'gpus':>4s} {'layers':>6s} {'experts':>7s} {'slots':>5s} {'gem s':>7s} {'vllm s':>7s} "
           f"{'gem/vllm time':>14s}")
     res = []
@@ -190,6 +187,10 @@ def main() -> None:
     make("vllm-default")  # fail early if vllm is missing
     out: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}",
                  "date": time.strftime("%Y-%m-%d %H:%M")}
+    # the first plan of a process loads GEM's compiled swap kernel (compiles it, the first
+    # time after an install): timed apart, so that every plan timed below is a warm one
+    out["first_plan_seconds"] = warm_up()
+    print(f"first plan of this process (loads the compiled swap kernel): {out['first_plan_seconds']:.2f} s")
     if a.only_scale:
         scale(out, a.quick)
     elif not a.only_certify:

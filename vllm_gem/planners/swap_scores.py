@@ -1,14 +1,15 @@
 """Scoring one round of GEM's local search, compiled with Numba.
 
 A round asks, for every layer still improving: which swap of a candidate item on the layer's
-bottleneck rank g1 with a partner item on another rank h lowers the expected slowest-rank time
-mean_s max(T_g1, T_h, T_rest) the most? In numpy that is half a dozen passes over
-[layers, C, S, J] temporaries (about 12 MB each at 64 GPUs), memory-bound; here one layer's
-[S, J] block stays in cache and every swap is scored in one pass, vectorised over partners.
-The arithmetic is numpy's, in numpy's order (float32, steps summed first to last), so the
-scores are those the array version computes, up to the rounding of its 3-term dot products.
-Numba is a dependency of vLLM itself; `cache=True` keeps the compiled kernel on disk, so only
-the first plan of an installation compiles it.
+bottleneck rank g1 with an item on another rank h lowers the expected slowest-rank time
+mean_s max(T_g1, T_h, T_rest) the most? As numpy array operations that was half a dozen passes
+over [layers, candidates, steps, partners] temporaries (about 12 MB each at 64 GPUs),
+memory-bound; here one layer's [steps, items] rows stay in cache and each candidate is scored
+against every item in one pass, vectorised over the items. The arithmetic is the array
+version's (float32, steps summed first to last): the plans came out equal slot for slot
+(benchmarks/studies/same_plans.py).
+Numba is a dependency of vLLM itself; the compiled kernel is cached on disk, so only the first
+plan of an installation compiles it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ import numba
 import numpy as np
 
 
-@numba.njit(nogil=True, cache=True)
+def _compiled(fn):
+    """numba.njit with the compiled code cached on disk; where no cache location is writable
+    (a read-only install and home), compiled in each process rather than failing the import."""
+    try:
+        return numba.njit(nogil=True, cache=True)(fn)
+    except RuntimeError:
+        return numba.njit(nogil=True)(fn)
+
+
+@_compiled
 def best_swaps(t: np.ndarray, feat: np.ndarray, own: np.ndarray, coef: np.ndarray,
                item_log: np.ndarray, rank_of: np.ndarray, hold: np.ndarray, fetch: np.ndarray,
                mw: float, layers: np.ndarray, g1: np.ndarray,
