@@ -1,8 +1,8 @@
 """Study. Question: Does a change meant only to make GEM faster leave its plans as they were?
 
 Answer: Yes for the compiled swap scoring, the per-thread layer shares and the construction's
-single slowest-time track (commits 770f06d, d2659d5): the plans of 3f51919 and of d2659d5 are
-equal slot for slot in all 19 cases below.
+single slowest-time track: the plans of 3f51919 (before them) and of 47ce567 are equal slot for
+slot in all 19 cases below (raw: docs/results/2026-12-06-same-plans/).
 
 Measured: 2026-12-06, 2-core CPU. Command: `python benchmarks/studies/same_plans.py --out
 after.npz` in this checkout and `PYTHONPATH=/path/to/checkout-of-3f51919 python

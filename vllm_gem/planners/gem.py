@@ -13,7 +13,8 @@ Per MoE layer, on the planning history ``loads: [steps, layers, experts]``:
    becomes the slowest, so faster GPUs get heavier experts; experts that fire in the same
    steps raise the same steps' maxima, so they land on different ranks.
 4. Improve by local search: swaps between the layer's bottleneck rank and any other rank,
-   scored exactly on the expected slowest-rank time (vectorised over candidates and layers).
+   scored exactly on the expected slowest-rank time (a round's swaps in one compiled pass:
+   swap_scores.best_swaps).
    Swaps keep every rank's slot count equal, as vLLM requires.
 
 ``stepwise=False`` gives the plain speed-aware greedy (LPT on mean loads, no local search):
@@ -36,6 +37,7 @@ from threadpoolctl import threadpool_limits
 from ..latency import GroupModel
 from .base import PlacementPolicy, PlacementProblem, ranks_to_phys_to_log
 from .swap_scores import best_swaps
+
 
 def classify_experts(loads: np.ndarray, steady_frac: float = 0.9, level: float = 0.5) -> np.ndarray:
     """Consistent experts: loaded at >= `level` x their mean in >= `steady_frac` of steps.
@@ -349,13 +351,13 @@ class GemPolicy(PlacementPolicy):
             off = (stale[lv] % windows) * cand
             sel = np.take_along_axis(items1, (off[:, None] + np.arange(cand)) % slots, 1)
             # each candidate against every item on another rank (swap partners)
-            val, ci, pj = best_swaps(t, by_step, own, coef, item_log, rank_of, hold,
+            val, ci, partner = best_swaps(t, by_step, own, coef, item_log, rank_of, hold,
                                      no_fetch if fetch is None else fetch, float(mw), lv, g1, sel)
             gain = obj - val
             ok = gain > self.params["min_gain"] * np.maximum(obj, 1e-30)
             stale[lv] = np.where(ok, 0, stale[lv] + 1)
             for x in np.nonzero(ok)[0]:
-                layer, i, j = lv[x], sel[x, ci[x]], pj[x]
+                layer, i, j = lv[x], sel[x, ci[x]], partner[x]
                 ga, gb = g1[x], rank_of[layer, j]
                 new_i, new_j = by_item[layer, i] @ coef[gb], by_item[layer, j] @ coef[ga]  # [S] each
                 t[layer, ga] += new_j - own[layer, :, i]
