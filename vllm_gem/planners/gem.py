@@ -255,7 +255,7 @@ class GemPolicy(PlacementPolicy):
 
     def _plan_layers(self, loads: np.ndarray, consistent: np.ndarray, problem: PlacementProblem,
                      first: int, deadline: float) -> tuple:
-        """Plan a share of the layers: loads [S, L, E], consistent [L, E] of layers first.. ->
+        """Plan the L layers from `first` on: loads [S, L, E], consistent [L, E] ->
         (item_log [L, P], rank_of [L, P], constructed and final layer time [L] us, swaps or None)."""
         p = self.params
         steps, layers, experts = loads.shape

@@ -127,17 +127,21 @@ def _add_step(acc, base, on_a, rest, keep, ch0, ch1, ch2, f0, f1, f2):
 
 @numba.njit(nogil=True, inline="always")
 def _cost_row(out, f0, f1, f2, c0, c1, c2):
+    """out[p] = item p's cost on a rank of coefficients c0..c2 (features f0..f2: [P] each)."""
     for p in range(out.shape[0]):
         out[p] = f0[p] * c0 + f1[p] * c1 + f2[p] * c2
 
 
 @numba.njit(nogil=True, inline="always")
 def _keep_row(out, t_step, own_step, rk):
+    """out[p] = the time of item p's rank without item p, at one step."""
     for p in range(out.shape[0]):
         out[p] = t_step[rk[p]] - own_step[p]
 
 
 @numba.njit(nogil=True, inline="always")
 def _rest_row(out, rk, top, first, second):
+    """out[p] = the slowest time at one step among ranks other than g1 and item p's rank
+    (first: the slowest but g1, on rank top; second: the runner-up)."""
     for p in range(out.shape[0]):
         out[p] = second if rk[p] == top else first
