@@ -266,7 +266,8 @@ class GemPolicy(PlacementPolicy):
             rank_of = np.broadcast_to(np.arange(num_physical) // problem.slots_per_rank,
                                       item_log.shape).copy()
             feat = _item_features(loads, item_log, group)
-            before = _rank_times(feat, rank_of, group).max(-1).mean(1)
+            rank_t = _rank_times(feat, rank_of, group)  # [L, S, G]
+            before = rank_t.max(-1).mean(1)
         else:
             # three replica sets, kept per layer by their constructed time: the latency
             # model's choice; the hottest experts by load per copy (DeepSeek's and vLLM's
@@ -287,7 +288,8 @@ class GemPolicy(PlacementPolicy):
             rank_of = _construct(feat, log, np.tile(consistent, (k, 1)), group,
                                  problem.slots_per_rank, experts,
                                  min(p["construct_ranks"], group.num_ranks) if stepwise else None)
-            times = _rank_times(feat, rank_of, group).max(-1).mean(1).reshape(k, layers)  # us
+            rank_t = _rank_times(feat, rank_of, group)  # [k * L, S, G]
+            times = rank_t.max(-1).mean(1).reshape(k, layers)  # us
             choice, before = np.zeros(layers, dtype=np.int64), times[0]
             for o in range(1, k):
                 # layers where this option constructs faster (by option_margin: the latency
@@ -295,25 +297,25 @@ class GemPolicy(PlacementPolicy):
                 take = times[o] < before * (1.0 - p["option_margin"])
                 choice, before = np.where(take, o, choice), np.minimum(times[o], before)
             pick = choice * layers + np.arange(layers)
-            item_log, feat, rank_of = log[pick], feat[pick], rank_of[pick]
+            item_log, feat, rank_of, rank_t = log[pick], feat[pick], rank_of[pick], rank_t[pick]
         if not (p["local_search"] and p["stepwise"] and group.num_ranks > 1):
             return item_log, rank_of, before, before, None
         fetch = None
         if migrate:
             fetch = fetch_costs(item_log, rank_of, group.num_ranks, experts,
                                 problem.num_nodes, p["node_move_cost"])
-        rank_of, swaps = self._search(feat, item_log, rank_of, group, experts, fetch,
+        rank_of, swaps = self._search(feat, item_log, rank_of, rank_t, group, experts, fetch,
                                       p["migration_weight"] or 0.0, deadline)
         return item_log, rank_of, before, _rank_times(feat, rank_of, group).max(-1).mean(1), swaps
 
     # ----------------------------------------------------------------- local search
     def _search(self, feat: np.ndarray, item_log: np.ndarray, rank_of: np.ndarray,
-                group: GroupModel, experts: int, fetch: np.ndarray | None, mw: float,
-                deadline: float) -> tuple[np.ndarray, int]:
+                rank_t: np.ndarray, group: GroupModel, experts: int, fetch: np.ndarray | None,
+                mw: float, deadline: float) -> tuple[np.ndarray, int]:
         """Swaps from the constructed placement until no layer improves (or the deadline).
 
-        feat: [L, S, P, 3]; item_log, rank_of: [L, P]; fetch: [L, G, E] or None
-        -> (rank_of [L, P], swaps made)
+        feat: [L, S, P, 3]; item_log, rank_of: [L, P]; rank_t: [L, S, G] each rank's time per
+        step at rank_of (_rank_times); fetch: [L, G, E] or None -> (rank_of [L, P], swaps made)
         """
         layers, steps, num_items, _ = feat.shape
         ranks, coef = group.num_ranks, group.slot_coef.astype(np.float32)
@@ -321,7 +323,7 @@ class GemPolicy(PlacementPolicy):
         cand = min(slots, self.params["candidates"])
         rank_of = rank_of.copy()
         # float32 halves the traffic; the swap scores read items-last layouts (best_swaps)
-        t = _rank_times(feat, rank_of, group).astype(np.float32).transpose(0, 2, 1).copy()  # [L, G, S]
+        t = rank_t.astype(np.float32).transpose(0, 2, 1).copy()  # [L, G, S]
         by_item = feat.astype(np.float32).transpose(0, 2, 1, 3).copy()  # [L, P, S, 3]
         by_step = np.ascontiguousarray(by_item.transpose(0, 2, 3, 1))  # [L, S, 3, P]
         own = np.ascontiguousarray((by_item * coef[rank_of][:, :, None]).sum(-1).transpose(0, 2, 1))  # [L, S, P]
