@@ -401,15 +401,24 @@ def _pattern_call(counts, x_all, w13, w2, kernel: ExpertKernel, align, spec) -> 
 
 
 def _time_pattern(counts, x_all, w13, w2, kernel: ExpertKernel, align, spec, stream) -> LatencyPoint:
-    import torch
-    dev = x_all.device
     once = _pattern_call(counts, x_all, w13, w2, kernel, align, spec)
+    median, p10, p90 = time_call(once, stream, spec.reps, spec.inner)
+    return LatencyPoint(list(counts), median, p10, p90)
+
+
+def time_call(once: Callable[[], None], stream, reps: int, inner: int) -> tuple[float, float, float]:
+    """(median, p10, p90) us of one call of `once` on `stream`: CUDA-event timings of `reps`
+    CUDA-graph replays of `inner` calls each (eager launches where capture is refused), after
+    two warm calls (compiles, caches). Shared by calibration and the measured replay so both
+    time expert work the same way."""
+    import torch
+    dev = stream.device
     for _ in range(2):  # compile (if not yet) and warm before capture
         once()
     torch.cuda.synchronize(dev)
 
     def calls() -> None:
-        for _ in range(spec.inner):
+        for _ in range(inner):
             once()
 
     run = calls
@@ -420,19 +429,19 @@ def _time_pattern(counts, x_all, w13, w2, kernel: ExpertKernel, align, spec, str
         graph.replay()
         run = graph.replay
     except RuntimeError as e:
-        print(f"calibration: CUDA graph capture failed on cuda:{dev.index} ({e}); timing eager "
+        print(f"calibration: CUDA graph capture failed on {dev} ({e}); timing eager "
               "launches", file=sys.stderr)
         torch.cuda.synchronize(dev)
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-          for _ in range(spec.reps)]
+          for _ in range(reps)]
     for s, e in ev:
         s.record(stream)
         run()
         e.record(stream)
     torch.cuda.synchronize(dev)
-    us = sorted(s.elapsed_time(e) * 1e3 / spec.inner for s, e in ev)
+    us = sorted(s.elapsed_time(e) * 1e3 / inner for s, e in ev)
     q = np.percentile(us, [10, 90])
-    return LatencyPoint(list(counts), statistics.median(us), float(q[0]), float(q[1]))
+    return statistics.median(us), float(q[0]), float(q[1])
 
 
 def held_out_errors(prof: GpuProfile, test: list[LatencyPoint] | None = None) -> np.ndarray:

@@ -6,6 +6,7 @@
     vllm-gem inspect FILE
     vllm-gem report DIR|FILE... -o report.html   plots of what GEM wrote, one self-contained page
     vllm-gem import-trace --format harmoeny|vllm-eplb|synthetic SRC -o trace.msgpack
+    vllm-gem replay --trace T --placement P1 P2 --measure   each rank's work timed on real kernels
 
 Traces and profiles may name bundled data: `bundled:qwen`, `bundled:one-slow4`. Bad input
 exits with code 2 and one line naming the file, field and expectation.
@@ -45,6 +46,7 @@ from .validation import (
     Seconds,
     Slots,
     Speed,
+    Steps,
     Width,
     argtype,
     check_slots,
@@ -324,6 +326,79 @@ def cmd_import_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    """`vllm-gem replay`: predicted (and with --measure, measured) per-rank times of placements."""
+    from .replay import (Fleet, PlacementReplay, ReplaySpec, calibrate_partitions, compare,
+                         format_report, measure, predicted_times, replay_steps)
+
+    tr = _trace(args.trace)
+    loads = np.rint(tr.loads)
+    top_k = args.top_k or tr.top_k
+    if not top_k:
+        raise GemInputError(args.trace, "top_k", "is not recorded in the trace",
+                            "--top-k K (the experts each token is routed to)")
+    placements: dict[str, np.ndarray] = {}
+    ranks = set()
+    for path in args.placement:
+        pl = load(path, Placement)
+        validate_placement(pl, path, num_layers=tr.shape[1], num_logical_experts=tr.shape[2])
+        name = pl.planner if pl.planner not in placements else path
+        placements[name] = pl.array
+        ranks.add(pl.num_ranks)
+    if len(ranks) != 1 or len({a.shape[1] for a in placements.values()}) != 1:
+        raise GemInputError(", ".join(args.placement), "num_ranks / phys_to_log",
+                            f"differ between the files (ranks {sorted(ranks)})",
+                            "placements of one fleet with one slot count")
+    num_ranks = ranks.pop()
+    idx = replay_steps(tr.shape[0], args.steps, args.max_steps)
+    test = loads[idx]
+    baseline = args.baseline or ("vllm-default" if "vllm-default" in placements else next(iter(placements)))
+    if baseline not in placements:
+        raise GemInputError("command line", "--baseline", f"is {baseline!r}",
+                            f"one of the placements' planners: {', '.join(placements)}")
+    say = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    group = _group(args) if (args.profiles or args.speeds) else None
+    if group is not None and group.num_ranks != num_ranks:
+        raise GemInputError("command line", "--profiles", f"gives {group.num_ranks} ranks",
+                            f"{num_ranks} (the placements' ranks)")
+    kernel = "predicted only (no --measure)"
+    measured: dict[str, np.ndarray] = {}
+    if args.measure:
+        try:
+            import torch
+            visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        except ImportError:
+            visible = 0
+        if not visible:
+            raise GemInputError("command line", "--measure", "sees no CUDA GPU",
+                                "a machine with a CUDA GPU and torch (pip install vllm-gem[vllm])")
+        hidden, inter = args.hidden, args.intermediate
+        if args.profiles:
+            e = _profiles(args.profiles)[0][1].expert
+            hidden, inter = hidden or e.hidden, inter or e.intermediate
+        if not (hidden and inter):
+            raise GemInputError("command line", "--hidden/--intermediate", "are missing",
+                                "the model's expert shape (or --profiles, which record it)")
+        fleet = Fleet.on_local_gpus(num_ranks, args.slow_sms or {}, visible)
+        spec = ReplaySpec(hidden, inter, top_k, args.dtype, kernel=args.kernel)
+        if group is None:
+            per_rank = next(iter(placements.values())).shape[1] // num_ranks
+            group = GroupModel.of(calibrate_partitions(fleet, spec, per_rank, say))
+        measured, kernel, _ = measure(test, placements, fleet, spec, say)
+    if group is None:
+        raise GemInputError("command line", "--profiles", "is missing",
+                            "profile files or --speeds for the prediction (or --measure, which "
+                            "calibrates the partitions itself)")
+    replays = [PlacementReplay(n, measured.get(n, np.full((len(idx),) + (tr.shape[1], num_ranks), np.nan)),
+                               predicted_times(test, p2l, group), kernel)
+               for n, p2l in placements.items()]
+    report = {"trace": args.trace, "steps": idx.tolist(), "top_k": top_k, "kernel": kernel,
+              **compare(replays, baseline)}
+    _emit(args, report, f"{len(idx)} {args.steps} steps x {tr.shape[1]} layers, {num_ranks} ranks, "
+          f"kernel: {kernel}\n{format_report(report)}")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import main as calibrate_main
     return calibrate_main(args)
@@ -400,6 +475,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name to record")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_import_trace)
+
+    p = sub.add_parser("replay", help="per-rank times of placements on the trace's steps: predicted, "
+                       "and with --measure timed on real kernels (unequal ranks as green-context partitions)")
+    common(p)
+    p.add_argument("--trace", required=True, help="RoutingTrace file or bundled:NAME")
+    p.add_argument("--placement", nargs="+", required=True, help="placement files of one fleet")
+    p.add_argument("--measure", action="store_true",
+                   help="time every rank's work on the GPUs (vLLM's fused_experts where importable)")
+    p.add_argument("--dtype", choices=list(PRECISIONS), default="bf16", help="the experts' precision")
+    p.add_argument("--kernel", choices=["auto", "vllm", "triton"], default="auto",
+                   help="vllm: vLLM's fused_experts; triton: vllm-gem's kernel; auto: vllm where importable")
+    p.add_argument("--slow-sms", type=sm_limits,
+                   help="RANK:SMS[,RANK:SMS] run those ranks in green contexts of that many SMs")
+    p.add_argument("--steps", choices=["held-out", "all"], default="held-out",
+                   help="held-out: the second half (what a plan made on the first half did not see)")
+    p.add_argument("--max-steps", type=argtype(Steps), default=8, help="replay at most this many steps, spread evenly")
+    p.add_argument("--top-k", type=argtype(LocalExperts), help="experts per token (default: the trace's)")
+    p.add_argument("--hidden", type=argtype(Width), help="expert hidden size (default: the profiles')")
+    p.add_argument("--intermediate", type=argtype(Width), help="expert intermediate size (default: the profiles')")
+    p.add_argument("--baseline", help="the placement (by planner) ratios are taken to (default: vllm-default)")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("calibrate", help="time MoE expert work on the local GPUs, write GpuProfiles")
     common(p, group=False)

@@ -34,6 +34,7 @@ LocalExperts = Annotated[int, Meta(ge=1, le=4096, description="local experts per
 Device = Annotated[int, Meta(ge=0, le=1023, description="a CUDA device index")]
 SmCount = Annotated[int, Meta(ge=1, le=1024, description="a number of SMs")]
 EngineSteps = Annotated[int, Meta(ge=0, le=10**9, description="engine steps (0: off)")]
+Steps = Annotated[int, Meta(ge=1, le=1 << 20, description="trace steps")]
 TokenCount = Annotated[int, Meta(ge=0, le=MAX_COUNT, description="a token count")]
 
 

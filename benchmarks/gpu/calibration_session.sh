@@ -9,6 +9,8 @@
 #          fp8tests (the fp8 kernel's GPU tests), fp8calib (calibrate --dtype fp8-block, fp8, fp8-channel and bf16,
 #          twice each: seconds and held-out error), fp8kernels (the fp8 kernel against vLLM's, each
 #          scale layout; needs vLLM)
+#          replay (the measured replay's GPU tests, then benchmarks/replay.py: GEM against vLLM's policy
+#          on real kernels, ranks as green-context partitions of one GPU; REPLAY_DEADLINE s, REPLAY_ARGS)
 #   env: SEARCH=0 times the tile table only (kernels), not every tile of the search;
 #        STAGES=1 also times each launch alone (kernels --stages)
 set -u
@@ -57,6 +59,11 @@ fp8kernels)
     python3 benchmarks/kernels.py --dtype $dtype $([ "${SEARCH:-1}" = 0 ] || echo --search) --json "$res/kernels-$dtype-$tag.json" 2> "$res/kernels-$dtype-$tag.err" | tee "$res/kernels-$dtype-$tag.txt"
     tail -3 "$res/kernels-$dtype-$tag.err"
   done ;;
+replay)
+  timeout 120 python3 -m pytest -q -m gpu tests/test_replay.py 2>&1 | tail -8 | tee "$res/replay-tests-$tag.log"
+  timeout $(( ${REPLAY_DEADLINE:-360} + 150 )) python3 benchmarks/replay.py --json "$res/replay-$tag.json" \
+    --deadline "${REPLAY_DEADLINE:-360}" ${REPLAY_ARGS:-} 2> "$res/replay-$tag.err" | tee "$res/replay-$tag.txt"
+  tail -5 "$res/replay-$tag.err" ;;
 kernels)
   python3 benchmarks/kernels.py $([ "${SEARCH:-1}" = 0 ] || echo --search) $([ "${STAGES:-0}" = 1 ] && echo --stages) --json "$res/kernels-$tag.json" 2> "$res/kernels-$tag.err" | tee "$res/kernels-$tag.txt" ;;
 esac; done
