@@ -48,7 +48,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert rc == 2
     assert err.strip().count("\n") == 0 and "schema_version: is 7; expected 1" in err
     rc, _, err = run(capsys, "inspect", str(tmp_path / "missing.json"))
-    assert rc == 2 and "missing.json: file: is missing or empty" in err
+    assert rc == 2 and "missing.json: file: does not exist" in err
     # a placement for another model shape
     pl = tmp_path / "pl.json"
     run(capsys, "plan", "--trace", "bundled:qwen", "--speeds", "1,1,1,1", "-o", str(pl))

@@ -24,6 +24,7 @@ import msgspec
 import numpy as np
 
 from .errors import GemInputError
+from .files import refuse_same_file, write_atomic
 from .formats import (
     GpuProfile,
     Placement,
@@ -175,6 +176,8 @@ def _plot_demo(results: list[dict], path: Path) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    refuse_same_file(args.output, "-o/--output", [("--trace", args.trace), ("--current", args.current or "")]
+                     + [("--profiles", p) for p in args.profiles or []])
     tr = _trace(args.trace)
     group = _group(args)
     loads = tr.loads
@@ -222,15 +225,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import to_engine
+    refuse_same_file(args.output, "-o/--output", [("the placement", args.placement)])
     placement = load(args.placement, Placement)
     engine = "vllm-ascend" if args.to == "vllm-expert-map" else args.to
     obj = to_engine(placement, engine, args.placement)
-    out = Path(args.output)
-    try:
-        out.write_bytes(msgspec.json.format(msgspec.json.encode(obj), indent=1))
-    except OSError as e:
-        raise GemInputError(str(out), "file", f"cannot be written ({e.strerror})",
-                            "a writable file path (not a folder)") from None
+    out = write_atomic(args.output, msgspec.json.format(msgspec.json.encode(obj), indent=1))
     _emit(args, {"output": str(out), "format": engine},
           f"wrote {out}: {len(placement.phys_to_log)} layers x {len(placement.phys_to_log[0])} slots "
           f"as {engine}'s placement")
@@ -273,10 +272,30 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
+    refuse_same_file(args.output, "-o/--output", [("an input", p) for p in _report_files(args.paths)])
     summary = write_report(args.paths, args.output)
     _emit(args, summary, f"wrote {summary['file']}: {summary['images']} figures, sections "
           f"{', '.join(summary['sections'])} ({summary['files']} files)")
     return 0
+
+
+def _report_files(paths: list[str]) -> list[Path]:
+    """The files report may read: those named and those directly in the folders named."""
+    out = []
+    for spec in paths:
+        p = Path(spec)
+        out += sorted(p.iterdir()) if p.is_dir() else [p]
+    return out
+
+
+def _import_sources(source: str | None) -> list[tuple[str, Path]]:
+    """The files an import reads: SOURCE, or the files in the SOURCE folder and its rank folders."""
+    if not source:
+        return []
+    p = Path(source)
+    if not p.is_dir():
+        return [("SOURCE", p)]
+    return [("a file in SOURCE", f) for f in p.rglob("*") if f.is_file()]
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -309,6 +328,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_import_trace(args: argparse.Namespace) -> int:
+    refuse_same_file(args.output, "-o/--output", _import_sources(args.source))
     from .traces import SyntheticParams, decode_params, import_harmoeny, import_vllm_eplb, synthetic_trace
     if args.format == "harmoeny":
         tr = import_harmoeny(args.source)

@@ -21,6 +21,7 @@ import msgspec
 import numpy as np
 
 from .errors import GemInputError
+from .files import read_bytes
 from .formats import ExpertId, Placement, field_error, load, rank_of_slots
 
 FORMATS = ("sglang", "vllm-ascend")
@@ -82,10 +83,7 @@ def read_engine_placement(path: str | Path, num_logical_experts: int | None = No
     """An SGLang or vllm-ascend placement file -> (phys_to_log [layers, num_physical], ranks
     (None for SGLang, which does not say), format). Errors name the file and the field."""
     src = str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise GemInputError(src, "file", f"cannot be read ({e.strerror})", "a placement JSON") from None
+    raw = read_bytes(path)
     try:
         head = msgspec.json.decode(raw)
     except msgspec.DecodeError as e:
@@ -138,8 +136,8 @@ def _ascend_rows(obj: AscendExpertMap, src: str) -> tuple[list[list[int]], int]:
 def load_any_placement(path: str | Path, num_ranks: int, num_logical_experts: int) -> Placement:
     """Our Placement file, or an SGLang or vllm-ascend one (engine_format), as our Placement."""
     try:
-        head = msgspec.json.decode(Path(path).read_bytes())
-    except (OSError, msgspec.DecodeError):  # not JSON, or unreadable: formats.load says which
+        head = msgspec.json.decode(read_bytes(path))
+    except (GemInputError, msgspec.DecodeError):  # not JSON, or unreadable: formats.load says which
         head = None
     if engine_format(head):
         return placement_from_engine(path, num_ranks, num_logical_experts)

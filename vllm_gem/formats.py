@@ -18,6 +18,7 @@ import numpy as np
 from msgspec import Meta
 
 from .errors import GemInputError
+from .files import append_line, read_bytes, write_atomic
 from .precision import PRECISIONS, precision_name
 from .validation import MAX_COUNT, MAX_EXPERTS, MAX_RANKS
 
@@ -205,20 +206,13 @@ EVENTS_FILE = "gem-events.jsonl"
 
 def append_event(event: PlacementEvent, trace_dir: str | Path) -> Path:
     """Append one event line to trace_dir/gem-events.jsonl."""
-    path = Path(trace_dir) / EVENTS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("ab") as f:
-        f.write(msgspec.json.encode(event) + b"\n")
-    return path
+    return append_line(Path(trace_dir) / EVENTS_FILE, msgspec.json.encode(event))
 
 
 def load_events(path: str | Path) -> list[PlacementEvent]:
     """Every event of a gem-events.jsonl file; a bad line is one GemInputError naming it."""
     src = str(path)
-    try:
-        lines = Path(path).read_bytes().splitlines()
-    except OSError as e:
-        raise GemInputError(src, "file", f"cannot be read ({e.strerror})", "a readable file") from None
+    lines = read_bytes(path).splitlines()
     dec = msgspec.json.Decoder(PlacementEvent)
     out = []
     for n, line in enumerate(lines, 1):
@@ -273,32 +267,21 @@ def save(obj: AnyFile, path: str | Path) -> Path:
     """Write `obj` as JSON (.json) or msgpack (other suffixes), after validating it."""
     path = Path(path)
     validate(obj, str(path))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encode(obj, json=_is_json(path)))
-    except OSError as e:
-        raise GemInputError(str(path), "file", f"cannot be written ({e.strerror})",
-                            "a writable file path (not a folder)") from None
-    return path
+    return write_atomic(path, encode(obj, json=_is_json(path)))
 
 
 def load(path: str | Path, cls: type[T]) -> T:
     """Load and validate a file of type `cls`; every failure is one GemInputError."""
     path = Path(path)
-    src = str(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise GemInputError(src, "file", f"cannot be read ({e.strerror})", "a readable file") from None
-    return decode(raw, cls, src, json=_is_json(path))
+    return decode(read_bytes(path), cls, str(path), json=_is_json(path))
 
 
 def load_any(path: str | Path) -> AnyFile:
     """A profile, trace or placement file, whichever its `kind` says."""
     path = Path(path)
-    raw = path.read_bytes() if path.is_file() else b""
+    raw = read_bytes(path)
     if not raw.strip():
-        raise GemInputError(str(path), "file", "is missing or empty", "a profile, trace or placement")
+        raise GemInputError(str(path), "file", "is empty", "a profile, trace or placement")
     for mod in (msgspec.json, msgspec.msgpack):
         try:
             kind = mod.decode(raw, type=_Header).kind
@@ -362,10 +345,9 @@ def field_error(e: msgspec.ValidationError, source: str, expected: str | None = 
 
 def decode_json(path: str | Path, cls: type, what: str) -> Any:
     """A small JSON settings file (not one of the three formats) -> `cls`, errors naming the field."""
+    raw = read_bytes(path)
     try:
-        return msgspec.json.decode(Path(path).read_bytes(), type=cls)
-    except OSError as e:
-        raise GemInputError(str(path), "file", f"cannot be read ({e.strerror})", f"{what} JSON") from None
+        return msgspec.json.decode(raw, type=cls)
     except msgspec.ValidationError as e:
         raise field_error(e, str(path)) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as e:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GemInputError
+from .files import write_atomic
 from .formats import (
     EVENTS_FILE,
     GpuProfile,
@@ -384,10 +385,5 @@ def write_report(paths: list[str], out: str | Path) -> dict[str, Any]:
                             'pip install "vllm-gem[plot]"') from None
     matplotlib.use("Agg")
     page, summary = build_report(read_inputs(paths))
-    out = Path(out)
-    try:
-        out.write_text(page, encoding="utf-8")
-    except OSError as e:
-        raise GemInputError(str(out), "file", f"cannot be written ({e.strerror})",
-                            "a writable file path (not a folder)") from None
+    out = write_atomic(out, page.encode("utf-8"))
     return {"file": str(out), **summary}

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import msgspec
 
+from ..files import write_atomic
+
 logger = logging.getLogger("vllm.gem")
 
 
@@ -43,11 +45,8 @@ METRICS: tuple[tuple[str, str, str], ...] = (
 
 
 def write_state(state_dir: str, state: RankState) -> None:
-    path = Path(state_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".rank{state.rank}.json.tmp"
-    tmp.write_bytes(msgspec.json.encode(state))
-    os.replace(tmp, path / f"rank{state.rank}.json")  # readers never see half a file
+    # readers (a /metrics scrape) never see half a file
+    write_atomic(Path(state_dir) / f"rank{state.rank}.json", msgspec.json.encode(state))
 
 
 def read_states(state_dir: str) -> list[RankState]:
