@@ -155,7 +155,9 @@ class Certificate:
     @property
     def gap(self) -> float:
         """plan / certified bound - 1: the plan is at most this far from optimal."""
-        return self.plan_us / self.bound_us - 1.0 if self.bound_us > 0 else float("inf")
+        if self.bound_us > 0:
+            return self.plan_us / self.bound_us - 1.0
+        return 0.0 if self.plan_us <= 0 else float("inf")  # no load: every plan is optimal
 
     def as_dict(self) -> dict[str, float]:
         return {"plan_us": self.plan_us, "certified_bound_us": self.bound_us,

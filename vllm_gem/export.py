@@ -86,7 +86,7 @@ def read_engine_placement(path: str | Path, num_logical_experts: int | None = No
     raw = read_bytes(path)
     try:
         head = msgspec.json.decode(raw)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, RecursionError) as e:
         raise GemInputError(src, "file", f"is not valid JSON ({e})",
                             "an SGLang or vllm-ascend placement") from None
     fmt = engine_format(head)
@@ -137,7 +137,7 @@ def load_any_placement(path: str | Path, num_ranks: int, num_logical_experts: in
     """Our Placement file, or an SGLang or vllm-ascend one (engine_format), as our Placement."""
     try:
         head = msgspec.json.decode(read_bytes(path))
-    except (GemInputError, msgspec.DecodeError):  # not JSON, or unreadable: formats.load says which
+    except (GemInputError, msgspec.DecodeError, RecursionError):  # not JSON, or unreadable: formats.load says which
         head = None
     if engine_format(head):
         return placement_from_engine(path, num_ranks, num_logical_experts)

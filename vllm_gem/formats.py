@@ -27,6 +27,7 @@ SCHEMA_VERSION = 1  # routing traces and placements
 # as bf16 profiles, which is what every version 1 profile timed
 PROFILE_SCHEMA_VERSION = 2
 _DTYPES = ("int32", "int64", "float32", "float64")
+MAX_POINTS = 10000  # timed points one profile may hold (calibration writes under 100)
 MAX_ELEMENTS = 1 << 28  # a trace larger than this is not a routing trace (1 GiB as int32)
 Dim = Annotated[int, Meta(ge=0, le=MAX_ELEMENTS)]
 ExpertId = Annotated[int, Meta(ge=0, lt=MAX_EXPERTS)]
@@ -222,7 +223,7 @@ def load_events(path: str | Path) -> list[PlacementEvent]:
             ev = dec.decode(line)
         except msgspec.ValidationError as e:
             raise field_error(e, f"{src}:{n}", "a placement_event") from None
-        except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
             raise GemInputError(f"{src}:{n}", "line", f"is not valid JSON ({e})",
                                 "one placement_event per line") from None
         if len(ev.rank_us_before) != len(ev.rank_us_after) or not ev.rank_us_after:
@@ -266,6 +267,11 @@ def rank_of_slots(num_physical: int, num_ranks: int) -> list[int]:
 def save(obj: AnyFile, path: str | Path) -> Path:
     """Write `obj` as JSON (.json) or msgpack (other suffixes), after validating it."""
     path = Path(path)
+    if not isinstance(obj, RoutingTrace):  # the typed limits a reader checks (a trace's are in validate)
+        try:
+            msgspec.convert(msgspec.to_builtins(obj), type(obj))
+        except msgspec.ValidationError as e:
+            raise field_error(e, str(path)) from None
     validate(obj, str(path))
     return write_atomic(path, encode(obj, json=_is_json(path)))
 
@@ -286,7 +292,7 @@ def load_any(path: str | Path) -> AnyFile:
         try:
             kind = mod.decode(raw, type=_Header).kind
             break
-        except msgspec.DecodeError:  # ValidationError included: a header of the wrong type
+        except (msgspec.DecodeError, RecursionError):  # ValidationError included: a header of the wrong type
             continue
     else:
         raise GemInputError(str(path), "file", "is neither JSON nor msgpack with a kind field "
@@ -306,7 +312,8 @@ def decode(raw: bytes, cls: type[T], source: str, json: bool) -> T:
     mod = msgspec.json if json else msgspec.msgpack
     # msgspec.ValidationError is a DecodeError: it is caught first, so that a wrong value
     # names its field instead of reading as a corrupt file
-    corrupt = (msgspec.DecodeError, UnicodeDecodeError)  # msgpack strings are not re-checked
+    # msgpack strings are not re-checked; a value nested 100000 deep exhausts the decoder's stack
+    corrupt = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
     def not_valid(e: Exception) -> GemInputError:
         return GemInputError(source, "file", f"is not valid {fmt} ({e}); truncated or corrupt?",
@@ -350,7 +357,7 @@ def decode_json(path: str | Path, cls: type, what: str) -> Any:
         return msgspec.json.decode(raw, type=cls)
     except msgspec.ValidationError as e:
         raise field_error(e, str(path)) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
         raise GemInputError(str(path), "file", f"is not valid JSON ({e})", f"{what} JSON") from None
 
 
@@ -402,19 +409,38 @@ def _validate_profile(p: GpuProfile, source: str) -> None:
         if pt.median_us > 1e7:
             raise GemInputError(source, f"{f}.median_us", f"is {pt.median_us}",
                                 "a layer time under 10 s (10000000 us)")
+        if pt.median_us < 1e-3:
+            raise GemInputError(source, f"{f}.median_us", f"is {pt.median_us}",
+                                "a layer time of at least 0.001 us (a kernel launch takes microseconds)")
         _finite_positive(pt.p10_us, source, f"{f}.p10_us")
         _finite_positive(pt.p90_us, source, f"{f}.p90_us")
+        lo, hi = pt.p10_us or pt.median_us, pt.p90_us or pt.median_us  # percentiles are optional
+        if not lo <= pt.median_us <= hi:
+            raise GemInputError(source, f"{f}", f"has p10 {pt.p10_us:g}, median {pt.median_us:g}, "
+                                f"p90 {pt.p90_us:g} us", "p10_us <= median_us <= p90_us")
     tokens = [sum(pt.tokens_per_expert) for pt in p.points]
     lo, hi = int(np.argmin(tokens)), int(np.argmax(tokens))
     if tokens[hi] == tokens[lo] or p.points[hi].median_us <= p.points[lo].median_us:
         raise GemInputError(source, "points", f"take {p.points[hi].median_us:g} us at {tokens[hi]} tokens "
                             f"and {p.points[lo].median_us:g} us at {tokens[lo]}",
                             "layer times that grow with the tokens routed to the GPU")
+    if p.gpu.index < 0 or not 0 <= p.gpu.sm_count <= 4096:
+        raise GemInputError(source, "gpu", f"has index {p.gpu.index} and sm_count {p.gpu.sm_count}",
+                            "index >= 0 and sm_count in [0, 4096] (0: not recorded)")
+    if len(p.points) > MAX_POINTS:
+        raise GemInputError(source, "points", f"has {len(p.points)} entries",
+                            f"at most {MAX_POINTS} (a calibration times under 100)")
     for state in ("state_before", "state_after"):
         s = getattr(p, state)
         if s is not None:
-            for k in ("sm_clock_mhz", "mem_clock_mhz", "power_w"):
+            for k, hi in (("sm_clock_mhz", 1e5), ("mem_clock_mhz", 1e5), ("power_w", 1e5)):
                 _finite_positive(getattr(s, k), source, f"{state}.{k}", allow_zero=True)
+                if (getattr(s, k) or 0) > hi:
+                    raise GemInputError(source, f"{state}.{k}", f"is {getattr(s, k)}", f"at most {hi:g}")
+            t = s.temperature_c
+            if t is not None and not (math.isfinite(t) and -50 <= t <= 200):
+                raise GemInputError(source, f"{state}.temperature_c", f"is {t}",
+                                    "a GPU temperature between -50 and 200 C")
 
 
 def token_counts(values: Any, source: str, field: str) -> np.ndarray:
@@ -446,6 +472,8 @@ def _validate_trace(t: RoutingTrace, source: str) -> None:
     if len(a.shape) != 3 or min(a.shape) < 1 or math.prod(a.shape) > MAX_ELEMENTS:
         raise GemInputError(source, "counts.shape", f"is {a.shape}",
                             f"[steps, layers, experts], each at least 1, at most {MAX_ELEMENTS} in all")
+    if a.shape[2] > MAX_EXPERTS:  # the limit a placement of it must keep
+        raise GemInputError(source, "counts.shape", f"has {a.shape[2]} experts", f"at most {MAX_EXPERTS}")
     need = math.prod(a.shape) * np.dtype(a.dtype).itemsize
     if len(a.data) != need:
         raise GemInputError(source, "counts.data", f"holds {len(a.data)} bytes",

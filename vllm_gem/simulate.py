@@ -76,12 +76,13 @@ class SimResult:
 
     @property
     def gap(self) -> float:
-        """Mean layer time over the tighter lower bound (1.0 = provably optimal)."""
-        return self.mean / self.bound
+        """Mean layer time over the tighter lower bound (1.0 = provably optimal; also for a
+        trace that routes no tokens, where every placement takes only the fixed cost)."""
+        return _ratio(self.mean, self.bound)
 
     @property
     def gap_fluid(self) -> float:
-        return self.mean / self.bound_fluid
+        return _ratio(self.mean, self.bound_fluid)
 
     def as_dict(self) -> dict[str, float | list[float]]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -104,7 +105,15 @@ def simulate(loads: np.ndarray, phys_to_log: np.ndarray, group: GroupModel,
     p50, p90, p99 = np.percentile(layer, [50, 90, 99])
     return SimResult(
         mean=float(layer.mean()), p50=float(p50), p90=float(p90), p99=float(p99),
-        straggler_ratio=float((layer / t.mean(-1)).mean()),
+        straggler_ratio=float(np.divide(layer, t.mean(-1), out=np.ones_like(layer),
+                                        where=t.mean(-1) > 0).mean()),  # no time on any rank: even
         bound_fluid=float(fluid.mean()), bound=placement_bound(tight, static),
         rank_mean=t.mean(axis=(0, 1)).tolist(),
     )
+
+
+def _ratio(time: float, bound: float) -> float:
+    """time / bound, and 1.0 where both are 0 (no load: nothing any placement could improve)."""
+    if bound > 0:
+        return time / bound
+    return 1.0 if time <= 0 else float("inf")

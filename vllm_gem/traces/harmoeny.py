@@ -16,6 +16,7 @@ import msgspec
 import numpy as np
 
 from ..errors import GemInputError
+from ..files import check_regular, read_bytes
 from ..formats import NdArray, RoutingTrace, token_counts
 
 _LAYER = re.compile(r"moe_layer-(\d+)\.csv$")
@@ -26,16 +27,23 @@ def import_harmoeny(folder: str | Path | None) -> RoutingTrace:
     if not folder:
         raise GemInputError("command line", "source", "is missing", "a HarMoEny model folder")
     folder = Path(folder)
-    ranks = sorted((d for d in folder.iterdir() if d.is_dir() and d.name.isdigit()),
-                   key=lambda d: int(d.name)) if folder.is_dir() else []
+    named = [d for d in folder.iterdir() if d.name.isdigit()] if folder.is_dir() else []
+    for d in named:  # a rank folder that cannot be entered (a symlink loop) is an error, not a gap
+        if not d.is_dir():
+            try:
+                d.stat()
+            except OSError as e:
+                raise GemInputError(str(d), "rank folder", f"cannot be opened ({e.strerror})",
+                                    "a folder of moe_layer-L.csv files") from None
+    ranks = sorted((d for d in named if d.is_dir()), key=lambda d: int(d.name))
     if not ranks:
         raise GemInputError(str(folder), "folder", "has no rank sub-folders (0/, 1/, ...)",
                             "a HarMoEny model folder: RANK/moe_layer-L.csv")
     meta: dict = {}
     if (folder / "data.json").is_file():
         try:
-            meta = json.loads((folder / "data.json").read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            meta = json.loads(read_bytes(folder / "data.json"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise GemInputError(str(folder / "data.json"), "file", f"is not valid JSON ({e})",
                                 "HarMoEny's run settings, a JSON object") from None
         if not isinstance(meta, dict):
@@ -64,8 +72,12 @@ def import_harmoeny(folder: str | Path | None) -> RoutingTrace:
                             "the same iterations and experts on every rank")
     # step = iteration * ranks + rank: batches of one iteration are adjacent
     counts = np.stack(per_rank, axis=1).reshape(-1, len(layers), per_rank[0].shape[2])
+    model = meta.get("model_name", folder.name)
+    if not isinstance(model, str):
+        raise GemInputError(str(folder / "data.json"), "model_name", f"is a JSON {type(model).__name__}",
+                            "text (the model's name)")
     return RoutingTrace(
-        model=str(meta.get("model_name", folder.name)),
+        model=model,
         source=f"HarMoEny raw trace {folder.name} ({len(ranks)} ranks x {per_rank[0].shape[0]} iterations)",
         counts=NdArray.from_numpy(counts), layer_ids=layers,
         params={k: meta[k] for k in ("dataset", "batch_size", "seq_len", "world_size") if k in meta})
@@ -73,6 +85,7 @@ def import_harmoeny(folder: str | Path | None) -> RoutingTrace:
 
 def _read_layer(path: Path) -> np.ndarray:
     """One moe_layer-L.csv -> [iterations, experts] token counts."""
+    check_regular(path)  # a FIFO would block the read
     try:
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
