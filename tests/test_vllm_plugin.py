@@ -490,6 +490,12 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
         report = {"raised": f"{type(e).__name__}: {e}"}
     start_map = ms.physical_to_logical_map.clone()
     after = []  # A/B switches on request, after the start-up placement
+    if "recalibrate-fails" in switches:  # the recalibration's planner raises while it plans
+        import vllm_gem.vllm.placing as placing
+
+        def failing_decide(*a, **k):
+            raise ValueError("the planner failed while planning")
+        placing.decide = failing_decide
     for planner in switches:
         if planner.startswith("recalibrate"):  # recorded steps of skewed traffic, then recalibrate
             phys = torch.as_tensor(skewed_loads()[0]).gather(1, ms.physical_to_logical_map)
@@ -736,10 +742,8 @@ def test_recalibration_plans_in_the_background_and_applies_at_the_due_step(input
 
 
 def test_a_background_planning_that_fails_or_hangs_keeps_the_placement(inputs):
-    res = _run_place({"profiles": inputs["profiles"], "trace": inputs["trace"], "plan_delay_steps": 2,
-                      # a planner name is checked at start now; a planner that raises while planning:
-                      "recalibrate_planner": "exact", "planner_params": {"no_such_param": 1}},
-                     switches=["recalibrate"])
+    res = _run_place({"profiles": inputs["profiles"], "trace": inputs["trace"], "plan_delay_steps": 2},
+                     switches=["recalibrate-fails"])  # its planner raises while planning
     for r in res:  # the failure reached every rank through the broadcast: one warning, no move
         assert r["switches"][0]["report"] is None and r["holds"]  # a plan that ran reports a dict
         assert r["switches"][0]["map"].equal(r["start_map"])

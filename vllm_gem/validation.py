@@ -39,7 +39,15 @@ TokenCount = Annotated[int, Meta(ge=0, le=MAX_COUNT, description="a token count"
 
 
 def describe(typ: Any) -> str:
-    """'an integer in [1, 4096] (local experts per GPU)' from an Annotated declaration."""
+    """'an integer in [1, 4096] (local experts per GPU)' from an Annotated declaration
+    (`X | None`: the same, 'or null')."""
+    if typing.get_origin(typ) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if len(args) == 1:
+            return describe(args[0]) + " or null"
+    if typing.get_origin(typ) is dict:
+        k, val = typing.get_args(typ)
+        return f"an object mapping {describe(k)} to {describe(val)}"
     base, *extra = typing.get_args(typ) or (typ,)
     meta = next((m for m in extra if isinstance(m, Meta)), None)
     noun = {int: "an integer", float: "a finite number", str: "text", bool: "true or false"}.get(

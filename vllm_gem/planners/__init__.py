@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
+from msgspec import Meta
+
+from ..errors import GemInputError
+from ..validation import MigrationWeight, Seconds, describe
 from .base import PlacementPolicy, PlacementProblem, PlannerUnavailable
 from .baselines import LinearPolicy, RoundRobinPolicy, VllmDefaultPolicy
 from .exact import ExactPolicy
@@ -32,5 +37,57 @@ PLANNERS: dict[str, type[PlacementPolicy]] = {
 NAMES = ["linear", "round_robin", "vllm-default", "greedy-speed", "gem", "gem-migrate", "exact"]
 GEM_NAMES = ("greedy-speed", "gem", "gem-migrate")  # the names make() builds as a GemPolicy
 
+
+
+def _n(lo: float, hi: float, what: str, kind: type = int) -> Any:
+    return Annotated[kind, Meta(ge=lo, le=hi, description=what)]
+
+
+class GemParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What a GemPolicy takes (greedy-speed, gem, gem-migrate), each with its range."""
+
+    max_steps: _n(1, 1 << 20, "trace steps planned on") = 32
+    min_steps: _n(0, 1 << 20, "trace steps") = 32
+    stepwise: bool = True
+    local_search: bool = True
+    max_iters: _n(0, 10**6, "local-search rounds") = 200
+    candidates: _n(1, 4096, "candidates per round") = 16
+    min_gain: _n(0.0, 1.0, "a fraction", float) = 1e-4
+    time_budget: Seconds | None = None
+    migration_weight: MigrationWeight | None = None
+    seed: _n(0, 2**63 - 1, "a seed") = 0
+    construct_ranks: _n(1, 1 << 16, "ranks") = 16
+    option_margin: _n(0.0, 1.0, "a fraction", float) = 0.0
+    node_move_cost: _n(0.0, 1e6, "a cost factor", float) = 0.25
+    threads: _n(1, 1024, "planning threads") = 8
+
+
+class ExactParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    max_steps: _n(1, 1 << 20, "trace steps planned on") = 32
+    time_limit: Seconds = 20.0
+    seed: _n(0, 2**63 - 1, "a seed") = 0
+
+
+class NoParams(msgspec.Struct, forbid_unknown_fields=True):
+    """linear, round_robin and vllm-default take no parameters."""
+
+
+def check_params(planner: str, params: Any, source: str, field: str = "planner_params") -> dict[str, Any]:
+    """`params` as `planner` takes them, or one GemInputError naming the key and its range."""
+    cls = GemParams if planner in GEM_NAMES else ExactParams if planner == "exact" else NoParams
+    if not isinstance(params, dict):
+        raise GemInputError(source, field, f"is a {type(params).__name__}", "an object of planner parameters")
+    fields = {f.name: f.type for f in msgspec.structs.fields(cls)}
+    for key, value in params.items():
+        if key not in fields:
+            raise GemInputError(source, f"{field}.{key}", f"is not a parameter of planner {planner}",
+                                f"one of {sorted(fields)}" if fields else "no parameters (it takes none)")
+        try:
+            msgspec.convert({key: value}, cls)
+        except msgspec.ValidationError:
+            raise GemInputError(source, f"{field}.{key}", f"is {value!r}", describe(fields[key])) from None
+    return dict(params)
+
+
 __all__ = ["PlacementPolicy", "PlacementProblem", "PlannerUnavailable", "make", "NAMES", "GEM_NAMES",
-           "PLANNERS"]
+           "PLANNERS", "check_params"]

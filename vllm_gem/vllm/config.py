@@ -7,6 +7,7 @@ engine core and every worker inside VllmConfig, with no side channel.
 from __future__ import annotations
 
 import os
+import typing
 from typing import Annotated, Any
 
 import msgspec
@@ -14,7 +15,7 @@ from msgspec import Meta
 
 from ..errors import GemInputError
 from ..formats import field_error
-from ..planners import NAMES
+from ..planners import NAMES, check_params
 from ..validation import EngineSteps, convert, describe
 
 SOURCE = "--additional-config gem"
@@ -82,6 +83,8 @@ class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for key in ("planner", "recalibrate_planner"):
             if getattr(self, key) not in NAMES:
                 raise GemInputError(SOURCE, key, f"is {getattr(self, key)!r}", f"one of {NAMES}")
+        for key in ("planner", "recalibrate_planner"):  # both plan with planner_params
+            check_params(getattr(self, key), self.planner_params, SOURCE)
 
     @property
     def recalibrate_interval(self) -> int:
@@ -128,7 +131,7 @@ def _named(e: msgspec.ValidationError, raw: dict, source: str) -> GemInputError:
         return GemInputError(source, str(unknown[0]), "is not a GEM option", f"one of {sorted(fields)}")
     err = field_error(e, source)
     key = err.field.split("[", 1)[0].split(".", 1)[0]
-    if key in fields and key == err.field:
+    if key in fields and (key == err.field or typing.get_origin(fields[key]) is dict):
         return GemInputError(source, key, f"is {raw[key]!r}", describe(fields[key]))
     return field_error(e, source, "see docs/plugin.md")
 
