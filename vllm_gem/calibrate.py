@@ -158,12 +158,17 @@ def calibrate_device(device: int, spec: CalibrationSpec = CalibrationSpec(),
     points, before, after = _measure(device, spec, weights, patterns, LIFT_SECONDS)
     ident = gpu_identity(device)
     dtype, layout = PRECISIONS[spec.precision]
-    return GpuProfile(
+    prof = GpuProfile(
         gpu=ident, expert=ExpertShape(spec.hidden, spec.intermediate, dtype, layout),
         kernel=KernelSpec(kernel.name, kernel.tile.block_m, kernel.tile.block_n, kernel.tile.block_k),
         points=points, state_before=before, state_after=after,
         emulation=_emulation_text(spec, ident.sm_count),
         source="measured", created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    try:  # the profile's own error: what robust planning plans against
+        prof.error = min(1.0, float(np.sqrt(np.mean(held_out_errors(prof) ** 2))))
+    except GemInputError:  # too few points to hold some out: the reader's default applies
+        pass
+    return prof
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,10 @@ from .validation import (
     Parser,
     Seconds,
     Slots,
+    Draws,
+    Seed,
     Speed,
+    SpeedError,
     Steps,
     Width,
     argtype,
@@ -82,8 +85,15 @@ def _profiles(specs: list[str]) -> list[tuple[str, GpuProfile]]:
 
 
 def _group(args: argparse.Namespace) -> GroupModel:
+    """The EP group's latency models, each with its speed error: --speed-error where given,
+    else a profile's own (0 for --speeds: speeds typed in are taken as exact)."""
+    error = getattr(args, "speed_error", None)
     if args.speeds:
-        return GroupModel.tokens_over_speed(np.array(args.speeds))
+        return GroupModel.tokens_over_speed(np.array(args.speeds), error or 0.0)
+    return _profile_group(args).with_errors(error) if error is not None else _profile_group(args)
+
+
+def _profile_group(args: argparse.Namespace) -> GroupModel:
     if not args.profiles:
         raise GemInputError(CLI, "--profiles", "is missing", "profile files or --speeds")
     profs = _profiles(args.profiles)
@@ -265,9 +275,39 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                        num_ranks=group.num_ranks)
     sim = simulate(tr.loads, pl.array, group)
     d = {**sim.as_dict(), **_certify(args, tr.loads, pl.array, group)}
+    truths = _truths(args, group)
+    if truths:
+        d["misspecified"] = _misspecified(tr.loads, pl.array, group, truths, pl.array.shape[1])
     _emit(args, d, "\n".join(f"{k:18s} {v:.4g}" if isinstance(v, float) else f"{k:18s} {v}"
                              for k, v in d.items()))
     return 0
+
+
+def _truths(args: argparse.Namespace, group: GroupModel) -> list[GroupModel]:
+    """The true groups a placement is scored under: --true-profiles (one), or --draws groups
+    whose speeds are the believed ones times 1 + N(0, --speed-error or each profile's error)."""
+    if getattr(args, "true_profiles", None):
+        truth = GroupModel.of([fit(p, src) for src, p in _profiles(args.true_profiles)])
+        if truth.num_ranks != group.num_ranks or truth.block_m != group.block_m:
+            raise GemInputError(", ".join(args.true_profiles), "profiles",
+                                f"give {truth.num_ranks} ranks of BLOCK_M {truth.block_m}",
+                                f"{group.num_ranks} ranks of BLOCK_M {group.block_m}, as --profiles")
+        return [truth]
+    if not getattr(args, "draws", None):
+        return []
+    return group.perturbed(args.draws, args.seed, args.speed_error)
+
+
+def _misspecified(loads: np.ndarray, p2l: np.ndarray, group: GroupModel, truths: list[GroupModel],
+                  num_physical: int) -> dict[str, Any]:
+    """Mean and worst-draw layer time under the truths, and the ratio to vLLM's policy (planned
+    on the same loads with the believed speeds) under the same truths."""
+    from .simulate import misspecified
+    try:
+        base = make("vllm-default").place(PlacementProblem(loads, group, num_physical))
+    except PlannerUnavailable as e:
+        return {**misspecified(loads, p2l, truths), "baseline": f"n/a ({e})"}
+    return {**misspecified(loads, p2l, truths, base), "baseline": "vllm-default"}
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -434,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also solve the exact MILP for that long (per case) and report its "
                             "certified lower bound and the plan's certified gap")
 
+    def misspecified_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--draws", type=argtype(Draws),
+                       help="also score under this many draws of true speeds, each GPU's the "
+                            "believed one times 1 + N(0, --speed-error or its profile's error)")
+        p.add_argument("--seed", type=argtype(Seed), default=0, help="seed of the draws")
+
     def common(p: argparse.ArgumentParser, group: bool = True) -> None:
         p.add_argument("--json", action="store_true", help="machine-readable output")
         if group:
@@ -441,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--profiles", nargs="+", help="GpuProfile files in rank order, or bundled:SET")
             g.add_argument("--speeds", type=listtype(Speed),
                            help="instead of profiles: time = tokens / speed, e.g. 1,1,1,0.83")
+            p.add_argument("--speed-error", type=argtype(SpeedError), metavar="SIGMA",
+                           help="each GPU's relative speed error (1 sigma, e.g. 0.03): what robust "
+                                "planning plans against (default: each profile's own; 0 for --speeds)")
 
     p = sub.add_parser("demo", help="compare every planner on bundled real and synthetic traces")
     common(p, group=False)
@@ -464,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--trace", required=True)
     p.add_argument("--placement", required=True)
+    misspecified_options(p)
+    p.add_argument("--true-profiles", nargs="+", metavar="FILES",
+                   help="score the placement also on these profiles (the GPUs as they really are)")
     certify_option(p)
     p.set_defaults(func=cmd_simulate)
 

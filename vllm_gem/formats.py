@@ -115,6 +115,9 @@ class GpuProfile(msgspec.Struct, kw_only=True):
     state_before: GpuState | None = None
     state_after: GpuState | None = None
     emulation: str = ""  # e.g. "green context, 106 of 132 SMs": how a slower GPU was emulated
+    # relative error (1 sigma) of these times as a model of the GPU: calibration's held-out
+    # RMS error (None in files written before profiles carried it: latency.DEFAULT_PROFILE_ERROR)
+    error: float | None = None
     source: str = "measured"  # "measured" or what else produced the points
     created: str = ""
 
@@ -424,6 +427,8 @@ def _validate_profile(p: GpuProfile, source: str) -> None:
         raise GemInputError(source, "points", f"take {p.points[hi].median_us:g} us at {tokens[hi]} tokens "
                             f"and {p.points[lo].median_us:g} us at {tokens[lo]}",
                             "layer times that grow with the tokens routed to the GPU")
+    if p.error is not None and not (math.isfinite(p.error) and 0 <= p.error <= 1):
+        raise GemInputError(source, "error", f"is {p.error}", "a relative error in [0, 1] (0.03: 3%)")
     if p.gpu.index < 0 or not 0 <= p.gpu.sm_count <= 4096:
         raise GemInputError(source, "gpu", f"has index {p.gpu.index} and sm_count {p.gpu.sm_count}",
                             "index >= 0 and sm_count in [0, 4096] (0: not recorded)")

@@ -27,6 +27,9 @@ from .errors import GemInputError
 from .formats import GpuProfile
 
 TERMS = ("fixed", "per_expert", "per_tile", "per_token")
+# relative error (1 sigma) of a profile that records none (files written before profiles
+# carried one): calibration's held-out error on H100 and H200 is 2-4% RMS (docs/calibration.md)
+DEFAULT_PROFILE_ERROR = 0.03
 
 
 def features(counts: np.ndarray, block_m: int) -> np.ndarray:
@@ -53,6 +56,7 @@ class LatencyModel:
     name: str = ""
     fit_rel_rms: float = float("nan")  # relative RMS error on the points it was fitted on
     fit_rel_max: float = float("nan")
+    error: float = 0.0  # how far the GPU's real times may be from the model's (1 sigma, relative)
 
     def predict(self, counts: np.ndarray) -> np.ndarray:
         """counts: [..., experts] -> time_us: [...]"""
@@ -85,7 +89,8 @@ def fit(profile: GpuProfile, source: str = "profile") -> LatencyModel:
     rel = (pred - times) / times
     return LatencyModel(coef, profile.kernel.block_m, name=profile.gpu.name,
                         fit_rel_rms=float(np.sqrt(np.mean(rel**2))),
-                        fit_rel_max=float(np.max(np.abs(rel))))
+                        fit_rel_max=float(np.max(np.abs(rel))),
+                        error=DEFAULT_PROFILE_ERROR if profile.error is None else float(profile.error))
 
 
 def _fit_points(points: list, block_m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -132,11 +137,19 @@ class GroupModel:
     coef: np.ndarray
     block_m: int
     names: list[str] = field(default_factory=list)
+    # [ranks] each rank's relative speed error (1 sigma; None: exact): how far its real time
+    # may be from its model's. Robust planning (planners.robust) plans against it
+    errors: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not np.all(np.asarray(self.coef) >= 0):
             raise GemInputError("latency model", "coef", "has negative (or NaN) coefficients",
                                 "every coefficient >= 0 (a non-negative least-squares fit)")
+        if self.errors is not None:
+            e = np.asarray(self.errors, dtype=np.float64)
+            if e.shape != (self.coef.shape[0],) or not np.all((e >= 0) & (e <= 1)):
+                raise GemInputError("latency model", "errors", f"is {e.tolist()}",
+                                    "one relative error in [0, 1] per rank")
 
     @classmethod
     def of(cls, models: list[LatencyModel]) -> "GroupModel":
@@ -144,15 +157,51 @@ class GroupModel:
         if len(bms) != 1:
             raise GemInputError("profiles", "kernel.block_m", f"differs between GPUs ({sorted(bms)})",
                                 "one BLOCK_M for the whole group (the same kernel on every rank)")
-        return cls(np.stack([m.coef for m in models]), bms.pop(), [m.name for m in models])
+        return cls(np.stack([m.coef for m in models]), bms.pop(), [m.name for m in models],
+                   np.array([m.error for m in models]))
 
     @classmethod
-    def tokens_over_speed(cls, speeds: np.ndarray) -> "GroupModel":
-        """The plain model time = tokens / speed (no fixed, expert or tile cost)."""
+    def tokens_over_speed(cls, speeds: np.ndarray, error: float = 0.0) -> "GroupModel":
+        """The plain model time = tokens / speed (no fixed, expert or tile cost); `error`: each
+        speed's relative error (1 sigma; 0: the speeds are exact)."""
         s = np.asarray(speeds, dtype=np.float64)
         coef = np.zeros((len(s), 4))
         coef[:, 3] = 1.0 / s
-        return cls(coef, 1, [f"speed {v:g}" for v in s])
+        return cls(coef, 1, [f"speed {v:g}" for v in s], np.full(len(s), float(error)))
+
+    def with_errors(self, errors: float | np.ndarray | None) -> "GroupModel":
+        """The same models with these speed errors ([ranks] or one for all; None: exact)."""
+        e = None if errors is None else np.broadcast_to(np.asarray(errors, dtype=np.float64),
+                                                        (self.num_ranks,)).copy()
+        return GroupModel(self.coef, self.block_m, self.names, e)
+
+    @property
+    def max_error(self) -> float:
+        return 0.0 if self.errors is None else float(np.max(self.errors))
+
+    def scaled(self, slowdown: np.ndarray) -> "GroupModel":
+        """Rank r running slowdown[r] times slower on every load-dependent term (fixed kept),
+        as LatencyModel.scaled; exact (no errors). slowdown: [ranks] > 0."""
+        c = self.coef.copy()
+        c[:, 1:] *= np.asarray(slowdown, dtype=np.float64)[:, None]
+        return GroupModel(c, self.block_m, self.names)
+
+    def shrunk(self, alpha: float) -> "GroupModel":
+        """Each rank's coefficients moved toward the group's mean: alpha 1 = as fitted, 0 = every
+        rank the average GPU (what a plan that trusts no speed difference assumes)."""
+        mean = self.coef.mean(axis=0, keepdims=True)
+        return GroupModel(mean + alpha * (self.coef - mean), self.block_m, self.names, self.errors)
+
+    def perturbed(self, draws: int, seed: int, errors: float | np.ndarray | None = None
+                  ) -> list["GroupModel"]:
+        """`draws` groups whose true speeds are this one's times (1 + N(0, sigma_r)) per rank
+        (sigma: `errors`, else the group's own), each an exact model: what a profile off by
+        its own error may really be. Slowdowns are clipped to [0.5, 2] (no negative speeds)."""
+        sigma = self.errors if errors is None else np.broadcast_to(np.asarray(errors, float), (self.num_ranks,))
+        sigma = np.zeros(self.num_ranks) if sigma is None else np.asarray(sigma, dtype=np.float64)
+        rng = np.random.default_rng(seed)
+        speed = 1.0 + rng.standard_normal((draws, self.num_ranks)) * sigma[None]  # [D, G]
+        return [self.scaled(1.0 / np.clip(s, 0.5, 2.0)) for s in speed]
 
     @property
     def num_ranks(self) -> int:

@@ -117,3 +117,27 @@ def _ratio(time: float, bound: float) -> float:
     if bound > 0:
         return time / bound
     return 1.0 if time <= 0 else float("inf")
+
+
+def scenario_times(loads: np.ndarray, phys_to_log: np.ndarray, truths: list[GroupModel]) -> np.ndarray:
+    """Mean slowest-rank layer time of one placement under each of several true groups (the
+    GPUs as they really are, not as profiled: GroupModel.perturbed, or measured profiles).
+
+    loads: [steps, layers, experts]; phys_to_log: [layers, num_physical]
+    returns: [draws] us, each the mean over steps and layers of the slowest rank's time
+    """
+    return np.array([rank_times(loads, phys_to_log, g).max(-1).mean() for g in truths])
+
+
+def misspecified(loads: np.ndarray, phys_to_log: np.ndarray, truths: list[GroupModel],
+                 baseline: np.ndarray | None = None) -> dict[str, float]:
+    """A placement scored where the true speeds differ from the believed ones: mean and
+    worst-draw layer time over the truths, and against `baseline` [layers, num_physical]
+    (vLLM's policy's plan) under the same truths: mean and worst per-draw ratio."""
+    t = scenario_times(loads, phys_to_log, truths)
+    out = {"draws": len(truths), "mean_us": float(t.mean()), "worst_draw_us": float(t.max())}
+    if baseline is not None:
+        b = scenario_times(loads, baseline, truths)
+        out.update(baseline_mean_us=float(b.mean()), ratio_mean=float((t / b).mean()),
+                   ratio_worst=float((t / b).max()))
+    return out

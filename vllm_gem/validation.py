@@ -35,6 +35,9 @@ Device = Annotated[int, Meta(ge=0, le=1023, description="a CUDA device index")]
 SmCount = Annotated[int, Meta(ge=1, le=1024, description="a number of SMs")]
 EngineSteps = Annotated[int, Meta(ge=0, le=10**9, description="engine steps (0: off)")]
 Steps = Annotated[int, Meta(ge=1, le=1 << 20, description="trace steps")]
+SpeedError = Annotated[float, Meta(ge=0, le=1, description="a relative speed error, 1 sigma")]
+Draws = Annotated[int, Meta(ge=1, le=100000, description="draws of true speeds")]
+Seed = Annotated[int, Meta(ge=0, le=2**63 - 1, description="a seed")]
 TokenCount = Annotated[int, Meta(ge=0, le=MAX_COUNT, description="a token count")]
 
 

@@ -13,6 +13,7 @@ from .base import PlacementPolicy, PlacementProblem, PlannerUnavailable
 from .baselines import LinearPolicy, RoundRobinPolicy, VllmDefaultPolicy
 from .exact import ExactPolicy
 from .gem import GemPolicy
+from .robust import RobustPolicy
 
 
 def make(name: str, **params: Any) -> PlacementPolicy:
@@ -21,9 +22,14 @@ def make(name: str, **params: Any) -> PlacementPolicy:
         p = GemPolicy(stepwise=False, local_search=False, **params)
         p.params["variant"] = name
         return p
-    if name == "gem-migrate":
-        params.setdefault("migration_weight", 1.0)
-        return GemPolicy(**params)
+    if name in ("gem", "gem-migrate"):  # robust to the profiles' errors (planners.robust)
+        robust = {k: params.pop(k) for k in ROBUST_PARAMS if k in params}
+        if name == "gem-migrate":
+            params.setdefault("migration_weight", 1.0)
+        return RobustPolicy(lambda: GemPolicy(**params), VllmDefaultPolicy(),
+                            scenarios=robust.get("scenarios", 32),
+                            tolerance=robust.get("robust_tolerance", 0.01),
+                            speed_error=robust.get("speed_error"), seed=params.get("seed", 0))
     try:
         cls = PLANNERS[name]
     except KeyError:
@@ -35,7 +41,8 @@ PLANNERS: dict[str, type[PlacementPolicy]] = {
     c.name: c for c in (LinearPolicy, RoundRobinPolicy, VllmDefaultPolicy, GemPolicy, ExactPolicy)
 }
 NAMES = ["linear", "round_robin", "vllm-default", "greedy-speed", "gem", "gem-migrate", "exact"]
-GEM_NAMES = ("greedy-speed", "gem", "gem-migrate")  # the names make() builds as a GemPolicy
+GEM_NAMES = ("greedy-speed", "gem", "gem-migrate")
+ROBUST_PARAMS = ("scenarios", "robust_tolerance", "speed_error")  # RobustPolicy's own (gem, gem-migrate)  # the names make() builds as a GemPolicy
 
 
 
@@ -60,6 +67,10 @@ class GemParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     option_margin: _n(0.0, 1.0, "a fraction", float) = 0.0
     node_move_cost: _n(0.0, 1e6, "a cost factor", float) = 0.25
     threads: _n(1, 1024, "planning threads") = 8
+    # robust planning (gem, gem-migrate): speed scenarios drawn from the profiles' errors
+    scenarios: _n(1, 4096, "speed scenarios") = 32
+    robust_tolerance: _n(0.0, 1.0, "a fraction", float) = 0.01
+    speed_error: _n(0.0, 1.0, "a relative speed error", float) | None = None
 
 
 class ExactParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
