@@ -11,6 +11,12 @@
 3. Scale: 2, 8 and 64 GPUs up to 58 layers x 256 experts (DeepSeek-V3-like), with and
    without redundant slots: planning time of GEM and of vLLM's policy, and quality ratio.
 
+5. Misspecified speeds (`--only-misspecified`): the bundled traces on fleets of 4, 8 and 16
+   GPUs (speeds drawn 1 - |N(0, 0.06)|) and 8 GPUs with two 25% slower, with none, one and
+   four redundant slots per GPU; plans made with believed speeds, replayed on the held-out
+   steps with true speeds = believed x (1 + N(0, sigma)), sigma 3% and 6%, 50 draws: GEM
+   robust to sigma and GEM with exact speeds, each against vLLM's policy under the same draws.
+
 4. Certified gap (`--certify SECONDS`, per case): GEM's plan against the exact MILP
    (vllm_gem.certify: replicas, the latency model as it is, GEM's plan as the incumbent) on
    the steps GEM planned on (the first half, at most 32 steps, no padding): GEM's time, the
@@ -175,6 +181,65 @@ def certified_cases(out: dict, seconds: float) -> None:
     out["certified"] = res
 
 
+def misspecified_fleets() -> dict[str, np.ndarray]:
+    """Fleets of 4, 8 and 16 GPUs with speeds drawn 1 - |N(0, 0.06)| (seeds 104, 108, 116),
+    and 8 GPUs with two 25% slower."""
+    fleets = {f"{n} drawn": 1.0 - np.abs(np.random.default_rng(100 + n).normal(0, 0.06, n)) for n in (4, 8, 16)}
+    fleets["8 two slow"] = np.array([1.0] * 6 + [0.75] * 2)
+    return fleets
+
+
+def misspecified(out: dict, draws: int = 50) -> None:
+    """Section 5: plans made with believed speeds, replayed with true speeds = believed x
+    (1 + N(0, sigma)) per GPU; GEM as it plans now (robust to sigma) and as it planned with
+    exact speeds (speed_error 0), both against vLLM's policy under the same draws."""
+    from vllm_gem.simulate import scenario_times
+    print(f"\n## 5. Misspecified speeds: true = believed x (1 + N(0, sigma)), {draws} draws on the held-out steps")
+    print(f"{'trace':14s} {'fleet':11s} {'slots':>5s} {'sigma':>5s} {'exact gem':>9s} {'exact rob':>9s} "
+          f"{'gem mean':>8s} {'gem worst':>9s} {'rob mean':>8s} {'rob worst':>9s} {'choice':>11s} {'rob s':>6s}")
+    res = []
+    for name in ("qwen", "switch-exp128", "synthetic"):
+        tr = bundled_trace(name)
+        plan, test = split_steps(tr.loads)
+        experts = tr.shape[2]
+        for fleet, speeds in misspecified_fleets().items():
+            n = len(speeds)
+            least = -(-experts // n) * n
+            exact = GroupModel.tokens_over_speed(speeds)
+            for slots in (least, least + n, least + 4 * n):
+                if slots > experts * n:
+                    continue
+                v = make("vllm-default").place(PlacementProblem(plan, exact, slots))
+                today = make("gem", speed_error=0.0).place(PlacementProblem(plan, exact, slots))
+                t_exact = scenario_times(test, v, [exact])[0]
+                for sigma in (0.03, 0.06):
+                    pol = make("gem", speed_error=sigma)
+                    t0 = time.perf_counter()
+                    rob = pol.place(PlacementProblem(plan, exact, slots))
+                    rob_s = time.perf_counter() - t0
+                    truths = exact.perturbed(draws, seed=1000 + n, errors=sigma)  # not the planner's draws
+                    base = scenario_times(test, v, truths)
+                    r_today = scenario_times(test, today, truths) / base
+                    r_rob = scenario_times(test, rob, truths) / base
+                    row = {"trace": name, "fleet": fleet, "speeds": speeds.round(4).tolist(), "slots": slots,
+                           "sigma": sigma, "draws": draws,
+                           "exact_gem_vs_vllm": scenario_times(test, today, [exact])[0] / t_exact,
+                           "exact_robust_vs_vllm": scenario_times(test, rob, [exact])[0] / t_exact,
+                           "gem_mean": float(r_today.mean()), "gem_worst": float(r_today.max()),
+                           "robust_mean": float(r_rob.mean()), "robust_worst": float(r_rob.max()),
+                           "choice": pol.report["robust"]["choice"], "robust_seconds": rob_s}
+                    res.append(row)
+                    print(f"{name:14s} {fleet:11s} {slots:5d} {sigma:5.2f} {row['exact_gem_vs_vllm']:9.3f} "
+                          f"{row['exact_robust_vs_vllm']:9.3f} {row['gem_mean']:8.3f} {row['gem_worst']:9.3f} "
+                          f"{row['robust_mean']:8.3f} {row['robust_worst']:9.3f} {row['choice']:>11s} {rob_s:6.2f}",
+                          flush=True)
+    met = [r for r in res if r["robust_mean"] <= 1.0 and r["robust_worst"] <= 1.02]
+    near = [r for r in res if r["exact_robust_vs_vllm"] - r["exact_gem_vs_vllm"] <= 0.01]
+    print(f"robust GEM: mean <= 1.00x and worst draw <= 1.02x vLLM's policy in {len(met)} of {len(res)} "
+          f"cases; exact-speed ratio within 1 pp of GEM with exact speeds in {len(near)} of {len(res)}")
+    out["misspecified"] = res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write all results here")
@@ -183,6 +248,7 @@ def main() -> None:
                     help="also section 4: the exact MILP for that long per case")
     ap.add_argument("--only-certify", action="store_true", help="section 4 alone")
     ap.add_argument("--only-scale", action="store_true", help="section 3 alone (planning time)")
+    ap.add_argument("--only-misspecified", action="store_true", help="section 5 alone (speed errors)")
     a = ap.parse_args()
     make("vllm-default")  # fail early if vllm is missing
     out: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}",
@@ -193,10 +259,13 @@ def main() -> None:
     print(f"first plan of this process (loads the compiled swap kernel): {out['first_plan_seconds']:.2f} s")
     if a.only_scale:
         scale(out, a.quick)
+    elif a.only_misspecified:
+        misspecified(out)
     elif not a.only_certify:
         reference_case(out)
         synthetic_cases(out)
         scale(out, a.quick)
+        misspecified(out)
     if a.certify or a.only_certify:
         certified_cases(out, a.certify or 60.0)
     if a.json:

@@ -27,8 +27,8 @@ def make(name: str, **params: Any) -> PlacementPolicy:
         if name == "gem-migrate":
             params.setdefault("migration_weight", 1.0)
         return RobustPolicy(lambda: GemPolicy(**params), VllmDefaultPolicy(),
-                            scenarios=robust.get("scenarios", 32),
-                            tolerance=robust.get("robust_tolerance", 0.01),
+                            scenarios=robust.get("scenarios", 64),
+                            tolerance=robust.get("robust_tolerance", 0.005),
                             speed_error=robust.get("speed_error"), seed=params.get("seed", 0))
     try:
         cls = PLANNERS[name]
@@ -68,8 +68,8 @@ class GemParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     node_move_cost: _n(0.0, 1e6, "a cost factor", float) = 0.25
     threads: _n(1, 1024, "planning threads") = 8
     # robust planning (gem, gem-migrate): speed scenarios drawn from the profiles' errors
-    scenarios: _n(1, 4096, "speed scenarios") = 32
-    robust_tolerance: _n(0.0, 1.0, "a fraction", float) = 0.01
+    scenarios: _n(1, 4096, "speed scenarios") = 64
+    robust_tolerance: _n(0.0, 1.0, "a fraction", float) = 0.005
     speed_error: _n(0.0, 1.0, "a relative speed error", float) | None = None
 
 

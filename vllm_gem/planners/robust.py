@@ -38,7 +38,7 @@ class RobustPolicy(PlacementPolicy):
     """A planner made robust to speed errors by scenario scoring of candidate plans."""
 
     def __init__(self, make_inner: Callable[[], PlacementPolicy], reference: PlacementPolicy | None,
-                 *, scenarios: int = 32, tolerance: float = 0.01, seed: int = 0,
+                 *, scenarios: int = 64, tolerance: float = 0.005, seed: int = 0,
                  speed_error: float | None = None) -> None:
         inner = make_inner()
         self.name = inner.name
