@@ -121,3 +121,38 @@ def test_writes_replace_whole_files_and_reads_are_bounded(tmp_path):
     with pytest.raises(GemInputError, match="is a folder"):
         write_atomic(tmp_path, b"x")
     refuse_same_file(tmp_path / "new.json", "-o", [("--trace", p)])  # a new file is no input
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"trace": ""}, "trace: is empty; expected a path, or the key left out"),
+    ({"trace_dir": "  "}, "trace_dir: is empty"),
+    ({"profiles": {"a.json", "b.json"}}, "profiles: is a set; expected a list of profile paths in EP-rank order"),
+    ({"planner_params": {"threads": 0}}, "planner_params.threads: is 0; expected an integer in [1, 1024]"),
+    ({"planner_params": {"bogus": 1}}, "planner_params.bogus: is not a parameter of planner gem"),
+    ({"planner_params": {"migration_weight": -5}}, "planner_params.migration_weight: is -5; expected a finite number in [0, 1e+09]"),
+    ({"planner_params": {"max_iters": "many"}}, "planner_params.max_iters: is 'many'"),
+    ({"emulate_slowdown": {"0": 9}}, "emulate_slowdown: is {'0': 9}; expected an object mapping an integer in [0, 4095]"),
+])
+def test_plugin_settings_that_would_mean_something_else_are_refused(raw, message):
+    from vllm_gem.vllm.config import parse
+    with pytest.raises(GemInputError) as e:
+        parse(raw)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_gem_flags_do_not_replace_a_gem_value_that_is_not_an_object():
+    import argparse
+
+    from vllm_gem.vllm.flags import merge_flags
+    args = argparse.Namespace(plugin=["gem"], gem_trace="t.msgpack", gem_profiles=None, gem_strict=None)
+    with pytest.raises(GemInputError, match="gem: is 'x'; expected a JSON object"):
+        merge_flags(args, {"gem": "x"})
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999", "\u00b2", "5" * 5000])
+def test_the_drift_variable_takes_step_counts_only(monkeypatch, value):
+    pytest.importorskip("torch")
+    from vllm_gem.vllm.routing import drift_steps
+    monkeypatch.setenv("VLLM_GEM_ROUTING_DRIFT_STEPS", value)
+    with pytest.raises(GemInputError, match="expected a whole number of engine steps in"):
+        drift_steps()

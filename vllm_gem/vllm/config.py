@@ -80,6 +80,12 @@ class GemConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     emulate_slowdown: dict[_range(0, 4095), _range(0.0, 4.0, kind=float, what="extra work")] = {}
 
     def __post_init__(self) -> None:
+        for key in ("trace", "trace_dir", "state_dir"):  # "" would silently mean unset
+            if getattr(self, key) is not None and not getattr(self, key).strip():
+                raise GemInputError(SOURCE, key, "is empty", "a path, or the key left out")
+        for i, path in enumerate(self.profiles):
+            if not path.strip():
+                raise GemInputError(SOURCE, f"profiles[{i}]", "is empty", "a profile file path")
         for key in ("planner", "recalibrate_planner"):
             if getattr(self, key) not in NAMES:
                 raise GemInputError(SOURCE, key, f"is {getattr(self, key)!r}", f"one of {NAMES}")
@@ -111,6 +117,9 @@ def parse(raw: Any, source: str = SOURCE) -> GemConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise GemInputError(source, "gem", f"is {type(raw).__name__}", "a JSON object")
+    if "profiles" in raw and not isinstance(raw["profiles"], (list, tuple)):  # a set has no rank order
+        raise GemInputError(source, "profiles", f"is a {type(raw['profiles']).__name__}",
+                            "a list of profile paths in EP-rank order")
     try:
         cfg = msgspec.convert(raw, GemConfig, strict=False)
     except msgspec.ValidationError as e:

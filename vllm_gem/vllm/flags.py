@@ -52,8 +52,13 @@ def merge_flags(args: argparse.Namespace, additional_config: dict[str, Any] | No
                                ("profiles", getattr(args, "gem_profiles", None)),
                                ("strict", getattr(args, "gem_strict", None))) if v is not None}
     if "gem" in plugins or ("gem" in out and sugar):
-        gem = out.get("gem")
-        gem = dict(gem) if isinstance(gem, dict) else {}
+        gem = out.get("gem", {})
+        if gem is True:
+            gem = {}
+        if not isinstance(gem, dict):  # the flags would silently replace it
+            raise GemInputError("--additional-config", "gem", f"is {gem!r}",
+                                "a JSON object (or true) that the --gem-* flags can add to")
+        gem = dict(gem)
         gem.update(sugar)
         out["gem"] = gem
     elif sugar:

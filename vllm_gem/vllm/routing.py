@@ -28,6 +28,7 @@ import torch
 
 from ..errors import GemInputError
 from ..formats import RoutingTrace, load
+from ..validation import EngineSteps, convert
 
 logger = logging.getLogger("vllm.gem")
 
@@ -122,9 +123,11 @@ def drift_steps() -> int:
     raw = os.environ.get(DRIFT_ENV, "").strip()
     if not raw:
         return 0
-    if not raw.isdigit():
-        raise GemInputError(DRIFT_ENV, "value", f"is {raw!r}", "a whole number of engine steps")
-    return int(raw)
+    # isdigit() takes '²' and 5000-digit numbers; the declared range takes neither
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10:
+        raise GemInputError(DRIFT_ENV, "value", f"is {raw[:40]!r}" + ("..." if len(raw) > 40 else ""),
+                            "a whole number of engine steps in [0, 1000000000] (0: off)")
+    return convert(raw, EngineSteps, DRIFT_ENV, "value")
 
 
 def maybe_drift(step: int, every: int, seed: int = 0) -> bool:
