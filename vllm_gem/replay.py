@@ -34,8 +34,11 @@ from typing import Any
 
 import numpy as np
 
+from .calibrate import (CalibrationSpec, _pattern_call, calibrate_device, calibration_stream,
+                        calibration_weights, expert_kernel, time_call)
 from .errors import GemInputError
-from .latency import GroupModel
+from .latency import GroupModel, fit
+from .precision import PRECISIONS
 from .simulate import rank_times
 
 KNUTH_MULTIPLIER = 2654435769  # vLLM's router (fused_moe/router/base_router.py): floor(2^32 / phi)
@@ -248,11 +251,9 @@ def measure(loads: np.ndarray, placements: dict[str, np.ndarray], fleet: Fleet, 
     returns ({name: [steps, layers, ranks] us}, the kernel's name, stats). Identical rank
     calls (same compute unit, tokens and local counts) are timed once.
     """
-    import torch
+    import torch  # the GPU part: torch and Triton only where a GPU is used
 
-    from .calibrate import calibration_stream, calibration_weights, expert_kernel, time_call
-    from .calibrate import CalibrationSpec
-    from .kernels.moe_gemm import align
+    from .kernels.moe_gemm import align  # imports triton
 
     ranks = len(fleet.sms)
     steps, layers, experts = loads.shape
@@ -316,9 +317,7 @@ def _vllm_call(ids: np.ndarray, rank: int, per_rank: int, num_physical: int, w13
                spec: ReplaySpec, dev: int) -> Callable[[], Any]:
     """vLLM's fused_experts as rank `rank` runs it under EP: every token of the step in, its
     own slots computed (expert_map: its slots -> local ids, every other slot -> -1)."""
-    import torch
-
-    from .precision import PRECISIONS
+    import torch  # GPU only
 
     fused_experts, fp8_config = vllm_fused_experts()
     tokens = ids.shape[0]
@@ -347,9 +346,8 @@ def _vllm_call(ids: np.ndarray, rank: int, per_rank: int, num_physical: int, w13
 def _own_call(counts: np.ndarray, w13, w2, spec: ReplaySpec, cal, dev: int, align, expert_kernel
               ) -> Callable[[], None]:
     """Our Triton expert kernel on the rank's own rows (what calibration times)."""
-    import torch
+    import torch  # GPU only
 
-    from .calibrate import _pattern_call
     gen = torch.Generator(device=f"cuda:{dev}").manual_seed(spec.seed + 1)
     x_all = torch.randn(int(counts.sum()), spec.hidden, device=dev, dtype=torch.bfloat16, generator=gen)
     return _pattern_call(counts.tolist(), x_all, w13, w2, expert_kernel(spec.precision), align, cal)
@@ -360,8 +358,6 @@ def calibrate_partitions(fleet: Fleet, spec: ReplaySpec, local_experts: int,
                          progress: Callable[[str], None] | None = None) -> list[Any]:
     """A LatencyModel per rank, from one calibration per distinct (GPU, SMs) of the fleet:
     what the prediction beside a measurement needs when no profiles are given."""
-    from .calibrate import CalibrationSpec, calibrate_device
-    from .latency import fit
     models: dict[tuple[int, int | None], Any] = {}
     for dev, sms in zip(fleet.devices, fleet.sms, strict=True):
         if (dev, sms) not in models:
