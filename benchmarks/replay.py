@@ -37,7 +37,8 @@ from vllm_gem.evaluate import bundled_trace, split_steps
 from vllm_gem.latency import GroupModel, fit
 from vllm_gem.planners import PlacementProblem, make
 from vllm_gem.replay import Fleet, PlacementReplay, ReplaySpec, compare, format_report, measure, \
-    predicted_times, replay_steps
+    replay_steps
+from vllm_gem.simulate import rank_times
 from vllm_gem.traces import SyntheticParams, synthetic_trace
 
 FULL = 132  # an H100's or H200's SMs: partitions below are 8%, 16% and 30% fewer
@@ -113,7 +114,7 @@ def main() -> None:
                 fleet = Fleet(list(sms), [0] * len(sms))
                 spec = ReplaySpec(hidden, inter, top_k, precision, kernel=a.kernel)
                 measured, kernel, stats = measure(test, placements, fleet, spec)
-                replays = [PlacementReplay(p, measured[p], predicted_times(test, placements[p], group), kernel)
+                replays = [PlacementReplay(p, measured[p], rank_times(test, placements[p], group), kernel)
                            for p in PLANNERS]
                 rep = compare(replays, "vllm-default")
                 case = {"trace": tname, "model": tr.model, "fleet": fname, "sms": [s or FULL for s in sms],

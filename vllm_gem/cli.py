@@ -389,7 +389,8 @@ def cmd_import_trace(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     """`vllm-gem replay`: predicted (and with --measure, measured) per-rank times of placements."""
     from .replay import (Fleet, PlacementReplay, ReplaySpec, calibrate_partitions, compare,
-                         format_report, measure, predicted_times, replay_steps)
+                         format_report, measure, replay_steps)
+    from .simulate import rank_times
 
     tr = _trace(args.trace)
     loads = np.rint(tr.loads)
@@ -450,7 +451,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                             "profile files or --speeds for the prediction (or --measure, which "
                             "calibrates the partitions itself)")
     replays = [PlacementReplay(n, measured.get(n, np.full((len(idx),) + (tr.shape[1], num_ranks), np.nan)),
-                               predicted_times(test, p2l, group), kernel)
+                               rank_times(test, p2l, group), kernel)
                for n, p2l in placements.items()]
     report = {"trace": args.trace, "steps": idx.tolist(), "top_k": top_k, "kernel": kernel,
               **compare(replays, baseline)}

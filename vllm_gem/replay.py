@@ -178,11 +178,6 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def predicted_times(loads: np.ndarray, phys_to_log: np.ndarray, group: GroupModel) -> np.ndarray:
-    """[steps, layers, ranks] the simulator's rank times (what GEM's objective sees)."""
-    return rank_times(loads, phys_to_log, group)
-
-
 # --------------------------------------------------------------------------- measuring (GPU)
 @dataclass(frozen=True)
 class ReplaySpec:
@@ -251,9 +246,7 @@ def measure(loads: np.ndarray, placements: dict[str, np.ndarray], fleet: Fleet, 
     returns ({name: [steps, layers, ranks] us}, the kernel's name, stats). Identical rank
     calls (same compute unit, tokens and local counts) are timed once.
     """
-    import torch  # the GPU part: torch and Triton only where a GPU is used
-
-    from .kernels.moe_gemm import align  # imports triton
+    import torch  # the GPU part: torch only where a GPU is used
 
     ranks = len(fleet.sms)
     steps, layers, experts = loads.shape
@@ -300,7 +293,7 @@ def measure(loads: np.ndarray, placements: dict[str, np.ndarray], fleet: Fleet, 
                                 with torch.cuda.stream(stream):
                                     once = (_vllm_call(ids, r, per_rank, num_physical, w13, w2, spec, dev)
                                             if use_vllm else
-                                            _own_call(counts, w13, w2, spec, cal, dev, align, expert_kernel))
+                                            _own_call(counts, w13, w2, spec, cal, dev))
                                     cache[key] = time_call(once, stream, spec.reps, spec.inner)[0]
                                 timed += 1
                         out[pn][s, layer, r] = cache[key]
@@ -343,11 +336,11 @@ def _vllm_call(ids: np.ndarray, rank: int, per_rank: int, num_physical: int, w13
     return once
 
 
-def _own_call(counts: np.ndarray, w13, w2, spec: ReplaySpec, cal, dev: int, align, expert_kernel
-              ) -> Callable[[], None]:
+def _own_call(counts: np.ndarray, w13, w2, spec: ReplaySpec, cal, dev: int) -> Callable[[], None]:
     """Our Triton expert kernel on the rank's own rows (what calibration times)."""
     import torch  # GPU only
 
+    from .kernels.moe_gemm import align  # imports triton
     gen = torch.Generator(device=f"cuda:{dev}").manual_seed(spec.seed + 1)
     x_all = torch.randn(int(counts.sum()), spec.hidden, device=dev, dtype=torch.bfloat16, generator=gen)
     return _pattern_call(counts.tolist(), x_all, w13, w2, expert_kernel(spec.precision), align, cal)

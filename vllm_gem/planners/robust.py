@@ -51,8 +51,8 @@ class RobustPolicy(PlacementPolicy):
     def place(self, problem: PlacementProblem) -> np.ndarray:
         p = self.params
         group = problem.group if p["speed_error"] is None else problem.group.with_errors(p["speed_error"])
-        inner = self._make_inner()
         if group.max_error == 0.0 or group.num_ranks == 1:  # exact speeds: the inner plan as it is
+            inner = self._make_inner()
             plan = inner.place(problem)
             self.report = dict(getattr(inner, "report", {}))
             return plan
@@ -65,12 +65,11 @@ class RobustPolicy(PlacementPolicy):
                                       problem.num_groups, problem.num_nodes, problem.old_phys_to_log)
             candidates[f"alpha {alpha:g}"] = inner.place(shrunk)
             reports[f"alpha {alpha:g}"] = dict(getattr(inner, "report", {}))
-        reference = None
         if self._reference is not None:
             try:
-                candidates["reference"] = reference = self._reference.place(problem)
+                candidates["reference"] = self._reference.place(problem)
             except PlannerUnavailable:  # vLLM not importable: no constraint against its plan
-                reference = None
+                pass
         steps = problem.loads.shape[0]
         idx = np.unique(np.linspace(0, steps - 1, min(steps, MAX_SCORING_STEPS)).round().astype(int))
         loads = problem.loads[idx]
