@@ -156,3 +156,129 @@ def test_the_drift_variable_takes_step_counts_only(monkeypatch, value):
     monkeypatch.setenv("VLLM_GEM_ROUTING_DRIFT_STEPS", value)
     with pytest.raises(GemInputError, match="expected a whole number of engine steps in"):
         drift_steps()
+
+
+def _one_line_error(capsys, argv, message):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+    return err
+
+
+def _ascend(devices):
+    import json
+    return json.dumps({"moe_layer_count": 1, "layer_list": [{"layer_id": 0, "device_count": len(devices),
+                       "device_list": [{"device_id": d, "device_expert": e} for d, e in devices]}]})
+
+
+@pytest.mark.parametrize("devices, message", [
+    # 28 + 32 experts would have been re-sliced 30 + 30 onto the wrong devices
+    ([(0, list(range(28))), (1, list(range(28, 60)))], "has [28, 32] experts per device"),
+    ([(0, list(range(30))), (0, list(range(30, 60)))], "has device ids [0, 0]"),
+    ([(5, list(range(30))), (7, list(range(30, 60)))], "has device ids [5, 7]"),
+])
+def test_vllm_ascend_maps_are_read_as_written_or_refused(tmp_path, capsys, devices, message):
+    cur = tmp_path / "ascend.json"
+    cur.write_text(_ascend(devices))
+    from vllm_gem.export import read_engine_placement
+    with pytest.raises(GemInputError, match=r"layer_list\[0\]\.device_list: " + message.replace("[", r"\[")
+                       .replace("]", r"\]")):
+        read_engine_placement(cur, 60)
+
+
+def test_an_ascend_map_of_two_devices_round_trips(tmp_path):
+    from vllm_gem.export import read_engine_placement
+    cur = tmp_path / "ascend.json"
+    cur.write_text(_ascend([(1, list(range(30, 60))), (0, list(range(30)))]))  # listed out of order
+    p2l, ranks, fmt = read_engine_placement(cur, 60)
+    assert (ranks, fmt) == (2, "vllm-ascend") and p2l[0].tolist() == list(range(60))
+
+
+def _npz(path, window, p2l):
+    import numpy as np
+    np.savez(path, expert_load_window=window, physical_to_logical_map=p2l)
+    return path
+
+
+@pytest.mark.parametrize("dtype", ["complex128", "bool"])
+def test_eplb_counts_that_are_not_numbers_are_refused(tmp_path, capsys, dtype):
+    import numpy as np
+    window = np.ones((2, 1, 4), dtype=dtype) * (1 + 1j if dtype == "complex128" else True)
+    src = _npz(tmp_path / "w.npz", window, np.arange(4).reshape(1, 4))
+    _one_line_error(capsys, ["import-trace", "--format", "vllm-eplb", str(src), "-o", str(tmp_path / "t.msgpack")],
+                    f"expert_load_window: has dtype {dtype}")
+
+
+def test_an_npz_that_declares_a_huge_array_is_refused_before_allocating(tmp_path, capsys):
+    import io
+    import zipfile
+
+    import numpy as np
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<i8", "fortran_order": False,
+                                               "shape": (1 << 20, 64, 64)})  # 32 GiB declared
+    src = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(src, "w") as z:
+        z.writestr("expert_load_window.npy", buf.getvalue() + b"\0" * 64)
+        z.writestr("physical_to_logical_map.npy", buf.getvalue())
+    assert src.stat().st_size < 2048
+    _one_line_error(capsys, ["import-trace", "--format", "vllm-eplb", str(src), "-o", str(tmp_path / "t.msgpack")],
+                    "declares shape (1048576, 64, 64); expected at most 268435456 elements")
+
+
+@pytest.mark.parametrize("content, message", [(b"", "file: is empty"),
+                                              (b"hello, not a torch file", "is neither a .npz archive nor a torch.save file")])
+def test_an_eplb_file_that_is_not_one_says_what_it_is(tmp_path, capsys, content, message):
+    src = tmp_path / "state.pt"
+    src.write_bytes(content)
+    _one_line_error(capsys, ["import-trace", "--format", "vllm-eplb", str(src), "-o", str(tmp_path / "t.msgpack")],
+                    message)
+
+
+def test_migration_weight_needs_a_current_placement(tmp_path, capsys):
+    _one_line_error(capsys, ["plan", "--trace", "bundled:qwen", "--speeds", "1,1", "--migration-weight", "5",
+                             "-o", str(tmp_path / "p.json")], "--migration-weight: is given without --current")
+
+
+def test_a_placement_for_another_model_is_refused(tmp_path, capsys):
+    from vllm_gem.evaluate import bundled_trace
+    from vllm_gem.formats import save
+    placement = _plan(tmp_path)
+    other = bundled_trace("qwen")
+    other.model = "someone/else-moe"  # same shape, another model
+    save(other, tmp_path / "other.msgpack")
+    _one_line_error(capsys, ["simulate", "--trace", str(tmp_path / "other.msgpack"), "--speeds", "1,1,1,0.8",
+                             "--placement", str(placement)],
+                    "model: is 'Qwen/Qwen1.5-MoE-A2.7B-Chat'; expected 'someone/else-moe' (the trace's model)")
+
+
+def test_a_file_name_with_a_newline_stays_on_one_line(tmp_path, capsys):
+    bad = tmp_path / "a\nb.json"
+    bad.write_bytes(b"")
+    err = _one_line_error(capsys, ["inspect", str(bad)], "a\\nb.json: file: is empty")
+    assert err.count("\n") == 0
+
+
+@pytest.mark.parametrize("params, message", [
+    ('{"zipf": 1e400}', "zipf: is a number out of range; expected a number a 64-bit float or integer can hold"),
+    ('{"steps": 0}', "steps: is out of range; expected an integer >= 1"),
+    ('{"steps": "x"}', "steps: is text; expected an integer"),
+])
+def test_synthetic_parameters_are_named_in_plain_words(tmp_path, capsys, params, message):
+    src = tmp_path / "s.json"
+    src.write_text(params)
+    err = _one_line_error(capsys, ["import-trace", "--format", "synthetic", str(src), "-o", str(tmp_path / "t.msgpack")],
+                          message)
+    assert "`" not in err  # msgspec's own wording (`int`) is not shown
+
+
+def test_a_profile_with_no_experts_per_point_says_so(tmp_path, capsys):
+    import msgspec
+    from vllm_gem.profiles import example_profile
+    d = msgspec.to_builtins(example_profile("g", num_experts=8))
+    for pt in d["points"]:
+        pt["tokens_per_expert"] = []
+    src = tmp_path / "p.json"
+    src.write_bytes(msgspec.json.encode(d))
+    _one_line_error(capsys, ["inspect", str(src)], "points[0].tokens_per_expert: is empty; expected the tokens")

@@ -82,7 +82,7 @@ def test_profile_values_checked(tmp_path):
         tmp_path, "p.json", msgspec.json.encode(d), GpuProfile)
     d = msgspec.to_builtins(prof)
     d["points"][0]["median_us"] = "fast"
-    assert "q.json: points[0].median_us: Expected `float`, got `str`" in _err(tmp_path, "q.json", msgspec.json.encode(d), GpuProfile)
+    assert "q.json: points[0].median_us: is text; expected a number" in _err(tmp_path, "q.json", msgspec.json.encode(d), GpuProfile)
     d = msgspec.to_builtins(prof)
     d["points"][2]["tokens_per_expert"] = [1, 2]
     err = _err(tmp_path, "r.json", msgspec.json.encode(d), GpuProfile)

@@ -200,12 +200,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from .export import load_any_placement
         cur = load_any_placement(args.current, group.num_ranks, tr.shape[2])
         validate_placement(cur, args.current, num_layers=tr.shape[1],
-                           num_logical_experts=tr.shape[2], num_ranks=group.num_ranks)
+                           num_logical_experts=tr.shape[2], num_ranks=group.num_ranks, model=tr.model)
         old = cur.array
         if len(cur.phys_to_log[0]) != num_physical:
             raise GemInputError(args.current, "phys_to_log", f"has {len(cur.phys_to_log[0])} slots",
                                 f"{num_physical} (--num-physical)")
     if args.migration_weight is not None:
+        if not args.current:
+            raise GemInputError(CLI, "--migration-weight", "is given without --current",
+                                "--current PLACEMENT too: it prices moves away from the current placement")
         params["migration_weight"] = args.migration_weight
     policy = make(args.planner, **params)
     try:
@@ -272,7 +275,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     group = _group(args)
     pl = load(args.placement, Placement)
     validate_placement(pl, args.placement, num_layers=tr.shape[1], num_logical_experts=tr.shape[2],
-                       num_ranks=group.num_ranks)
+                       num_ranks=group.num_ranks, model=tr.model)
     sim = simulate(tr.loads, pl.array, group)
     d = {**sim.as_dict(), **_certify(args, tr.loads, pl.array, group)}
     truths = _truths(args, group)
@@ -402,7 +405,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     ranks = set()
     for path in args.placement:
         pl = load(path, Placement)
-        validate_placement(pl, path, num_layers=tr.shape[1], num_logical_experts=tr.shape[2])
+        validate_placement(pl, path, num_layers=tr.shape[1], num_logical_experts=tr.shape[2],
+                           model=tr.model)
         name = pl.planner if pl.planner not in placements else path
         placements[name] = pl.array
         ranks.add(pl.num_ranks)

@@ -16,7 +16,7 @@ class GemInputError(ValueError):
         self.problem = _one_line(problem)  # a library's multi-line message (torch.load's) too
         self.expected = _one_line(expected) if expected else expected
         problem, expected = self.problem, self.expected
-        msg = f"{self.source}: {field}: {problem}"
+        msg = f"{_printable(self.source)}: {_printable(field)}: {problem}"
         if expected:
             msg += f"; expected {expected}"
         super().__init__(msg)
@@ -25,3 +25,9 @@ class GemInputError(ValueError):
 def _one_line(text: str) -> str:
     """text with its line breaks (and the indentation after them) folded into single spaces."""
     return " ".join(text.split()) if "\n" in text else text
+
+
+def _printable(name: str) -> str:
+    """A file name or field as one printable line: a newline or other control character in a
+    name is shown escaped (as Python writes it), so the message stays one line."""
+    return name if name.isprintable() else repr(name)[1:-1]

@@ -128,7 +128,20 @@ def _ascend_rows(obj: AscendExpertMap, src: str) -> tuple[list[list[int]], int]:
         if layer.device_count != ranks or len(layer.device_list) != ranks:
             raise GemInputError(src, f"layer_list[{i}].device_list", f"has {len(layer.device_list)} devices",
                                 f"{ranks} in every layer (device_count)")
+        if layer.layer_id != i:
+            raise GemInputError(src, f"layer_list[{i}].layer_id", f"is {layer.layer_id}",
+                                f"{i} (layers listed in order, from 0)")
+        ids = sorted(d.device_id for d in layer.device_list)
+        if ids != list(range(ranks)):
+            raise GemInputError(src, f"layer_list[{i}].device_list", f"has device ids {ids}",
+                                f"each of 0..{ranks - 1} exactly once")
         devices = sorted(layer.device_list, key=lambda d: d.device_id)
+        sizes = [len(d.device_expert) for d in devices]
+        # vLLM-style maps are rank-major with equal slots per rank: unequal lists would be
+        # re-sliced onto the wrong devices, so they are refused, not reshaped.
+        if len(set(sizes)) != 1 or not sizes[0]:
+            raise GemInputError(src, f"layer_list[{i}].device_list", f"has {sizes} experts per device",
+                                "the same number (> 0) of experts on every device")
         rows.append([e for d in devices for e in d.device_expert])
     return rows, ranks
 

@@ -10,6 +10,7 @@ silently fixed up.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -350,7 +351,35 @@ def field_error(e: msgspec.ValidationError, source: str, expected: str | None = 
     naming the field `points[0].x`."""
     text = str(e)
     field = text.rsplit("at `$", 1)[1].rstrip("`").lstrip(".") if "at `$" in text else "file"
-    return GemInputError(source, field or "file", text.split(" - at ")[0], expected)
+    problem, wanted = _plain(text.split(" - at ")[0])
+    if problem == "is missing" and (m := re.search(r"field `([^`]+)`", text)):
+        field = f"{field}.{m.group(1)}" if field != "file" else m.group(1)
+    return GemInputError(source, field or "file", problem, expected or wanted)
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "text", "array": "a list",
+               "object": "an object", "bool": "true or false", "null": "null",
+               "bytes": "bytes", "ext": "a msgpack extension"}
+
+
+def _words(t: str) -> str:
+    """`int | null` -> 'an integer or null'."""
+    return " or ".join(_TYPE_WORDS.get(x.strip(" `"), x.strip(" `")) for x in t.split("|"))
+
+
+def _plain(msg: str) -> tuple[str, str | None]:
+    """msgspec's validation message -> (problem, expected) in the words of our other errors:
+    'Expected `int` >= 1, got `str`' -> ('is text', 'an integer >= 1')."""
+    if msg == "Number out of range":  # 1e400 in JSON: beyond a float (or an int beyond 64 bits)
+        return "is a number out of range", "a number a 64-bit float or integer can hold"
+    if m := re.fullmatch(r"Object missing required field `[^`]+`", msg):
+        return "is missing", "a required field"
+    if m := re.fullmatch(r"Object contains unknown field `([^`]+)`", msg):
+        return f"holds unknown field {m.group(1)!r}", "only the documented fields"
+    if m := re.fullmatch(r"Expected `([^`]+)`(.*?)(?:, got `([^`]+)`)?", msg):
+        want, bound, got = m.groups()
+        return (f"is {_words(got)}" if got else "is out of range"), f"{_words(want)}{bound}"
+    return msg, None
 
 
 def decode_json(path: str | Path, cls: type, what: str) -> Any:
@@ -399,12 +428,15 @@ def _validate_profile(p: GpuProfile, source: str) -> None:
         raise GemInputError(source, "points", f"has {len(p.points)} entries",
                             "at least 4 timed points to fit the latency model")
     width = len(p.points[0].tokens_per_expert)
+    if width == 0:
+        raise GemInputError(source, "points[0].tokens_per_expert", "is empty",
+                            "the tokens of each expert of the timed rank (at least one)")
     for i, pt in enumerate(p.points):
         f = f"points[{i}]"
-        if len(pt.tokens_per_expert) != width or width == 0:
+        if len(pt.tokens_per_expert) != width:
             raise GemInputError(source, f"{f}.tokens_per_expert",
                                 f"has {len(pt.tokens_per_expert)} experts",
-                                f"{width} (the same for every point, > 0)")
+                                f"{width} (the same for every point)")
         if min(pt.tokens_per_expert) < 0 or max(pt.tokens_per_expert) > 1 << 24:
             raise GemInputError(source, f"{f}.tokens_per_expert", "holds out-of-range counts",
                                 "token counts between 0 and 16777216")
@@ -452,6 +484,10 @@ def token_counts(values: Any, source: str, field: str) -> np.ndarray:
     """Any array of token counts -> int32 of the same shape, or one GemInputError naming
     `source` and `field`: counts must be finite whole numbers in [0, 2^31 - 1], never
     wrapped, rounded or clipped."""
+    if isinstance(values, np.ndarray) and values.dtype.kind not in "iuf":
+        # bools and complex numbers would convert silently (True -> 1, the imaginary part dropped)
+        raise GemInputError(source, field, f"has dtype {values.dtype}",
+                            "whole token counts (an integer or float array)")
     a = np.asarray(values) if isinstance(values, np.ndarray) else None
     if a is None or a.dtype.kind not in "iuf":
         try:
@@ -492,11 +528,13 @@ def _validate_trace(t: RoutingTrace, source: str) -> None:
 
 
 def validate_placement(p: Placement, source: str, *, num_layers: int | None = None,
-                       num_logical_experts: int | None = None, num_ranks: int | None = None) -> None:
+                       num_logical_experts: int | None = None, num_ranks: int | None = None,
+                       model: str | None = None) -> None:
     """Check a placement, optionally against the model it is meant for.
 
     Every logical expert must appear in every layer, ranks must own equal contiguous slot
-    ranges (vLLM's layout), and ids must be in range.
+    ranges (vLLM's layout), and ids must be in range. With ``model``, a placement that names
+    another model is refused (an unnamed one, as imported from another engine, is not).
     """
     if p.num_logical_experts < 1:
         raise GemInputError(source, "num_logical_experts", f"is {p.num_logical_experts}", ">= 1")
@@ -539,3 +577,6 @@ def validate_placement(p: Placement, source: str, *, num_layers: int | None = No
     if list(p.rank_of_slot) != rank_of_slots(width, p.num_ranks):
         raise GemInputError(source, "rank_of_slot", "does not give every rank the same contiguous "
                             f"{per_rank} slots", f"slot s on rank s // {per_rank} (vLLM's layout)")
+    if model and p.model and p.model != model:
+        raise GemInputError(source, "model", f"is {p.model!r}",
+                            f"{model!r} (the trace's model): a placement is made for one model")

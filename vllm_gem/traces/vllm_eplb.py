@@ -8,15 +8,38 @@ names; this folds replicas back to logical experts.
 
 from __future__ import annotations
 
+import io
+import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import GemInputError
-from ..formats import NdArray, RoutingTrace, token_counts
+from ..files import read_bytes
+from ..formats import MAX_ELEMENTS, NdArray, RoutingTrace, token_counts
 from ..validation import MAX_EXPERTS
 
 KEYS = ("expert_load_window", "physical_to_logical_map")
+
+
+def _npz_member(zf: zipfile.ZipFile, name: str, src: str) -> np.ndarray:
+    """One array of an .npz, its declared shape checked before anything is allocated (a 1 KB
+    archive can declare a 4 GiB array)."""
+    with zf.open(name) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise GemInputError(src, name[:-4], f"is .npy format {version}", "format 1.0 or 2.0 (numpy.savez)")
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(f)
+        if dtype.hasobject:
+            raise GemInputError(src, name[:-4], "holds Python objects", "a numeric array")
+        if math.prod(shape) > MAX_ELEMENTS:
+            raise GemInputError(src, name[:-4], f"declares shape {shape}",
+                                f"at most {MAX_ELEMENTS} elements (the limit on routing traces)")
+    with zf.open(name) as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
 
 
 def fold_to_logical(window: np.ndarray, phys_to_log: np.ndarray, num_logical: int | None = None
@@ -37,19 +60,32 @@ def import_vllm_eplb(path: str | Path | None, model: str = "") -> RoutingTrace:
         raise GemInputError("command line", "source", "is missing", "an EPLB state .npz or .pt file")
     path = Path(path)
     src = str(path)
+    raw = read_bytes(path)  # regular file, size bounded: nothing below reads past it
+    if not raw:
+        raise GemInputError(src, "file", "is empty", f"a .npz or torch.save dict with {KEYS}")
     try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
+        zf = zipfile.ZipFile(io.BytesIO(raw)) if raw[:4] == b"PK\x03\x04" else None
+    except zipfile.BadZipFile as e:
+        raise GemInputError(src, "file", f"is a damaged zip archive ({e})",
+                            f"a .npz or torch.save dict with {KEYS}") from None
+    try:
+        if zf is not None and all(n.endswith(".npy") for n in zf.namelist()):
+            data = {n[:-4]: _npz_member(zf, n, src) for n in zf.namelist()}
+        elif zf is None and raw[:1] != b"\x80":  # neither a zip (npz, torch) nor a legacy torch pickle
+            raise GemInputError(src, "file", "is neither a .npz archive nor a torch.save file",
+                                f"a .npz or torch.save dict with {KEYS}")
         else:
             try:
                 import torch
             except ImportError:
-                raise GemInputError(src, "file", "is a torch file and torch is not installed",
+                raise GemInputError(src, "file", "is a torch.save file and torch is not installed",
                                     "torch (pip install vllm-gem[vllm]), or the arrays saved "
                                     "with numpy.savez as .npz") from None
-            data = {k: v.cpu().numpy() if hasattr(v, "cpu") else np.asarray(v)
-                    for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+            # torch.save archives store tensors uncompressed: memory is bounded by the file size
+            obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+            if not isinstance(obj, dict):
+                raise GemInputError(src, "file", f"holds a {type(obj).__name__}", f"a dict with {KEYS}")
+            data = {k: v.cpu().numpy() if hasattr(v, "cpu") else np.asarray(v) for k, v in obj.items()}
     except GemInputError:
         raise
     except Exception as e:  # unreadable or not the expected container

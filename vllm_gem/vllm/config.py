@@ -118,7 +118,8 @@ def parse(raw: Any, source: str = SOURCE) -> GemConfig:
     if not isinstance(raw, dict):
         raise GemInputError(source, "gem", f"is {type(raw).__name__}", "a JSON object")
     if "profiles" in raw and not isinstance(raw["profiles"], (list, tuple)):  # a set has no rank order
-        raise GemInputError(source, "profiles", f"is a {type(raw['profiles']).__name__}",
+        kind = type(raw["profiles"]).__name__
+        raise GemInputError(source, "profiles", f"is {'an' if kind[0] in 'aeiou' else 'a'} {kind}",
                             "a list of profile paths in EP-rank order")
     try:
         cfg = msgspec.convert(raw, GemConfig, strict=False)
