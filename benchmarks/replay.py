@@ -11,10 +11,11 @@ partitions (FLEETS: SMs per rank, None = the whole GPU), and each slot count (th
 the fleet allows, and one redundant slot per rank more):
 
 1. calibrate every distinct partition once per trace shape (vllm_gem.calibrate, the
-   served precision, our Triton kernel: what the plugin calibrates with),
+   served precision, with the kernel that measures: vLLM's fused_experts where importable,
+   else vllm-gem's Triton kernel, what the plugin calibrates with),
 2. plan on the first half of the steps with GEM, vLLM's DefaultEplbPolicy and linear,
 3. replay up to --max-steps held-out steps of the second half through each placement on
-   real kernels (vllm_gem.replay.measure: vLLM's fused_experts where importable),
+   real kernels (vllm_gem.replay.measure: each rank gets the tokens routed to its slots),
 4. report measured and predicted layer time, each placement's ratio to vLLM's policy, and
    the per-rank prediction error.
 
@@ -36,8 +37,8 @@ from vllm_gem.calibrate import CalibrationSpec, calibrate_device, held_out_repor
 from vllm_gem.evaluate import bundled_trace, split_steps
 from vllm_gem.latency import GroupModel, fit
 from vllm_gem.planners import PlacementProblem, make
-from vllm_gem.replay import Fleet, PlacementReplay, ReplaySpec, compare, format_report, measure, \
-    replay_steps
+from vllm_gem.replay import Fleet, PlacementReplay, ReplaySpec, calibration_kernel, compare, \
+    format_report, measure, replay_steps
 from vllm_gem.simulate import rank_times
 from vllm_gem.traces import SyntheticParams, synthetic_trace
 
@@ -90,7 +91,9 @@ def main() -> None:
         for sms in sorted({s for f in FLEETS.values() for s in f}, key=lambda s: -(s or FULL)):
             t0 = time.perf_counter()
             prof = calibrate_device(0, CalibrationSpec(hidden, inter, max_local, sm_limit=sms,
-                                                       precision=precision))
+                                                       precision=precision),
+                                    kernel=calibration_kernel(ReplaySpec(hidden, inter, top_k, precision,
+                                                                         kernel=a.kernel)))
             models[sms] = fit(prof, f"{tname} sm{sms}")
             rep = held_out_report(prof)
             out["calibration"].append({"trace": tname, "sms": sms or FULL, "local_experts": max_local,

@@ -145,17 +145,20 @@ def measure_within(patterns: list, measure, limit_s: float | None, t0: float,
 
 
 def calibrate_device(device: int, spec: CalibrationSpec = CalibrationSpec(),
-                     weights: tuple[Any, Any] | None = None) -> GpuProfile:
+                     weights: tuple[Any, Any] | None = None, kernel: ExpertKernel | None = None
+                     ) -> GpuProfile:
     """Time the calibration patterns on CUDA device `device` and return its GpuProfile.
 
     weights: a served MoE layer's own experts on that device, only read, timed in place of
     random ones, so a re-profile while serving allocates no weight copies (0.6 GB for
     model-q3's 64 local experts, 2.8 GB for 32 of DeepSeek-V3's) in the memory vLLM left for
     the KV cache: (w13 [experts, 2*inter, hidden], w2 [experts, hidden, inter]) in bf16, or
-    two kernels.moe_gemm_fp8.Fp8Weights for an fp8 spec.precision."""
-    kernel = expert_kernel(spec.precision)
+    two kernels.moe_gemm_fp8.Fp8Weights for an fp8 spec.precision.
+    kernel: what is timed; vllm-gem's kernel of spec.precision unless given (the measured
+    replay calibrates with vLLM's fused_experts when that is what it measures)."""
+    kernel = kernel or expert_kernel(spec.precision)
     patterns = calibration_patterns(spec.num_experts, kernel.tile.block_m, spec.seed)
-    points, before, after = _measure(device, spec, weights, patterns, LIFT_SECONDS)
+    points, before, after = _measure(device, spec, weights, patterns, LIFT_SECONDS, kernel)
     ident = gpu_identity(device)
     dtype, layout = PRECISIONS[spec.precision]
     prof = GpuProfile(
@@ -176,8 +179,9 @@ class ExpertKernel:
     """The expert FFN calibration times for one precision, at its one fixed tile."""
 
     name: str  # the module, recorded in the profile's kernel.name
-    tile: Any  # kernels.moe_gemm.TileConfig
+    tile: Any  # kernels.moe_gemm.TileConfig: calibration samples its block_m boundaries
     ffn: Callable[..., Any]  # (x, w13, w2, topk_weights, topk_ids, tile, alignment) -> [tokens, hidden]
+    int32_ids: bool = False  # vLLM's fused_experts takes int32 expert ids
 
 
 def expert_kernel(precision: str) -> ExpertKernel:
@@ -305,14 +309,16 @@ def check_speed(device: int, spec: CalibrationSpec, reference: GpuProfile,
 
 
 def _measure(device: int, spec: CalibrationSpec, weights: tuple[Any, Any] | None,
-             patterns: list[list[int]], lift_s: float) -> tuple[list[LatencyPoint], Any, Any]:
+             patterns: list[list[int]], lift_s: float, kernel: ExpertKernel | None = None
+             ) -> tuple[list[LatencyPoint], Any, Any]:
     """Time `patterns` [points][experts] on `device` -> (points, GPU state before, after)."""
     import torch
 
     from .kernels.moe_gemm import align, compile_ahead
 
     torch.cuda.set_device(device)
-    kernel = expert_kernel(spec.precision)
+    kernel = kernel or expert_kernel(spec.precision)
+    ours = kernel.name.startswith("vllm_gem.")
     gen = torch.Generator(device=f"cuda:{device}").manual_seed(spec.seed)
     if weights is None:
         weights = calibration_weights(spec, device, gen)
@@ -326,7 +332,7 @@ def _measure(device: int, spec: CalibrationSpec, weights: tuple[Any, Any] | None
     with compile_ahead(spec.compile_threads) as ahead:
         # compiles only: nothing runs, so these calls' alignments stay unfilled and the timed
         # calls below are built again
-        for p in patterns if ahead else []:
+        for p in patterns if ahead and ours else []:  # another kernel would run, not compile
             _pattern_call(p, x_all, w13, w2, kernel, align, spec)()
     green, stream = calibration_stream(device, spec.sm_limit)
     if green is not None:
@@ -388,6 +394,8 @@ def _pattern_call(counts, x_all, w13, w2, kernel: ExpertKernel, align, spec) -> 
     dev = x_all.device
     ids = torch.repeat_interleave(torch.arange(len(counts), device=dev),
                                   torch.tensor(counts, device=dev)).reshape(-1, 1)
+    if kernel.int32_ids:
+        ids = ids.to(torch.int32)
     x = x_all[: ids.shape[0]]
     wts = torch.ones(ids.shape, device=dev, dtype=torch.float32)
     al = align(ids, len(counts), cfg.block_m, expert_parallel=True)  # what EP serving runs

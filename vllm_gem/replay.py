@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from .calibrate import (CalibrationSpec, _pattern_call, calibrate_device, calibration_stream,
-                        calibration_weights, expert_kernel, time_call)
+from .calibrate import (CalibrationSpec, ExpertKernel, _pattern_call, calibrate_device,
+                        calibration_stream, calibration_weights, expert_kernel, time_call)
 from .errors import GemInputError
 from .latency import GroupModel, fit
 from .precision import PRECISIONS
@@ -308,11 +308,16 @@ def measure(loads: np.ndarray, placements: dict[str, np.ndarray], fleet: Fleet, 
 
 def _vllm_call(ids: np.ndarray, rank: int, per_rank: int, num_physical: int, w13, w2,
                spec: ReplaySpec, dev: int) -> Callable[[], Any]:
-    """vLLM's fused_experts as rank `rank` runs it under EP: every token of the step in, its
-    own slots computed (expert_map: its slots -> local ids, every other slot -> -1)."""
+    """vLLM's fused_experts as rank `rank` runs it under EP: the step's tokens routed to one of
+    its slots in, its own slots computed (expert_map: its slots -> local ids, every other
+    slot -> -1)."""
     import torch  # GPU only
 
     fused_experts, fp8_config = vllm_fused_experts()
+    # the tokens dispatched to this rank (an all-to-all EP backend sends a token only to the
+    # ranks holding one of its experts); their other experts are -1 through expert_map
+    mine = ((ids >= rank * per_rank) & (ids < (rank + 1) * per_rank)).any(1)
+    ids = ids[mine]
     tokens = ids.shape[0]
     # -1 (no expert) becomes one extra slot that is local to no rank
     phys = torch.tensor(np.where(ids >= 0, ids, num_physical), dtype=torch.int32, device=dev)
@@ -336,6 +341,26 @@ def _vllm_call(ids: np.ndarray, rank: int, per_rank: int, num_physical: int, w13
     return once
 
 
+def vllm_expert_kernel(precision: str) -> ExpertKernel:
+    """vLLM's fused_experts as a calibration kernel (calibrate_device's `kernel`), sampled at
+    the tile boundaries of vllm-gem's kernel of the same precision: profiles of the kernel
+    the replay measures."""
+    fused_experts, fp8_config = vllm_fused_experts()
+    layout = PRECISIONS[precision].scale_layout
+    configs: dict[int, Any] = {}
+
+    def ffn(x, w13, w2, wts, ids, tile, alignment):  # alignment: vLLM aligns inside
+        if layout == "none":
+            return fused_experts(x, w13, w2, wts, ids)
+        if id(w13) not in configs:  # built once per weight set, outside the timed graph
+            channel = layout == "channel"
+            configs[id(w13)] = fp8_config(w1_scale=w13.scale, w2_scale=w2.scale, per_act_token_quant=channel,
+                                          per_out_ch_quant=channel,
+                                          block_shape=[128, 128] if layout == "block" else None)
+        return fused_experts(x, w13.q, w2.q, wts, ids, quant_config=configs[id(w13)])
+    return ExpertKernel("vllm.fused_experts", expert_kernel(precision).tile, ffn, int32_ids=True)
+
+
 def _own_call(counts: np.ndarray, w13, w2, spec: ReplaySpec, cal, dev: int) -> Callable[[], None]:
     """Our Triton expert kernel on the rank's own rows (what calibration times)."""
     import torch  # GPU only
@@ -347,6 +372,12 @@ def _own_call(counts: np.ndarray, w13, w2, spec: ReplaySpec, cal, dev: int) -> C
 
 
 # --------------------------------------------------------------------------- the command
+def calibration_kernel(spec: ReplaySpec) -> ExpertKernel | None:
+    """The kernel the prediction's profiles are calibrated with: the one that measures
+    (None: vllm-gem's own, calibrate_device's default)."""
+    return vllm_expert_kernel(spec.precision) if kernel_name(spec).startswith("vllm.") else None
+
+
 def calibrate_partitions(fleet: Fleet, spec: ReplaySpec, local_experts: int,
                          progress: Callable[[str], None] | None = None) -> list[Any]:
     """A LatencyModel per rank, from one calibration per distinct (GPU, SMs) of the fleet:
@@ -355,7 +386,8 @@ def calibrate_partitions(fleet: Fleet, spec: ReplaySpec, local_experts: int,
     for dev, sms in zip(fleet.devices, fleet.sms, strict=True):
         if (dev, sms) not in models:
             prof = calibrate_device(dev, CalibrationSpec(spec.hidden, spec.intermediate, local_experts,
-                                                         sm_limit=sms, precision=spec.precision))
+                                                         sm_limit=sms, precision=spec.precision),
+                                    kernel=calibration_kernel(spec))
             models[dev, sms] = fit(prof, f"calibration of cuda:{dev}" + (f" at {sms} SMs" if sms else ""))
             if progress:
                 progress(f"calibrated cuda:{dev}" + (f" at {sms} SMs" if sms else ""))
