@@ -1,6 +1,8 @@
 """Hypothesis fuzzing of every file loader, GEM's vLLM settings and the plugin's decision:
 whatever the input, the only failure is the documented GemInputError."""
 
+import re
+
 import msgspec
 import numpy as np
 import pytest
@@ -87,9 +89,25 @@ def test_any_gem_setting_parses_or_names_the_field(raw):
     try:
         cfg = parse(raw)
     except GemInputError as e:
-        assert str(e).startswith("--additional-config gem: ")
+        assert_whole_message(e, "--additional-config gem", GEM_FIELDS + ["gem"])
         return
     assert isinstance(cfg, GemConfig)
+
+
+INTERNAL_WORDS = ("Annotated", "`", "NoneType", "msgspec", "Struct", "Traceback", "<class")
+
+
+def assert_whole_message(e: GemInputError, source: str, fields: list[str]) -> None:
+    """The whole message, not only its prefix: one line '<source>: <field>: <problem>;
+    expected <what>', the field one the user can set, and no library's internal words."""
+    msg = str(e)
+    assert "\n" not in msg, msg
+    assert e.source == source, msg
+    assert e.field.split(".")[0].split("[")[0] in fields, msg
+    assert e.problem and e.expected, msg
+    assert msg.startswith(f"{source}: ") and msg.endswith(f": {e.problem}; expected {e.expected}"), msg
+    ours = re.sub(r"'[^']*'|\"[^\"]*\"", "", msg)  # the user's own values may hold anything
+    assert not any(w in ours for w in INTERNAL_WORDS), msg
 
 
 @st.composite

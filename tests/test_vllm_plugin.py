@@ -107,7 +107,7 @@ def test_unknown_flags_fail_the_parse(parser, argv, field):
 
 BAD_SETTINGS = [
     ({"record_capacity": "many"}, {}, "record_capacity: is 'many'; expected an integer"),
-    ({"no_such_option": 1}, {}, "no_such_option: is not a GEM option"),
+    ({"no_such_option": 1}, {}, "gem: has 'no_such_option', which is not a GEM option"),
     ({"min_gain": 2}, {}, "min_gain: is 2; expected a finite number in [-1, 1)"),
     ({"calibration_time_limit_s": 0}, {}, "calibration_time_limit_s: is 0"),
     ({"speed_tolerance": float("nan")}, {}, "speed_tolerance: is nan"),

@@ -350,7 +350,10 @@ def field_error(e: msgspec.ValidationError, source: str, expected: str | None = 
     """msgspec's "Expected `int` >= 1, got ... - at `$.points[0].x`" as a GemInputError
     naming the field `points[0].x`."""
     text = str(e)
-    field = text.rsplit("at `$", 1)[1].rstrip("`").lstrip(".") if "at `$" in text else "file"
+    # "- at `$.a.b`", or "- at `key` in `$.a`" for a mapping's key
+    field = text.rsplit("`$", 1)[1].rstrip("`").lstrip(".") if "`$" in text else "file"
+    if " - at `key` in " in text:
+        field += " (a key)"
     problem, wanted = _plain(text.split(" - at ")[0])
     if problem == "is missing" and (m := re.search(r"field `([^`]+)`", text)):
         field = f"{field}.{m.group(1)}" if field != "file" else m.group(1)

@@ -7,6 +7,7 @@ engine core and every worker inside VllmConfig, with no side channel.
 from __future__ import annotations
 
 import os
+import re
 import typing
 from typing import Annotated, Any
 
@@ -116,10 +117,12 @@ def parse(raw: Any, source: str = SOURCE) -> GemConfig:
     if raw is True:
         raw = {}
     if not isinstance(raw, dict):
-        raise GemInputError(source, "gem", f"is {type(raw).__name__}", "a JSON object")
+        shown = repr(raw) if len(repr(raw)) <= 60 else repr(raw)[:57] + "..."
+        raise GemInputError(source, "gem", f"is {'null' if raw is None else shown}", "a JSON object")
     if "profiles" in raw and not isinstance(raw["profiles"], (list, tuple)):  # a set has no rank order
-        kind = type(raw["profiles"]).__name__
-        raise GemInputError(source, "profiles", f"is {'an' if kind[0] in 'aeiou' else 'a'} {kind}",
+        value = raw["profiles"]
+        kind = {type(None): "null", str: "text", dict: "an object", set: "a set"}.get(type(value))
+        raise GemInputError(source, "profiles", f"is {kind or repr(value)}",
                             "a list of profile paths in EP-rank order")
     try:
         cfg = msgspec.convert(raw, GemConfig, strict=False)
@@ -138,9 +141,10 @@ def _named(e: msgspec.ValidationError, raw: dict, source: str) -> GemInputError:
     fields = {f.name: f.type for f in msgspec.structs.fields(GemConfig)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        return GemInputError(source, str(unknown[0]), "is not a GEM option", f"one of {sorted(fields)}")
+        return GemInputError(source, "gem", f"has {str(unknown[0])!r}, which is not a GEM option",
+                             f"options from {sorted(fields)}")
     err = field_error(e, source)
-    key = err.field.split("[", 1)[0].split(".", 1)[0]
+    key = re.split(r"[\[. ]", err.field, maxsplit=1)[0]
     if key in fields and (key == err.field or typing.get_origin(fields[key]) is dict):
         return GemInputError(source, key, f"is {raw[key]!r}", describe(fields[key]))
     return field_error(e, source, "see docs/plugin.md")
