@@ -65,3 +65,23 @@ def test_demo_json(capsys, tmp_path):
     for case in res:
         rows = {r["planner"]: r for r in case["rows"]}
         assert rows["gem"]["gap"] >= 1.0
+
+
+def test_help_says_which_files_are_written_by_default(capsys):
+    for cmd, default in (("plan", "placement.json"), ("demo", "gem-demo.png")):
+        assert main([cmd, "--help"]) == 0
+        assert f"default: {default}" in capsys.readouterr().out
+
+
+def test_the_demo_says_in_full_why_a_planner_did_not_run():
+    import numpy as np
+
+    from vllm_gem.evaluate import _why_not
+    from vllm_gem.latency import GroupModel
+    from vllm_gem.planners import PlacementProblem, make
+    try:
+        make("round_robin").place(PlacementProblem(np.ones((2, 1, 4)), GroupModel.tokens_over_speed([1, 1]), 6))
+    except ValueError as e:
+        assert _why_not(e).endswith("it needs 4: vLLM supports round_robin only without redundant experts")
+    else:
+        raise AssertionError("round_robin placed redundant slots")

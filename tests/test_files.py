@@ -282,3 +282,13 @@ def test_a_profile_with_no_experts_per_point_says_so(tmp_path, capsys):
     src = tmp_path / "p.json"
     src.write_bytes(msgspec.json.encode(d))
     _one_line_error(capsys, ["inspect", str(src)], "points[0].tokens_per_expert: is empty; expected the tokens")
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(tmp_path):
+    # `vllm-gem inspect F | head`: the pipe closes before the output is written
+    placement = _plan(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "vllm_gem.cli", "inspect", str(placement)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and "Traceback" not in err, err

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -498,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="compare every planner on bundled real and synthetic traces")
     common(p, group=False)
-    p.add_argument("--plot", default="gem-demo.png", help="bar chart path ('' for none)")
+    p.add_argument("--plot", default="gem-demo.png",
+                   help="bar chart written here (default: %(default)s in the current folder; '' for none)")
     certify_option(p)
     p.set_defaults(func=cmd_demo)
 
@@ -510,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slots per layer (experts + redundant; default: the experts)")
     p.add_argument("--current", help="the placement in use (for migration-aware planning)")
     p.add_argument("--migration-weight", type=argtype(MigrationWeight), help="us of layer time one expert move is worth")
-    p.add_argument("-o", "--output", default="placement.json")
+    p.add_argument("-o", "--output", default="placement.json",
+                   help="placement file written (default: %(default)s in the current folder)")
     certify_option(p)
     p.set_defaults(func=cmd_plan)
 
@@ -604,6 +607,10 @@ def main(argv: list[str] | None = None) -> int:
     except GemInputError as e:
         print(f"vllm-gem: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `vllm-gem inspect F | head`: the reader left, which is not an error of ours
+        # point stdout at /dev/null so the interpreter's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,13 @@ BUNDLED_TRACES = ("qwen", "switch-exp128", "synthetic")
 SYNTHETIC = SyntheticParams(steps=400, layers=16, experts=64, top_k=8, tokens_per_step=512, seed=7)
 
 
+def _why_not(e: Exception) -> str:
+    """Why a planner did not run, in full: for a GemInputError what it needs, else the message."""
+    if isinstance(e, GemInputError) and e.expected:
+        return f"{e.problem}; it needs {e.expected}"
+    return str(e)
+
+
 def bundled_trace(name: str) -> RoutingTrace:
     """'qwen' / 'switch-exp128' (HarMoEny, real) or 'synthetic' (generated, deterministic)."""
     if name == "synthetic":
@@ -76,7 +83,7 @@ def compare(loads: np.ndarray, group: GroupModel, num_physical: int, planners: l
         try:
             p2l = policy.place(PlacementProblem(plan, group, num_physical))
         except (PlannerUnavailable, ValueError) as e:
-            rows.append(Row(name, None, 0.0, note=str(e).split(";")[0]))
+            rows.append(Row(name, None, 0.0, note=_why_not(e)))
             continue
         dt = time.perf_counter() - t0
         report = dict(getattr(policy, "report", {}))
