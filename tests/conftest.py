@@ -1,19 +1,10 @@
 import importlib.util
-import sys
-from pathlib import Path
 
-# `python -m pytest` puts the repository root on sys.path, where the top-level kernels/ folder
-# (installed as vllm_gem.kernels) would stand in for the PyPI package `kernels` that
-# transformers probes for when vLLM imports it. vllm_gem itself is imported as installed.
-_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
-sys.modules.pop("kernels", None)
+import numpy as np
+import pytest
+from hypothesis import strategies as st
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from vllm_gem.latency import GroupModel  # noqa: E402
+from vllm_gem.latency import GroupModel
 
 
 def _has_cuda() -> bool:
