@@ -83,3 +83,27 @@ def test_plan_reads_an_engine_placement_as_the_current_one(tmp_path, capsys):
     assert main(["plan", "--trace", "bundled:qwen", "--speeds", "1,1,0.8", "--current",
                  str(tmp_path / "vllm-ascend.json"), "-o", str(tmp_path / "x.json")]) == 2
     assert "vllm-ascend.json: device_count: is 4; expected 3" in capsys.readouterr().err
+
+
+def test_inspect_simulate_and_report_read_exported_files(tmp_path, capsys):
+    import json
+
+    from vllm_gem.cli import main
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["plan", "--trace", "bundled:qwen", "--profiles", "bundled:one-slow4", "-o", str(run / "p.json")]) == 0
+    for fmt in ("sglang", "vllm-ascend"):
+        assert main(["export", str(run / "p.json"), "--to", fmt, "-o", str(run / f"{fmt}.json")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", "--json", str(run / "vllm-ascend.json")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["kind"], info["num_ranks"], info["num_logical_experts"]) == ("placement (vllm-ascend's format)", 4, 60)
+    ours = {}
+    for name in ("p", "sglang", "vllm-ascend"):
+        assert main(["simulate", "--json", "--trace", "bundled:qwen", "--profiles", "bundled:one-slow4",
+                     "--placement", str(run / f"{name}.json")]) == 0
+        ours[name] = json.loads(capsys.readouterr().out)["mean"]
+    assert ours["p"] == ours["sglang"] == ours["vllm-ascend"]  # the same slots, read back
+    assert main(["report", "--json", str(run), "-o", str(tmp_path / "r.html")]) == 0
+    assert json.loads(capsys.readouterr().out)["files"] == 3  # the SGLang file's ranks are not known here
+    assert main(["report", str(run / "vllm-ascend.json"), "-o", str(tmp_path / "r2.html")]) == 0

@@ -274,7 +274,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .simulate import simulate
     tr = _trace(args.trace)
     group = _group(args)
-    pl = load(args.placement, Placement)
+    from .export import load_any_placement  # ours, or an SGLang or vllm-ascend file
+    pl = load_any_placement(args.placement, group.num_ranks, tr.shape[2])
     validate_placement(pl, args.placement, num_layers=tr.shape[1], num_logical_experts=tr.shape[2],
                        num_ranks=group.num_ranks, model=tr.model)
     sim = simulate(tr.loads, pl.array, group)
@@ -343,7 +344,17 @@ def _import_sources(source: str | None) -> list[tuple[str, Path]]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .export import is_engine_file, read_engine_placement
     path = Path(args.file)
+    if is_engine_file(path):  # a file `vllm-gem export` wrote, or one an engine wrote
+        p2l, ranks, fmt = read_engine_placement(path)
+        experts = int(p2l.max()) + 1
+        info = {"file": str(path), "kind": f"placement ({fmt}'s format)", "layers": p2l.shape[0],
+                "num_physical": p2l.shape[1], "num_logical_experts": experts,
+                "num_ranks": ranks if ranks is not None else "not recorded (SGLang's files do not say)",
+                "replicated_experts_per_layer": float(p2l.shape[1] - experts)}
+        _emit(args, info, "\n".join(f"{k:20s} {v}" for k, v in info.items()))
+        return 0
     obj = load_any(path)
     kind = obj.kind
     info: dict[str, Any] = {"file": str(path), "kind": kind}

@@ -146,6 +146,26 @@ def _ascend_rows(obj: AscendExpertMap, src: str) -> tuple[list[list[int]], int]:
     return rows, ranks
 
 
+def is_engine_file(path: str | Path) -> bool:
+    """Whether a file is an SGLang or vllm-ascend placement (by its JSON keys)."""
+    try:
+        return engine_format(msgspec.json.decode(read_bytes(path))) is not None
+    except (GemInputError, msgspec.DecodeError, RecursionError):
+        return False
+
+
+def engine_placement(path: str | Path, num_ranks: int | None = None) -> Placement:
+    """An engine's placement file as our Placement, its experts read off the file and its
+    ranks from the file (vllm-ascend) or `num_ranks` (SGLang's file does not say)."""
+    p2l, ranks, fmt = read_engine_placement(path)
+    ranks = ranks or num_ranks
+    if ranks is None:
+        raise GemInputError(str(path), "physical_to_logical_map",
+                            "does not say how many EP ranks it spans (SGLang's files do not)",
+                            "the number of EP ranks from elsewhere (the ranks' profiles read with it)")
+    return placement_from_engine(path, ranks, int(p2l.max()) + 1)
+
+
 def load_any_placement(path: str | Path, num_ranks: int, num_logical_experts: int) -> Placement:
     """Our Placement file, or an SGLang or vllm-ascend one (engine_format), as our Placement."""
     try:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GemInputError
+from .export import engine_placement, is_engine_file
 from .files import write_atomic
 from .formats import (
     EVENTS_FILE,
@@ -66,18 +67,32 @@ def read_inputs(paths: list[str]) -> Inputs:
     named. A file named explicitly must be readable; in a folder, files of another kind
     (vLLM's own JSON, metrics files) are listed as skipped."""
     got = Inputs()
+    engine_files: list[tuple[Path, bool]] = []  # read once the profiles say how many ranks
     for spec in paths:
         p = Path(spec)
         if p.is_dir():
             for f in sorted(q for q in p.iterdir() if q.is_file() and q.suffix in SUFFIXES):
+                if is_engine_file(f):
+                    engine_files.append((f, False))
+                    continue
                 try:
                     _add(got, f)
                 except GemInputError as e:
                     got.skipped.append((str(f), f"{e.field}: {e.problem}"))
         elif p.is_file():
-            _add(got, p)
+            if is_engine_file(p):
+                engine_files.append((p, True))
+            else:
+                _add(got, p)
         else:
             raise GemInputError(spec, "path", "does not exist", "a folder or a file GEM wrote")
+    for f, named in engine_files:  # exported for SGLang or vllm-ascend: shown as our placements
+        try:
+            got.placements.append((str(f), engine_placement(f, len(got.profiles) or None)))
+        except GemInputError as e:
+            if named:
+                raise
+            got.skipped.append((str(f), f"{e.field}: {e.problem}"))
     if not (got.profiles or got.traces or got.placements or got.events):
         raise GemInputError(", ".join(paths), "files", "hold no profile, trace, placement or event log",
                             f"files GEM wrote (a plugin trace_dir, `vllm-gem plan -o`, {EVENTS_FILE})")
