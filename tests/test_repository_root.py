@@ -36,3 +36,13 @@ def test_vllm_loads_the_plugin_from_the_repository_root():
     theirs, ours = r.stdout.split()[-2:]
     assert theirs == "None" or not theirs.startswith(str(ROOT / "kernels"))
     assert ours.endswith(os.path.join("kernels", "moe_gemm.py"))  # vllm_gem's own, as installed
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("vllm"), reason="needs vllm's metadata")
+def test_the_readmes_torch_is_the_one_vllm_pins():
+    import importlib.metadata
+    import re
+    pins = {m.group(1) for m in re.finditer(r"torch==([\d.]+)", (ROOT / "README.md").read_text())}
+    wanted = {m.group(1) for r in importlib.metadata.requires("vllm") or []
+              if (m := re.fullmatch(r"torch\s*==\s*([\d.]+)", r.split(";")[0].strip()))}
+    assert wanted and pins == wanted, (pins, wanted)
