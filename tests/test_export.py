@@ -107,3 +107,40 @@ def test_inspect_simulate_and_report_read_exported_files(tmp_path, capsys):
     assert main(["report", "--json", str(run), "-o", str(tmp_path / "r.html")]) == 0
     assert json.loads(capsys.readouterr().out)["files"] == 3  # the SGLang file's ranks are not known here
     assert main(["report", str(run / "vllm-ascend.json"), "-o", str(tmp_path / "r2.html")]) == 0
+
+
+def test_one_copy_per_rank_keeps_every_expert_and_no_duplicates():
+    import numpy as np
+
+    from vllm_gem.planners.constraints import duplicate_copies, spread_copies
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        ranks, experts = int(rng.integers(2, 9)), int(rng.integers(4, 40))
+        slots = int(rng.integers(-(-experts // ranks), 2 * -(-experts // ranks) + 2))
+        extra = ranks * slots - experts
+        if extra > experts * (ranks - 1):
+            continue
+        hot = rng.integers(0, experts, extra)  # replicas piled onto a few experts
+        p2l = rng.permutation(np.concatenate([np.arange(experts), hot]))[None]
+        loads = rng.gamma(0.5, 100, (3, 1, experts))
+        out = spread_copies(p2l, ranks, loads)
+        assert not duplicate_copies(out, ranks)
+        assert set(out[0].tolist()) == set(range(experts))
+        assert np.bincount(out[0], minlength=experts).max() <= ranks
+
+
+def test_a_plan_with_redundant_slots_can_be_exported_to_vllm_ascend(tmp_path, capsys):
+    from vllm_gem.cli import main
+    args = ["plan", "--trace", "bundled:qwen", "--profiles", "bundled:one-slow4", "--num-physical", "72"]
+    assert main(args + ["-o", str(tmp_path / "p.json")]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "p.json"), "--to", "vllm-ascend", "-o", str(tmp_path / "a.json")]) == 2
+    assert "plan with --one-copy-per-rank" in capsys.readouterr().err
+    for planner in ("gem", "vllm-default"):
+        assert main(args + ["--planner", planner, "--one-copy-per-rank", "--json", "-o", str(tmp_path / f"{planner}.json")]) == 0
+        assert main(["export", str(tmp_path / f"{planner}.json"), "--to", "vllm-ascend", "-o", str(tmp_path / "a.json")]) == 0
+    import json
+    from vllm_gem.formats import Placement, load
+    mean = {p: load(tmp_path / f"{p}.json", Placement).predicted["mean_layer_us"] for p in ("gem", "vllm-default")}
+    assert mean["gem"] <= mean["vllm-default"] * (1 + 1e-9)  # the constraint does not leave GEM behind
+    json.dumps(mean)

@@ -217,6 +217,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except PlannerUnavailable as e:
         raise GemInputError(CLI, "--planner", f"{args.planner} cannot run here ({e})",
                             f"another planner ({', '.join(NAMES)})") from None
+    if args.one_copy_per_rank:  # what vllm-ascend's expert map can hold
+        p2l = _one_copy_per_rank(args.planner, p2l, loads, group, num_physical)
     from .simulate import simulate
     sim = simulate(loads, p2l, group)
     cert = _certify(args, loads, p2l, group)
@@ -225,7 +227,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         phys_to_log=p2l.tolist(), rank_of_slot=rank_of_slots(num_physical, group.num_ranks),
         planner=args.planner,
         inputs={"trace": args.trace, "profiles": args.profiles or [], "speeds": ",".join(f"{v:g}" for v in args.speeds or []),
-                "params": {k: v for k, v in policy.params.items() if v is not None},
+                "params": {k: v for k, v in policy.params.items() if v is not None}
+                | ({"one_copy_per_rank": True} if args.one_copy_per_rank else {}),
                 "report": getattr(policy, "report", {})},
         predicted={"mean_layer_us": sim.mean, "p99_layer_us": sim.p99, "gap": sim.gap,
                    "straggler_ratio": sim.straggler_ratio, **cert})
@@ -235,6 +238,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"(gap to lower bound {sim.gap:.3f}, straggler ratio {sim.straggler_ratio:.3f})"
           + _certificate_text(cert))
     return 0
+
+
+def _one_copy_per_rank(planner: str, p2l: np.ndarray, loads: np.ndarray, group: GroupModel,
+                       num_physical: int) -> np.ndarray:
+    """The plan with at most one copy of an expert per rank (planners.constraints). For GEM
+    the constrained vLLM plan is a candidate too, and the one with the shorter predicted
+    layer time on the planning steps is kept, so the constraint never leaves GEM behind it."""
+    from .planners.constraints import spread_copies
+    from .simulate import simulate
+    plans = [spread_copies(p2l, group.num_ranks, loads, f"--planner {planner}")]
+    if planner in ("gem", "gem-migrate", "greedy-speed"):
+        try:
+            base = make("vllm-default").place(PlacementProblem(loads, group, num_physical))
+            plans.append(spread_copies(base, group.num_ranks, loads, "--planner vllm-default"))
+        except PlannerUnavailable:
+            pass
+    return min(plans, key=lambda q: simulate(loads, q, group).mean)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -523,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slots per layer (experts + redundant; default: the experts)")
     p.add_argument("--current", help="the placement in use (for migration-aware planning)")
     p.add_argument("--migration-weight", type=argtype(MigrationWeight), help="us of layer time one expert move is worth")
+    p.add_argument("--one-copy-per-rank", action="store_true",
+                   help="at most one copy of an expert per rank (what vllm-ascend's expert map holds; "
+                        "needed for `export --to vllm-ascend` with redundant slots)")
     p.add_argument("-o", "--output", default="placement.json",
                    help="placement file written (default: %(default)s in the current folder)")
     certify_option(p)

@@ -63,7 +63,8 @@ def to_engine(placement: Placement, engine: str, source: str = "placement") -> m
             if len(set(local)) < len(local):
                 raise GemInputError(source, f"phys_to_log[{layer}]",
                                     f"puts two copies of one expert on rank {g}",
-                                    "one copy per expert and device (what vllm-ascend's expert map holds)")
+                                    "one copy per expert and device (what vllm-ascend's expert map "
+                                    "holds): plan with --one-copy-per-rank")
             devices.append(AscendDevice(g, local))
         layers.append(AscendLayer(layer, placement.num_ranks, devices))
     return AscendExpertMap(len(layers), layers)
