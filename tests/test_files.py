@@ -292,3 +292,78 @@ def test_a_reader_that_leaves_early_is_not_an_error(tmp_path):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0 and "Traceback" not in err, err
+
+
+# --------------------------------------------------------------------------- property: every class, every command
+BAD_CLASSES = ("fifo", "device", "deep", "same-path", "huge-shape")
+INPUT_SLOTS = {  # command line with {F} for the bad input and {P} a good placement, {O} the output
+    "inspect": ["inspect", "{F}"],
+    "simulate": ["simulate", "--trace", "bundled:qwen", "--speeds", "1,1,1,0.8", "--placement", "{F}"],
+    "plan --trace": ["plan", "--trace", "{F}", "--speeds", "1,1", "-o", "{O}"],
+    "plan --profiles": ["plan", "--trace", "bundled:qwen", "--profiles", "{F}", "-o", "{O}"],
+    "plan --current": ["plan", "--trace", "bundled:qwen", "--speeds", "1,1,1,0.8", "--current", "{F}", "-o", "{O}"],
+    "import-trace": ["import-trace", "--format", "vllm-eplb", "{F}", "-o", "{O}"],
+    "export": ["export", "{F}", "--to", "sglang", "-o", "{O}"],
+    "report": ["report", "{F}", "-o", "{O}"],
+}
+
+
+def _bad_input(kind: str, where, placement):
+    """A path of the given bad class (and, for same-path, the output that is that input)."""
+    import io
+    import zipfile
+
+    import numpy as np
+    if kind == "fifo":
+        f = where / "fifo.json"
+        if not f.exists():
+            os.mkfifo(f)
+        return f, where / "out.json"
+    if kind == "device":
+        return "/dev/zero", where / "out.json"
+    if kind == "deep":
+        f = where / "deep.json"
+        f.write_text("[" * 100000 + "]" * 100000)
+        return f, where / "out.json"
+    if kind == "huge-shape":
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, {"descr": "<i8", "fortran_order": False, "shape": (1 << 40,)})
+        f = where / "bomb.npz"
+        with zipfile.ZipFile(f, "w") as z:
+            for name in ("expert_load_window", "physical_to_logical_map"):
+                z.writestr(name + ".npy", buf.getvalue())
+        return f, where / "out.json"
+    link = where / "same-as-input.json"  # same-path: the output is the input, under another name
+    if not link.exists():
+        os.link(placement, link)
+    return placement, link
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_every_bad_input_class_exits_2_in_one_line_and_changes_no_input(tmp_path_factory):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    base = tmp_path_factory.mktemp("bad")
+    placement = _plan(base)
+    before = placement.read_bytes()
+
+    @settings(max_examples=BAD_INPUT_EXAMPLES, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(st.sampled_from(BAD_CLASSES), st.sampled_from(sorted(INPUT_SLOTS)))
+    def run(kind, command):
+        bad, out = _bad_input(kind, base, placement)
+        argv = [a.format(F=bad, O=out) for a in INPUT_SLOTS[command]]
+        if kind == "same-path" and "{O}" not in " ".join(INPUT_SLOTS[command]):
+            return  # no output to collide with
+        import contextlib
+        import io
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            rc = main(argv)
+        msg = err.getvalue().strip()
+        assert rc == 2 and msg.startswith("vllm-gem: error: ") and "\n" not in msg, (kind, command, msg)
+        assert placement.read_bytes() == before  # no input changed, whatever failed
+    run()
+
+
+BAD_INPUT_EXAMPLES = 60  # 5 classes x 8 commands: docs/formats.md states the count
