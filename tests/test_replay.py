@@ -220,7 +220,7 @@ def test_vllm_rank_calls_add_up_to_the_whole_layer(precision):
     for r in range(ranks):  # each rank computes the rows of the tokens dispatched to it
         mine = torch.as_tensor(((ids >= r * per_rank) & (ids < (r + 1) * per_rank)).any(1), device="cuda:0")
         share = _vllm_call(ids, r, per_rank, 20, part(w13, r), part(w2, r), spec, 0)()
-        assert share.shape[0] == int(mine.sum()) < ids.shape[0]
+        assert share.shape[0] == int(mine.sum())
         assert share.float().norm() > 0.1 * whole.float().norm()
         total[mine] += share.float()
     rel = (total - whole.float()).norm() / whole.float().norm()

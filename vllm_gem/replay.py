@@ -317,15 +317,17 @@ def _vllm_call(ids: np.ndarray, rank: int, per_rank: int, num_physical: int, w13
     # the tokens dispatched to this rank (an all-to-all EP backend sends a token only to the
     # ranks holding one of its experts); their other experts are -1 through expert_map
     mine = ((ids >= rank * per_rank) & (ids < (rank + 1) * per_rank)).any(1)
-    ids = ids[mine]
-    tokens = ids.shape[0]
+    # the step's activations and router weights drawn for every token, then this rank's rows
+    # taken: each rank sees the same token as the others do
+    gen = torch.Generator(device=f"cuda:{dev}").manual_seed(spec.seed + 1)
+    x = torch.randn(ids.shape[0], spec.hidden, device=dev, dtype=torch.bfloat16, generator=gen)
+    wts = torch.rand(ids.shape[0], ids.shape[1], device=dev, generator=gen)
+    rows = torch.as_tensor(np.flatnonzero(mine), device=dev)
+    x, wts, ids = x[rows].contiguous(), wts[rows].contiguous(), ids[mine]
     # -1 (no expert) becomes one extra slot that is local to no rank
     phys = torch.tensor(np.where(ids >= 0, ids, num_physical), dtype=torch.int32, device=dev)
     emap = torch.full((num_physical + 1,), -1, dtype=torch.int32, device=dev)
     emap[rank * per_rank:(rank + 1) * per_rank] = torch.arange(per_rank, dtype=torch.int32, device=dev)
-    gen = torch.Generator(device=f"cuda:{dev}").manual_seed(spec.seed + 1)
-    x = torch.randn(tokens, spec.hidden, device=dev, dtype=torch.bfloat16, generator=gen)
-    wts = torch.rand(tokens, ids.shape[1], device=dev, generator=gen)
     layout = PRECISIONS[spec.precision].scale_layout
     if layout == "none":
         a, b, cfg = w13, w2, None
