@@ -101,3 +101,16 @@ def test_plan_and_simulate_take_speed_errors_and_misspecified_truth(tmp_path, ca
                  "--true-profiles", "bundled:equal2", "--json"]) == 2  # 2 ranks for a 4-rank plan
     assert "give 2 ranks" in capsys.readouterr().err
 
+
+
+def test_the_demo_scores_gem_under_drawn_true_speeds(capsys):
+    import json
+
+    from vllm_gem.cli import main
+    assert main(["demo", "--json", "--plot", "", "--speed-error", "0.03", "--draws", "8", "--seed", "2"]) == 0
+    cases = json.loads(capsys.readouterr().out)
+    for case in cases:
+        m = case["misspecified"]
+        assert m["draws"] == 8 and m["worst_draw_us"] >= m["mean_us"] > 0
+        if "ratio_mean" in m:  # vLLM's policy ran: the same draws score its plan
+            assert m["ratio_worst"] >= m["ratio_mean"] > 0

@@ -124,6 +124,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for trace_name, prof in tqdm(cases, desc="demo cases", disable=args.json, file=sys.stderr):
         tr = bundled_trace(trace_name)
         group = group_from_profiles(bundled_profiles(prof))
+        if args.speed_error is not None:
+            group = group.with_errors(args.speed_error)
         experts = tr.shape[2]
         for redundant in (0, group.num_ranks):
             num_physical = experts + redundant
@@ -131,9 +133,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
             title = (f"{tr.model} [{tr.source}] on {prof} ({group.num_ranks} GPUs), "
                      f"{num_physical} slots ({redundant} redundant); plan on the first half, "
                      "replay the second")
-            texts.append(f"\n== {title}\n{format_table(rows)}")
-            results.append({"trace": trace_name, "profiles": prof, "num_physical": num_physical,
-                            "rows": [r.as_dict() for r in rows]})
+            result = {"trace": trace_name, "profiles": prof, "num_physical": num_physical,
+                      "rows": [r.as_dict() for r in rows]}
+            table = format_table(rows)
+            if args.draws:
+                result["misspecified"] = _demo_misspecified(tr.loads, rows, group, args)
+                table += "\n" + _misspecified_text(result["misspecified"])
+            texts.append(f"\n== {title}\n{table}")
+            results.append(result)
     if args.plot:
         texts.append(_plot_demo(results, Path(args.plot)))
     texts.append("\ngap = mean layer time / tighter lower bound; vs vllm-default < 1 is faster than "
@@ -141,6 +148,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     texts += [_demo_summary(r) for r in results]
     _emit(args, results, "\n".join(texts))
     return 0
+
+
+def _demo_misspecified(loads: np.ndarray, rows: list, group: GroupModel, args: argparse.Namespace
+                       ) -> dict[str, Any]:
+    """GEM's plan scored on the held-out steps under --draws true-speed draws, against vLLM's
+    policy's plan under the same draws (simulate.misspecified)."""
+    from .evaluate import split_steps
+    from .simulate import misspecified
+    plans = {r.planner: r.phys_to_log for r in rows if r.phys_to_log is not None}
+    if "gem" not in plans:
+        return {"note": "GEM did not run"}
+    _, test = split_steps(loads)
+    truths = group.perturbed(args.draws, args.seed, args.speed_error)
+    return misspecified(test, plans["gem"], truths, plans.get("vllm-default"))
+
+
+def _misspecified_text(m: dict[str, Any]) -> str:
+    if "note" in m:
+        return f"misspecified speeds: {m['note']}"
+    line = (f"true speeds drawn {m['draws']} times: GEM mean {m['mean_us']:.1f} us, worst draw "
+            f"{m['worst_draw_us']:.1f} us")
+    if "ratio_mean" in m:
+        line += (f"; against vLLM's policy under the same draws {m['ratio_mean']:.3f}x mean, "
+                 f"{m['ratio_worst']:.3f}x worst draw")
+    return line
 
 
 def _demo_summary(result: dict) -> str:
@@ -530,6 +562,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="compare every planner on bundled real and synthetic traces")
     common(p, group=False)
+    p.add_argument("--speed-error", type=argtype(SpeedError), metavar="SIGMA",
+                   help="each GPU's relative speed error (1 sigma): what robust planning plans "
+                        "against, and what --draws draws (default: each bundled profile's own)")
+    misspecified_options(p)
     p.add_argument("--plot", default="gem-demo.png",
                    help="bar chart written here (default: %(default)s in the current folder; '' for none)")
     certify_option(p)

@@ -57,6 +57,7 @@ class Row:
     plan_seconds: float
     note: str = ""
     report: dict[str, Any] = field(default_factory=dict)
+    phys_to_log: np.ndarray | None = field(default=None, repr=False)  # [layers, num_physical]
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"planner": self.planner, "plan_seconds": self.plan_seconds,
@@ -90,7 +91,7 @@ def compare(loads: np.ndarray, group: GroupModel, num_physical: int, planners: l
         if certify_seconds and name == "gem":
             from .certify import certify
             report["certificate"] = certify(test, p2l, group, certify_seconds).as_dict()
-        rows.append(Row(name, simulate(test, p2l, group, bounds), dt, report=report))
+        rows.append(Row(name, simulate(test, p2l, group, bounds), dt, report=report, phys_to_log=p2l))
     return rows
 
 
