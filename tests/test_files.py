@@ -367,3 +367,15 @@ def test_every_bad_input_class_exits_2_in_one_line_and_changes_no_input(tmp_path
 
 
 BAD_INPUT_EXAMPLES = 60  # 5 classes x 8 commands: docs/formats.md states the count
+
+
+@pytest.mark.parametrize("command", [["inspect", "{F}"], ["report", "{F}", "-o", "{O}"]])
+def test_an_unreadable_file_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch, command):
+    import vllm_gem.files as files
+    placement = _plan(tmp_path)
+
+    def no_permission(path, *a, **k):  # as for a file of mode 000 read by another user (root reads anything)
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(files, "open", no_permission, raising=False)
+    argv = [a.format(F=placement, O=tmp_path / "r.html") for a in command]
+    _one_line_error(capsys, argv, "file: cannot be read (Permission denied)")
