@@ -136,3 +136,21 @@ def test_the_page_opens_in_headless_chromium_with_every_image_decoded(run_dir, t
     im = mpimg.imread(io.BytesIO(shot), format="png")[..., :3]
     assert im.shape[0] > 2000  # the whole page, every section
     assert (im.min(-1) < 0.9).mean() > 0.1 and im.std() > 0.1  # not blank
+
+
+def test_a_newcomer_gets_a_report_without_serving(tmp_path, capsys):
+    import json
+
+    from vllm_gem.cli import main
+    run = tmp_path / "run"
+    assert main(["demo", "--plot", "", "--run-dir", str(run)]) == 0
+    assert {p.name for p in run.iterdir()} >= {"trace.msgpack", "profile-rank0.json", "placement-gem.json",
+                                               "placement-vllm-default.json"}
+    capsys.readouterr()
+    assert main(["report", "--json", str(run), "-o", str(tmp_path / "r.html")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert "Placements" in summary["sections"] and "Predicted per-rank layer time" in summary["sections"]
+    # bundled names, as the other commands take them
+    assert main(["report", "--json", "bundled:qwen", "bundled:one-slow4", "-o", str(tmp_path / "b.html")]) == 0
+    assert "GPU latency curves" in json.loads(capsys.readouterr().out)["sections"]
+    assert main(["report", "bundled:nope", "-o", str(tmp_path / "c.html")]) == 2

@@ -141,6 +141,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 table += "\n" + _misspecified_text(result["misspecified"])
             texts.append(f"\n== {title}\n{table}")
             results.append(result)
+            if args.run_dir and len(results) == 1:  # the first case, as a folder `report` reads
+                texts.append(_write_run_dir(Path(args.run_dir), tr, bundled_profiles(prof), rows,
+                                            group.num_ranks))
     if args.plot:
         texts.append(_plot_demo(results, Path(args.plot)))
     texts.append("\ngap = mean layer time / tighter lower bound; vs vllm-default < 1 is faster than "
@@ -148,6 +151,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     texts += [_demo_summary(r) for r in results]
     _emit(args, results, "\n".join(texts))
     return 0
+
+
+def _write_run_dir(folder: Path, tr: Any, profiles: list, rows: list, num_ranks: int) -> str:
+    """The trace, the ranks' profiles and each planner's placement of one demo case, named as
+    the plugin names them, so `vllm-gem report FOLDER` shows a run without serving."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save(tr, folder / "trace.msgpack")
+    for r, prof in enumerate(profiles):
+        save(prof, folder / f"profile-rank{r}.json")
+    for row in rows:
+        if row.phys_to_log is None:
+            continue
+        n = row.phys_to_log.shape[1]
+        save(Placement(model=tr.model, num_logical_experts=tr.shape[2], num_ranks=num_ranks,
+                       phys_to_log=row.phys_to_log.tolist(), rank_of_slot=rank_of_slots(n, num_ranks),
+                       planner=row.planner, predicted={"mean_layer_us": row.result.mean}),
+             folder / f"placement-{row.planner}.json")
+    return f"run folder written to {folder}: open it with `vllm-gem report {folder} -o report.html`"
 
 
 def _demo_misspecified(loads: np.ndarray, rows: list, group: GroupModel, args: argparse.Namespace
@@ -380,6 +401,8 @@ def _report_files(paths: list[str]) -> list[Path]:
     """The files report may read: those named and those directly in the folders named."""
     out = []
     for spec in paths:
+        if spec.startswith("bundled:"):
+            continue  # not a file
         p = Path(spec)
         out += sorted(p.iterdir()) if p.is_dir() else [p]
     return out
@@ -566,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each GPU's relative speed error (1 sigma): what robust planning plans "
                         "against, and what --draws draws (default: each bundled profile's own)")
     misspecified_options(p)
+    p.add_argument("--run-dir", metavar="DIR",
+                   help="also write the first case's trace, profiles and placements to DIR, "
+                        "a folder `vllm-gem report` reads")
     p.add_argument("--plot", default="gem-demo.png",
                    help="bar chart written here (default: %(default)s in the current folder; '' for none)")
     certify_option(p)

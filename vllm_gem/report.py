@@ -70,6 +70,9 @@ def read_inputs(paths: list[str]) -> Inputs:
     engine_files: list[tuple[Path, bool]] = []  # read once the profiles say how many ranks
     for spec in paths:
         p = Path(spec)
+        if spec.startswith("bundled:"):
+            _add_bundled(got, spec)
+            continue
         if p.is_dir():
             for f in sorted(q for q in p.iterdir() if q.is_file() and q.suffix in SUFFIXES):
                 if is_engine_file(f):
@@ -106,6 +109,25 @@ def _profile_order(item: tuple[str, GpuProfile]) -> tuple[int, str]:
     GPU index, then the name."""
     m = RANK_IN_NAME.search(Path(item[0]).stem)
     return (int(m.group(1)) if m else item[1].gpu.index, item[0])
+
+
+def _add_bundled(got: Inputs, spec: str) -> None:
+    """`bundled:qwen` (a trace) or `bundled:one-slow4` (a profile set), as the other commands
+    take them."""
+    from .evaluate import BUNDLED_TRACES, bundled_trace
+    from .profiles import bundled_profiles, bundled_set_names
+    name = spec.split(":", 1)[1]
+    if name in BUNDLED_TRACES:
+        got.traces.append((spec, bundled_trace(name)))
+    elif name in bundled_set_names():
+        for i, prof in enumerate(bundled_profiles(name)):
+            src = f"{spec}[{i}]"
+            got.models[src] = fit(prof, src)
+            got.profiles.append((src, prof))
+    else:
+        raise GemInputError(spec, "bundled", f"names no bundled data ({name!r})",
+                            f"a trace ({', '.join(BUNDLED_TRACES)}) or a profile set "
+                            f"({', '.join(bundled_set_names())})")
 
 
 def _add(got: Inputs, f: Path) -> None:
