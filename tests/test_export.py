@@ -144,3 +144,24 @@ def test_a_plan_with_redundant_slots_can_be_exported_to_vllm_ascend(tmp_path, ca
     mean = {p: load(tmp_path / f"{p}.json", Placement).predicted["mean_layer_us"] for p in ("gem", "vllm-default")}
     assert mean["gem"] <= mean["vllm-default"] * (1 + 1e-9)  # the constraint does not leave GEM behind
     json.dumps(mean)
+
+
+def test_sglang_rows_follow_the_decoder_layers_of_the_models_config(tmp_path, capsys):
+    import json
+
+    from vllm_gem.cli import main
+    assert main(["plan", "--trace", "bundled:qwen", "--speeds", "1,1,1,0.8", "--num-physical", "64",
+                 "-o", str(tmp_path / "p.json")]) == 0
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"num_hidden_layers": 27, "first_k_dense_replace": 3, "model_type": "deepseek_v3"}))
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "p.json"), "--to", "sglang", "--model-config", str(cfg),
+                 "-o", str(tmp_path / "s.json")]) == 0
+    assert "--ep-num-redundant-experts 4" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "s.json").read_text())["physical_to_logical_map"]
+    placed = json.loads((tmp_path / "p.json").read_text())["phys_to_log"]
+    assert len(rows) == 27 and rows[3:] == placed  # decoder layer 3 is the first MoE layer
+    cfg.write_text(json.dumps({"num_hidden_layers": 30, "first_k_dense_replace": 3}))
+    assert main(["export", str(tmp_path / "p.json"), "--to", "sglang", "--model-config", str(cfg),
+                 "-o", str(tmp_path / "s.json")]) == 2
+    assert "expected 24 MoE layers, as the placement has" in capsys.readouterr().err

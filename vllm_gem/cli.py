@@ -315,11 +315,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     refuse_same_file(args.output, "-o/--output", [("the placement", args.placement)])
     placement = load(args.placement, Placement)
     engine = "vllm-ascend" if args.to == "vllm-expert-map" else args.to
-    obj = to_engine(placement, engine, args.placement)
+    dense = 0
+    if args.model_config:
+        from .export import dense_layers
+        dense = dense_layers(args.model_config, len(placement.phys_to_log))
+    obj = to_engine(placement, engine, args.placement, dense)
     out = write_atomic(args.output, msgspec.json.format(msgspec.json.encode(obj), indent=1))
-    _emit(args, {"output": str(out), "format": engine},
+    extra = len(placement.phys_to_log[0]) - placement.num_logical_experts
+    note = (f"; serve with --ep-num-redundant-experts {extra} (SGLang accepts a mismatch silently)"
+            + (f"; {dense} dense layers first" if dense else
+               "" if args.model_config else "; rows are MoE layers: pass --model-config for models "
+               "whose first layers are dense") if engine == "sglang" else "")
+    _emit(args, {"output": str(out), "format": engine, "dense_layers": dense, "redundant_slots": extra},
           f"wrote {out}: {len(placement.phys_to_log)} layers x {len(placement.phys_to_log[0])} slots "
-          f"as {engine}'s placement")
+          f"as {engine}'s placement" + note)
     return 0
 
 
@@ -629,6 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=["sglang", "vllm-ascend", "vllm-expert-map"],
                    help="sglang: --init-expert-location; vllm-ascend (alias vllm-expert-map): "
                         "expert_map_path")
+    p.add_argument("--model-config", metavar="CONFIG_JSON",
+                   help="the model's config.json: SGLang indexes rows by decoder layer, so dense "
+                        "layers before the MoE ones (first_k_dense_replace) get rows too")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_export)
 

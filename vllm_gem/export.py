@@ -47,11 +47,43 @@ class AscendExpertMap(msgspec.Struct):
     layer_list: list[AscendLayer]
 
 
-def to_engine(placement: Placement, engine: str, source: str = "placement") -> msgspec.Struct:
-    """Placement -> the engine's file object (GemInputError where the engine cannot hold it)."""
+class ModelLayers(msgspec.Struct, forbid_unknown_fields=False):
+    """What of a Hugging Face config.json says which decoder layers are MoE layers."""
+    num_hidden_layers: int
+    first_k_dense_replace: int = 0  # DeepSeek-V2/V3: the first k layers are dense
+    moe_layer_freq: int = 1
+    decoder_sparse_step: int = 1  # Qwen-MoE
+    mlp_only_layers: list[int] = []
+
+
+def dense_layers(config_path: str | Path, moe_layers: int) -> int:
+    """How many dense decoder layers come before the MoE layers, from the model's config.json;
+    GemInputError where the layout is not 'k dense layers, then MoE layers only' or does not
+    give `moe_layers` MoE layers."""
+    src = str(config_path)
+    try:
+        cfg = msgspec.json.decode(read_bytes(config_path), type=ModelLayers)
+    except msgspec.ValidationError as e:
+        raise field_error(e, src) from None
+    except (msgspec.DecodeError, RecursionError) as e:
+        raise GemInputError(src, "file", f"is not valid JSON ({e})", "a model's config.json") from None
+    if cfg.moe_layer_freq != 1 or cfg.decoder_sparse_step != 1 or cfg.mlp_only_layers:
+        raise GemInputError(src, "moe_layer_freq / decoder_sparse_step / mlp_only_layers",
+                            "interleave dense and MoE layers", "k dense layers, then MoE layers only")
+    if cfg.num_hidden_layers - cfg.first_k_dense_replace != moe_layers:
+        raise GemInputError(src, "num_hidden_layers", f"is {cfg.num_hidden_layers} with "
+                            f"first_k_dense_replace {cfg.first_k_dense_replace}",
+                            f"{moe_layers} MoE layers, as the placement has")
+    return cfg.first_k_dense_replace
+
+
+def to_engine(placement: Placement, engine: str, source: str = "placement", dense: int = 0) -> msgspec.Struct:
+    """Placement -> the engine's file object (GemInputError where the engine cannot hold it).
+    dense: decoder layers before the first MoE layer; SGLang indexes its rows by decoder layer,
+    so those get rows too (the first MoE layer's, a valid map their dense MLPs never read)."""
     p2l = placement.array  # [layers, num_physical]
     if engine == "sglang":
-        return SglangExpertLocation(p2l.tolist())
+        return SglangExpertLocation([p2l[0].tolist()] * dense + p2l.tolist())
     if engine != "vllm-ascend":
         raise GemInputError("command line", "--to", f"is {engine!r}", " or ".join(FORMATS))
     slots = p2l.shape[1] // placement.num_ranks
