@@ -916,9 +916,11 @@ def test_metrics_collector_reads_rank_states(tmp_path):
                                              predicted_layer_us_before=120.0, straggler_ratio=1.01))
     (tmp_path / "rank7.json").write_text("{broken")
     fams = {f.name: f for f in GemCollector(str(tmp_path)).collect()}
-    samples = {s.labels["rank"]: s.value for s in fams["vllm_gem:predicted_moe_layer_time_us"].samples}
-    assert samples == {"0": 101.0, "1": 99.5}
-    assert fams["vllm_gem:placement_generation"].samples[0].value == 1
+    samples = {s.labels["rank"]: s.value for s in fams["vllm_gem:predicted_moe_layer_time_seconds"].samples}
+    assert samples == pytest.approx({"0": 101.0e-6, "1": 99.5e-6})  # kept in us, exposed in seconds
+    assert fams["vllm_gem:placements"].type == "counter"
+    assert fams["vllm_gem:placements"].samples[0].name == "vllm_gem:placements_total"
+    assert fams["vllm_gem:placements"].samples[0].value == 1
 
 
 def test_trace_replay_rejects_a_trace_of_another_width(tmp_path):
@@ -996,19 +998,58 @@ def test_re_profiles_time_the_served_layers_own_experts(monkeypatch):
 def test_the_grafana_dashboard_queries_only_metrics_the_plugin_exports():
     import re
 
-    from vllm_gem.vllm.metrics import METRICS, RankState
-    exported = {name for _, name, _ in METRICS}
-    assert {attr for attr, _, _ in METRICS} <= set(RankState.__struct_fields__)  # every series has data
-    dash = json.loads((Path(__file__).parents[1] / "docs" / "grafana-vllm-gem.json").read_text())
+    from vllm_gem.vllm.metrics import METRICS, RankState, exposed_name
+    exported = {exposed_name(name, kind) for _, name, kind, _ in METRICS}
+    counters = {exposed_name(name, kind) for _, name, kind, _ in METRICS if kind == "counter"}
+    assert {attr for attr, _, _, _ in METRICS} <= set(RankState.__struct_fields__)  # every series has data
     queried = set()
-    for panel in dash["panels"]:
-        assert panel["targets"], panel["title"]
-        for target in panel["targets"]:
-            names = set(re.findall(r"vllm_gem:[a-z_]+", target["expr"]))
-            assert names, target["expr"]
-            queried |= names
-    queried |= set(re.findall(r"vllm_gem:[a-z_]+", json.dumps(dash["templating"])))
+    for expr in dashboard_queries():
+        names = set(re.findall(r"vllm_gem:[a-z_]+", expr))
+        assert names, expr
+        queried |= names
+        # rate() and increase() only make sense on counters
+        for fn, name in re.findall(r"\b(rate|increase|irate)\((vllm_gem:[a-z_]+)", expr):
+            assert name in counters, f"{fn}() of {name}, which is not a counter: {expr}"
     assert queried <= exported, queried - exported
     # what an operator looks at: per-rank layer time, straggler ratio, recalibrations, moves
-    assert {"vllm_gem:predicted_moe_layer_time_us", "vllm_gem:straggler_ratio",
-            "vllm_gem:recalibrations", "vllm_gem:placement_generation"} <= queried
+    assert {"vllm_gem:predicted_moe_layer_time_seconds", "vllm_gem:straggler_ratio",
+            "vllm_gem:recalibrations_total", "vllm_gem:placements_total"} <= queried
+
+
+def dashboard_queries() -> list[str]:
+    dash = json.loads((Path(__file__).parents[1] / "docs" / "grafana-vllm-gem.json").read_text())
+    out = []
+    for panel in dash["panels"]:
+        assert panel["targets"], panel["title"]
+        out += [t["expr"] for t in panel["targets"]]
+    return out + [v["query"] if isinstance(v.get("query"), str) else v["query"]["query"]
+                  for v in dash.get("templating", {}).get("list", []) if v.get("type") == "query"]
+
+
+PROMTOOL = __import__("shutil").which("promtool")
+
+
+@pytest.mark.skipif(not PROMTOOL, reason="promtool not installed (Debian package prometheus; README's set-up)")
+def test_promtool_accepts_every_dashboard_query_and_the_exported_metrics(tmp_path):
+    import subprocess
+
+    from vllm_gem.vllm.metrics import METRICS, GemCollector, RankState, exposed_name, write_state
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"gem:q{i}", "expr": expr.replace("$job", ".*")} for i, expr in enumerate(dashboard_queries())
+        if "label_values" not in expr]}]}
+    (tmp_path / "rules.json").write_text(json.dumps(rules))  # YAML is a superset of JSON
+    r = subprocess.run([PROMTOOL, "check", "rules", str(tmp_path / "rules.json")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    from prometheus_client import CollectorRegistry, generate_latest
+    write_state(str(tmp_path), RankState(rank=0, generation=2, predicted_layer_us=101.0,
+                                         predicted_layer_us_before=120.0, straggler_ratio=1.01,
+                                         recorded_steps=5, recalibrations=1))
+    registry = CollectorRegistry()
+    registry.register(GemCollector(str(tmp_path)))
+    r = subprocess.run([PROMTOOL, "check", "metrics"], input=generate_latest(registry).decode(), capture_output=True,
+                       text=True)
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    # the only lint: a ':' in the name, vLLM's own naming (vllm:*) that vllm_gem:* follows
+    # (docs/plugin.md); nothing about types, units or suffixes
+    assert lines and all(line.endswith("metric names should not contain ':'") for line in lines), lines
+    assert {line.split()[0] for line in lines} == {exposed_name(n, k) for _, n, k, _ in METRICS}

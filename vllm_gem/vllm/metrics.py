@@ -29,19 +29,29 @@ class RankState(msgspec.Struct, kw_only=True):
     recalibrations: int = 0  # recalibrations run while serving (moved or not)
 
 
-# (RankState field, metric name, help): every vllm_gem:* series on /metrics, one gauge per
-# EP rank (label `rank`); docs/grafana-vllm-gem.json queries these names
-METRICS: tuple[tuple[str, str, str], ...] = (
-    ("predicted_layer_us", "vllm_gem:predicted_moe_layer_time_us",
+# (RankState field, metric name, kind, help): every vllm_gem:* series on /metrics, one per EP
+# rank (label `rank`); docs/grafana-vllm-gem.json queries these names. Counters only grow
+# (a restart starts them at 0 again, which rate() and increase() expect) and are exposed with
+# Prometheus' `_total` suffix; gauges are current values.
+METRICS: tuple[tuple[str, str, str, str], ...] = (
+    ("predicted_layer_us", "vllm_gem:predicted_moe_layer_time_seconds", "gauge",
      "Predicted mean MoE layer time of this EP rank under the current placement"),
-    ("predicted_layer_us_before", "vllm_gem:predicted_moe_layer_time_before_us",
+    ("predicted_layer_us_before", "vllm_gem:predicted_moe_layer_time_before_seconds", "gauge",
      "Predicted mean MoE layer time of this EP rank under the previous placement"),
-    ("straggler_ratio", "vllm_gem:straggler_ratio", "Predicted slowest-rank / mean-rank MoE layer time"),
-    ("generation", "vllm_gem:placement_generation", "Placements applied by GEM since start (0 = vLLM's own)"),
-    ("move_seconds", "vllm_gem:last_move_seconds", "Wall time of the last expert-weight move"),
-    ("recorded_steps", "vllm_gem:recorded_steps", "Engine steps recorded by the routing recorder"),
-    ("recalibrations", "vllm_gem:recalibrations", "Recalibrations run while serving, moved or not"),
+    ("straggler_ratio", "vllm_gem:straggler_ratio", "gauge", "Predicted slowest-rank / mean-rank MoE layer time"),
+    ("generation", "vllm_gem:placements", "counter", "Placements applied by GEM since start (0 = vLLM's own)"),
+    ("move_seconds", "vllm_gem:last_move_seconds", "gauge", "Wall time of the last expert-weight move"),
+    ("recorded_steps", "vllm_gem:recorded_steps", "counter", "Engine steps recorded by the routing recorder"),
+    ("recalibrations", "vllm_gem:recalibrations", "counter", "Recalibrations run while serving, moved or not"),
 )
+
+
+US_FIELDS = {"predicted_layer_us", "predicted_layer_us_before"}  # kept in us, exposed in seconds
+
+
+def exposed_name(name: str, kind: str) -> str:
+    """The series name a scrape shows: counters carry `_total`."""
+    return f"{name}_total" if kind == "counter" else name
 
 
 def write_state(state_dir: str, state: RankState) -> None:
@@ -69,12 +79,14 @@ class GemCollector:
         return []  # collect lazily: the files appear only after the first placement
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         states = read_states(self.state_dir)
-        for attr, name, doc in METRICS:
-            g = GaugeMetricFamily(name, doc, labels=["rank"])
+        for attr, name, kind, doc in METRICS:
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            g = family(name, doc, labels=["rank"])
             for s in states:
-                g.add_metric([str(s.rank)], float(getattr(s, attr)))
+                value = float(getattr(s, attr))
+                g.add_metric([str(s.rank)], value * 1e-6 if attr in US_FIELDS else value)  # base units
             yield g
 
 
