@@ -194,7 +194,8 @@ def test_eplb_communicator_is_merged_into_the_eplb_config_or_added_and_vllm_acce
     from vllm.config.parallel import EPLBConfig
     args = ["--plugin", "gem", "--eplb-config", '{"num_redundant_experts": 16}']
     out = with_eplb_communicator(args, "pynccl")
-    # vLLM 0.26 refuses NCCL communicators with async EPLB, its default: session 7's soak died so
+    # vLLM 0.26 refuses NCCL communicators with async EPLB (its default) and the server dies at
+    # start-up: the helper must turn async off whenever it picks an NCCL communicator
     assert json.loads(out[3]) == {"num_redundant_experts": 16, "communicator": "pynccl", "use_async": False}
     assert args[3] == '{"num_redundant_experts": 16}'  # the configuration itself is not changed
     for communicator in ("pynccl", "torch_nccl", "torch_gloo"):

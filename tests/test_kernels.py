@@ -120,8 +120,9 @@ def test_calibration_on_gpu_gives_a_usable_profile(tmp_path):
 
 @pytest.mark.gpu
 def test_repeated_calibration_leaves_no_gpu_memory_behind():
-    """Serving re-profiles every few hundred steps: each run used to leave a 32 MiB cuBLAS
-    workspace behind (one per new stream, benchmarks/studies/calibration_memory.py)."""
+    """Serving re-profiles every few hundred steps: a run that made a new stream would leave
+    a 32 MiB cuBLAS workspace behind each time (benchmarks/studies/calibration_memory.py), so
+    repeated calibrations must not grow the GPU memory in use."""
     from vllm_gem.calibrate import CalibrationSpec, calibrate_device
     spec = CalibrationSpec(num_experts=16, reps=3, extra_work=0.2)
     calibrate_device(0, spec)  # the first run may cache kernels and one workspace
@@ -136,8 +137,8 @@ def test_repeated_calibration_leaves_no_gpu_memory_behind():
 @pytest.mark.gpu
 def test_speed_checks_of_one_gpu_agree_with_each_other_and_see_it_slower():
     """The recalibration's cheap check. Against a profile from idle, the same GPU reads 2-25%
-    slower at small loads after heavy work (its clocks): session 10, so checks are compared
-    with each other (relative_speed_changes), as the GPUs of a group are. Two checks of the
+    slower at small loads after heavy work (its clocks rise), so a check against the idle
+    profile would call a healthy GPU slow: checks are compared with each other (relative_speed_changes), as the GPUs of a group are. Two checks of the
     unchanged GPU agree; one doing 25% extra expert work (emulate.slow_down_experts' way)
     reads slower than the one before it."""
     from vllm_gem.calibrate import CalibrationSpec, calibrate_device, check_speed, relative_speed_changes

@@ -45,7 +45,8 @@ def test_scaled_model():
 
 
 def test_calibration_patterns_for_few_local_experts():
-    # e.g. Mixtral's 8 experts on 2 GPUs: 4 per GPU (this used to raise in rng.choice)
+    # e.g. Mixtral's 8 experts on 2 GPUs: 4 per GPU, fewer than a pattern's sample size
+    # (rng.choice without replacement must not be asked for more than there are)
     from vllm_gem.profiles import calibration_patterns
     for e in (1, 2, 4, 6):
         pats = calibration_patterns(e, 64)

@@ -230,7 +230,8 @@ def test_recalibration_moves_only_when_the_saving_beats_the_move():
     interval = max(int(0.5 * cost_s / per_step_s), 1)
     assert saving_horizon(interval, steps_since_move=3) == interval
     assert worth_moving(d, old, slot_bytes, bw, saving_horizon(interval, int(4 * cost_s / per_step_s)))[0]
-    # min_gain still rules, and the refusal names it (session 7's soak logged only the cost)
+    # min_gain still rules, and the refusal names it: an operator reading the log must see
+    # which threshold stopped the move, not only its cost
     d = decide(skewed_loads(), profiles, old, min_gain=0.99)
     ok, why = worth_moving(d, old, slot_bytes, bw, horizon_steps=10**9)
     assert not ok and why.startswith("predicted gain ") and "is not above min_gain 99.0%" in why
@@ -774,7 +775,7 @@ def test_a_switch_while_a_recalibration_plans_drops_that_plan(inputs):
 
 def test_recalibration_with_data_parallelism_sums_every_ranks_routing(inputs):
     # each DP rank routes its own tokens: the history is a collective that every rank joins
-    # (rank 0 alone in it, as before session 9, left the other rank waiting elsewhere)
+    # (if rank 0 entered it alone, the other rank would wait in another collective forever)
     res = _run_place({"profiles": inputs["profiles"], "trace": inputs["trace"], "plan_delay_steps": 2},
                      switches=["recalibrate"], dp=2)
     for r in res:
