@@ -135,12 +135,17 @@ def read_engine_placement(path: str | Path, num_logical_experts: int | None = No
                             "one row of slots per MoE layer, all of one length")
     p2l = np.asarray(rows, dtype=np.int64)
     if num_logical_experts is not None:
-        missing = [e for e in range(num_logical_experts) if not (p2l == e).any(1).all()]
-        if missing or p2l.max() >= num_logical_experts:
-            raise GemInputError(src, "physical_to_logical_map",
-                                f"does not hold experts 0..{num_logical_experts - 1} exactly in every layer",
-                                f"every one of the model's {num_logical_experts} experts in every layer")
+        _check_experts(p2l, num_logical_experts, src)
     return p2l, ranks, fmt
+
+
+def _check_experts(p2l: np.ndarray, num_logical_experts: int, src: str) -> None:
+    """Every one of experts 0..n-1, and no other, in every layer of p2l [layers, num_physical]."""
+    missing = [e for e in range(num_logical_experts) if not (p2l == e).any(1).all()]
+    if missing or p2l.max() >= num_logical_experts:
+        raise GemInputError(src, "physical_to_logical_map",
+                            f"does not hold experts 0..{num_logical_experts - 1} exactly in every layer",
+                            f"every one of the model's {num_logical_experts} experts in every layer")
 
 
 def _decode(raw: bytes, cls: type, src: str):
@@ -180,7 +185,8 @@ def _ascend_rows(obj: AscendExpertMap, src: str) -> tuple[list[list[int]], int]:
 
 
 def is_engine_file(path: str | Path) -> bool:
-    """Whether a file is an SGLang or vllm-ascend placement (by its JSON keys)."""
+    """Whether a file is an SGLang or vllm-ascend placement (by its JSON keys); False for
+    anything else, unreadable or not JSON included (formats.load then says what it is)."""
     try:
         return engine_format(msgspec.json.decode(read_bytes(path))) is not None
     except (GemInputError, msgspec.DecodeError, RecursionError):
@@ -191,21 +197,18 @@ def engine_placement(path: str | Path, num_ranks: int | None = None) -> Placemen
     """An engine's placement file as our Placement, its experts read off the file and its
     ranks from the file (vllm-ascend) or `num_ranks` (SGLang's file does not say)."""
     p2l, ranks, fmt = read_engine_placement(path)
-    ranks = ranks or num_ranks
-    if ranks is None:
+    if (ranks or num_ranks) is None:
         raise GemInputError(str(path), "physical_to_logical_map",
                             "does not say how many EP ranks it spans (SGLang's files do not)",
                             "the number of EP ranks from elsewhere (the ranks' profiles read with it)")
-    return placement_from_engine(path, ranks, int(p2l.max()) + 1)
+    experts = int(p2l.max()) + 1
+    _check_experts(p2l, experts, str(path))
+    return _as_placement(str(path), p2l, ranks, fmt, ranks or num_ranks, experts)
 
 
 def load_any_placement(path: str | Path, num_ranks: int, num_logical_experts: int) -> Placement:
     """Our Placement file, or an SGLang or vllm-ascend one (engine_format), as our Placement."""
-    try:
-        head = msgspec.json.decode(read_bytes(path))
-    except (GemInputError, msgspec.DecodeError, RecursionError):  # not JSON, or unreadable: formats.load says which
-        head = None
-    if engine_format(head):
+    if is_engine_file(path):
         return placement_from_engine(path, num_ranks, num_logical_experts)
     return load(path, Placement)
 
@@ -214,11 +217,17 @@ def placement_from_engine(path: str | Path, num_ranks: int, num_logical_experts:
                           ) -> Placement:
     """An engine's placement file as our Placement (for `plan --current` and `inspect`)."""
     p2l, ranks, fmt = read_engine_placement(path, num_logical_experts)
+    return _as_placement(str(path), p2l, ranks, fmt, num_ranks, num_logical_experts, model)
+
+
+def _as_placement(src: str, p2l: np.ndarray, ranks: int | None, fmt: str, num_ranks: int,
+                  num_logical_experts: int, model: str = "") -> Placement:
+    """p2l [layers, num_physical] read from an engine's file (`ranks` as the file says, None
+    for SGLang) as our Placement on num_ranks ranks."""
     if ranks is not None and ranks != num_ranks:
-        raise GemInputError(str(path), "device_count", f"is {ranks}",
-                            f"{num_ranks} (the EP ranks planned for)")
+        raise GemInputError(src, "device_count", f"is {ranks}", f"{num_ranks} (the EP ranks planned for)")
     if p2l.shape[1] % num_ranks:
-        raise GemInputError(str(path), "physical_to_logical_map", f"has {p2l.shape[1]} slots per layer",
+        raise GemInputError(src, "physical_to_logical_map", f"has {p2l.shape[1]} slots per layer",
                             f"a multiple of {num_ranks} ranks")
     return Placement(model=model, num_logical_experts=num_logical_experts, num_ranks=num_ranks,
                      phys_to_log=p2l.tolist(), rank_of_slot=rank_of_slots(p2l.shape[1], num_ranks),

@@ -75,18 +75,20 @@ def read_inputs(paths: list[str]) -> Inputs:
             continue
         if p.is_dir():
             for f in sorted(q for q in p.iterdir() if q.is_file() and q.suffix in SUFFIXES):
-                if is_engine_file(f):
-                    engine_files.append((f, False))
-                    continue
                 try:
                     _add(got, f)
                 except GemInputError as e:
-                    got.skipped.append((str(f), f"{e.field}: {e.problem}"))
+                    if is_engine_file(f):  # only a file that is none of ours is looked at again
+                        engine_files.append((f, False))
+                    else:
+                        got.skipped.append((str(f), f"{e.field}: {e.problem}"))
         elif p.is_file():
-            if is_engine_file(p):
-                engine_files.append((p, True))
-            else:
+            try:
                 _add(got, p)
+            except GemInputError:
+                if not is_engine_file(p):
+                    raise
+                engine_files.append((p, True))
         else:
             raise GemInputError(spec, "path", "does not exist", "a folder or a file GEM wrote")
     for f, named in engine_files:  # exported for SGLang or vllm-ascend: shown as our placements
