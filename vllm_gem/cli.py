@@ -322,10 +322,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     obj = to_engine(placement, engine, args.placement, dense)
     out = write_atomic(args.output, msgspec.json.format(msgspec.json.encode(obj), indent=1))
     extra = len(placement.phys_to_log[0]) - placement.num_logical_experts
-    note = (f"; serve with --ep-num-redundant-experts {extra} (SGLang accepts a mismatch silently)"
-            + (f"; {dense} dense layers first" if dense else
-               "" if args.model_config else "; rows are MoE layers: pass --model-config for models "
-               "whose first layers are dense") if engine == "sglang" else "")
+    note = ""
+    if engine == "sglang":
+        note = f"; serve with --ep-num-redundant-experts {extra} (SGLang accepts a mismatch silently)"
+        if dense:
+            note += f"; {dense} dense layers first"
+        elif not args.model_config:
+            note += "; rows are MoE layers: pass --model-config for models whose first layers are dense"
     _emit(args, {"output": str(out), "format": engine, "dense_layers": dense, "redundant_slots": extra},
           f"wrote {out}: {len(placement.phys_to_log)} layers x {len(placement.phys_to_log[0])} slots "
           f"as {engine}'s placement" + note)

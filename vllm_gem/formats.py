@@ -375,7 +375,7 @@ def _plain(msg: str) -> tuple[str, str | None]:
     'Expected `int` >= 1, got `str`' -> ('is text', 'an integer >= 1')."""
     if msg == "Number out of range":  # 1e400 in JSON: beyond a float (or an int beyond 64 bits)
         return "is a number out of range", "a number a 64-bit float or integer can hold"
-    if m := re.fullmatch(r"Object missing required field `[^`]+`", msg):
+    if re.fullmatch(r"Object missing required field `[^`]+`", msg):
         return "is missing", "a required field"
     if m := re.fullmatch(r"Object contains unknown field `([^`]+)`", msg):
         return f"holds unknown field {m.group(1)!r}", "only the documented fields"

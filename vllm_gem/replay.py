@@ -313,7 +313,7 @@ def _vllm_call(ids: np.ndarray, rank: int, per_rank: int, num_physical: int, w13
     slot -> -1)."""
     import torch  # GPU only
 
-    fused_experts, fp8_config = vllm_fused_experts()
+    fused_experts, _ = vllm_fused_experts()
     # the tokens dispatched to this rank (an all-to-all EP backend sends a token only to the
     # ranks holding one of its experts); their other experts are -1 through expert_map
     mine = ((ids >= rank * per_rank) & (ids < (rank + 1) * per_rank)).any(1)
@@ -328,14 +328,7 @@ def _vllm_call(ids: np.ndarray, rank: int, per_rank: int, num_physical: int, w13
     phys = torch.tensor(np.where(ids >= 0, ids, num_physical), dtype=torch.int32, device=dev)
     emap = torch.full((num_physical + 1,), -1, dtype=torch.int32, device=dev)
     emap[rank * per_rank:(rank + 1) * per_rank] = torch.arange(per_rank, dtype=torch.int32, device=dev)
-    layout = PRECISIONS[spec.precision].scale_layout
-    if layout == "none":
-        a, b, cfg = w13, w2, None
-    else:
-        channel = layout == "channel"
-        a, b = w13.q, w2.q
-        cfg = fp8_config(w1_scale=w13.scale, w2_scale=w2.scale, per_act_token_quant=channel,
-                         per_out_ch_quant=channel, block_shape=[128, 128] if layout == "block" else None)
+    a, b, cfg = vllm_weights(w13, w2, spec.precision)
 
     def once():  # -> [tokens, hidden]: this rank's share of the layer's output
         return fused_experts(x, a, b, wts, phys, global_num_experts=num_physical + 1, expert_map=emap,
@@ -343,23 +336,31 @@ def _vllm_call(ids: np.ndarray, rank: int, per_rank: int, num_physical: int, w13
     return once
 
 
+def vllm_weights(w13, w2, precision: str) -> tuple[Any, Any, Any]:
+    """calibration_weights' (w13, w2) as vLLM's fused_experts takes them: (w1, w2, quant_config)
+    -- the bf16 tensors and None, or the fp8 tensors and their scales' quant config."""
+    layout = PRECISIONS[precision].scale_layout
+    if layout == "none":
+        return w13, w2, None
+    _, fp8_config = vllm_fused_experts()
+    channel = layout == "channel"
+    return w13.q, w2.q, fp8_config(w1_scale=w13.scale, w2_scale=w2.scale, per_act_token_quant=channel,
+                                   per_out_ch_quant=channel,
+                                   block_shape=[128, 128] if layout == "block" else None)
+
+
 def vllm_expert_kernel(precision: str) -> ExpertKernel:
     """vLLM's fused_experts as a calibration kernel (calibrate_device's `kernel`), sampled at
     the tile boundaries of vllm-gem's kernel of the same precision: profiles of the kernel
     the replay measures."""
-    fused_experts, fp8_config = vllm_fused_experts()
-    layout = PRECISIONS[precision].scale_layout
-    configs: dict[int, Any] = {}
+    fused_experts, _ = vllm_fused_experts()
+    prepared: dict[int, tuple[Any, Any, Any]] = {}
 
     def ffn(x, w13, w2, wts, ids, tile, alignment):  # alignment: vLLM aligns inside
-        if layout == "none":
-            return fused_experts(x, w13, w2, wts, ids)
-        if id(w13) not in configs:  # built once per weight set, outside the timed graph
-            channel = layout == "channel"
-            configs[id(w13)] = fp8_config(w1_scale=w13.scale, w2_scale=w2.scale, per_act_token_quant=channel,
-                                          per_out_ch_quant=channel,
-                                          block_shape=[128, 128] if layout == "block" else None)
-        return fused_experts(x, w13.q, w2.q, wts, ids, quant_config=configs[id(w13)])
+        if id(w13) not in prepared:  # once per weight set, outside the timed graph
+            prepared[id(w13)] = vllm_weights(w13, w2, precision)
+        a, b, cfg = prepared[id(w13)]
+        return fused_experts(x, a, b, wts, ids, quant_config=cfg)
     return ExpertKernel("vllm.fused_experts", expert_kernel(precision).tile, ffn, int32_ids=True)
 
 

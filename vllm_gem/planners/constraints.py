@@ -40,12 +40,11 @@ def spread_copies(p2l: np.ndarray, num_ranks: int, loads: np.ndarray, source: st
     layers, num_physical = out.shape
     slots = num_physical // num_ranks
     copies = np.stack([np.bincount(row, minlength=loads.shape[2]) for row in out])  # [layers, experts]
-    per_copy = loads.mean(0) / np.maximum(copies, 1)  # [layers, experts] tokens per copy
-    mean = loads.mean(0)  # [layers, experts]
+    mean = loads.mean(0)  # [layers, experts] tokens per step
     for layer in range(layers):
         row = out[layer]  # a view: swaps write through
         cap_copies(row, copies[layer], mean[layer], num_ranks, slots)
-        per_copy[layer] = mean[layer] / np.maximum(copies[layer], 1)
+        per_copy = mean[layer] / np.maximum(copies[layer], 1)  # [experts] tokens per copy
         for r in range(num_ranks):
             while True:
                 mine = row[r * slots:(r + 1) * slots]
@@ -61,11 +60,11 @@ def spread_copies(p2l: np.ndarray, num_ranks: int, loads: np.ndarray, source: st
                     for j, f in enumerate(theirs.tolist()):
                         if (mine == f).any():
                             continue
-                        cost = abs(per_copy[layer, f] - per_copy[layer, e])
+                        cost = abs(per_copy[f] - per_copy[e])
                         if best is None or cost < best[0]:
                             best = (cost, q * slots + j)
                 if best is None:  # no single swap helps (a tight layer): deal the copies out anew
-                    row[:] = dealt_copies(copies[layer], per_copy[layer], num_ranks)
+                    row[:] = dealt_copies(copies[layer], per_copy, num_ranks)
                     break
                 i = r * slots + int(np.flatnonzero(mine == e)[1])
                 row[i], row[best[1]] = row[best[1]], row[i]
