@@ -3,27 +3,32 @@
 Inputs are folders and files: GPU profiles, routing traces and placements (any of the three
 formats) and the plugin's event log (``gem-events.jsonl``: every start-up, switch and
 recalibration decision). A plugin run with ``trace_dir`` writes all of them there, so
-``vllm-gem report TRACE_DIR -o report.html`` shows that run. The page embeds matplotlib PNGs
-(base64) and plain HTML tables: no server, no script.
+``vllm-gem report TRACE_DIR -o report.html`` shows that run. The page embeds matplotlib
+figures as inline SVG (their text kept as text) and plain HTML tables: no server, no script.
+Files sort by name with numbers by value (placement-gen2 before placement-gen10).
 
 Sections, each drawn when its inputs are there:
-1. GPU latency curves: each profile's measured points, its fitted latency model at the same
+1. Straggler: for each placement (and vLLM's linear start map), predicted on a trace of its
+   shape with the group's profiles: the layer time, which rank is slowest, by how much over
+   the mean rank, and how often it is the last at a layer's barrier.
+2. Files read (and skipped, with why).
+3. GPU latency curves: each profile's measured points, its fitted latency model at the same
    loads, and the kernel's tile boundaries (multiples of BLOCK_M tokens per expert).
-2. Routing: mean tokens per step of every expert in every layer, per trace.
-3. Placements: which EP rank holds each logical expert in each layer, per placement.
-4. Predicted per-rank MoE layer time of each placement of the group's shape (and of vLLM's
-   linear start map) on a trace of that shape, with the group's profiles, against the lower
-   bound.
-5. The decision timeline: predicted gain of each start-up, switch and recalibration, moved or
-   refused, with why; the newest decision's per-rank times before and after.
+4. Routing: mean tokens per step of every expert in every layer, per trace.
+5. Placements: where the hot experts went (each rank's tokens per layer against the layer's
+   mean rank; the ranks holding the hottest experts) and what each placement is.
+6. Predicted per-rank layer time: each rank's mean against the mean rank, the straggler
+   outlined, and each placement's layer time against the start map and the lower bound.
+7. Placement decisions: what each start-up, switch and recalibration had and planned
+   (predicted), moved or refused and why, the slots it moved; the newest one per rank.
 """
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 import re
+import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +79,8 @@ def read_inputs(paths: list[str]) -> Inputs:
             _add_bundled(got, spec)
             continue
         if p.is_dir():
-            for f in sorted(q for q in p.iterdir() if q.is_file() and q.suffix in SUFFIXES):
+            for f in sorted((q for q in p.iterdir() if q.is_file() and q.suffix in SUFFIXES),
+                            key=lambda q: natural_key(q.name)):
                 try:
                     _add(got, f)
                 except GemInputError as e:
@@ -102,15 +108,22 @@ def read_inputs(paths: list[str]) -> Inputs:
         raise GemInputError(", ".join(paths), "files", "hold no profile, trace, placement or event log",
                             f"files GEM wrote (a plugin trace_dir, `vllm-gem plan -o`, {EVENTS_FILE})")
     got.profiles.sort(key=_profile_order)
+    got.traces.sort(key=lambda ft: natural_key(ft[0]))  # gen2 before gen10
+    got.placements.sort(key=lambda fp: natural_key(fp[0]))
     got.events.sort(key=lambda fe: (fe[1].time, fe[1].step))
     return got
 
 
-def _profile_order(item: tuple[str, GpuProfile]) -> tuple[int, str]:
+def natural_key(name: str) -> list[Any]:
+    """Sort key that orders numbers by value: placement-gen2 before placement-gen10."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+
+
+def _profile_order(item: tuple[str, GpuProfile]) -> tuple[int, list[Any]]:
     """EP-rank order where the file name says it (the plugin's profile-rankN.json), else the
     GPU index, then the name."""
     m = RANK_IN_NAME.search(Path(item[0]).stem)
-    return (int(m.group(1)) if m else item[1].gpu.index, item[0])
+    return (int(m.group(1)) if m else item[1].gpu.index, natural_key(item[0]))
 
 
 def _add_bundled(got: Inputs, spec: str) -> None:
@@ -144,179 +157,282 @@ def _add(got: Inputs, f: Path) -> None:
 
 
 # --------------------------------------------------------------------------- figures
-def _png(fig) -> str:
-    """A matplotlib figure as an <img> tag with the PNG inline."""
+# Figures are inline SVG with their text kept as text: the browser lays every label out, so
+# a reader can search and copy it and a test can check that no two labels overlap.
+FIG_STYLE = {"svg.fonttype": "none", "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8,
+             "legend.fontsize": 7, "legend.frameon": False, "xtick.labelsize": 7, "ytick.labelsize": 7}
+MAX_TICKS = 16  # rank or decision tick labels per axis, so labels never run into each other
+
+
+def _svg(fig) -> str:
+    """A matplotlib figure as an inline <svg> element (its ids salted by the figure's label, so
+    figures of one page never share one)."""
     import matplotlib.pyplot as plt
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    buf = io.StringIO()
+    with plt.rc_context({**FIG_STYLE, "svg.hashsalt": fig.get_label() or "figure"}):
+        fig.savefig(buf, format="svg")
     plt.close(fig)
-    alt = html.escape(fig.get_label() or "figure")
-    return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    text = buf.getvalue()
+    svg = text[text.index("<svg"):]
+    label = html.escape(fig.get_label() or "figure")
+    return svg.replace("<svg ", f'<svg class="figure" role="img" aria-label="{label}" ', 1)
 
 
-def _grid(n: int, width: float = 4.2, height: float = 3.2, label: str = ""):
+def _figure(width: float, height: float, label: str, **kw):
     import matplotlib.pyplot as plt
+    with plt.rc_context(FIG_STYLE):
+        fig, axes = plt.subplots(figsize=(width, height), layout="constrained", **kw)
+    fig.set_label(label)
+    return fig, axes
+
+
+def _grid(n: int, width: float, height: float, label: str):
     cols = min(n, 4)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
-    fig.set_label(label)
+    fig, axes = _figure(width * cols, height * rows, label, nrows=rows, ncols=cols, squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, axes.flat
 
 
+def _thin_ticks(n: int) -> np.ndarray:
+    """[k] positions 0..n-1 with at most MAX_TICKS of them, evenly stepped."""
+    return np.arange(0, n, max(1, -(-n // MAX_TICKS)))
+
+
+def _wrap(text: str, width: int = 44) -> str:
+    return "\n".join(textwrap.wrap(text, width, break_long_words=True)) or text
+
+
 def latency_curves(profiles: list[tuple[str, GpuProfile]], models: dict[str, LatencyModel]) -> str:
     """Measured time against the largest per-expert load, the model at the same loads, and
     the tile boundaries: one panel per GPU."""
+    import matplotlib.pyplot as plt
     shown = profiles[:MAX_PANELS]
-    fig, axes = _grid(len(shown), label="GPU latency curves")
-    for ax, (f, prof) in zip(axes, shown):
-        model = models[f]
-        counts = [np.asarray(p.tokens_per_expert, dtype=np.float64) for p in prof.points]
-        x = np.maximum([c.max() for c in counts], 1.0)  # log axis: an idle point sits at 1
-        active = np.array([(c > 0).sum() for c in counts])
-        measured = np.array([p.median_us for p in prof.points])
-        predicted = np.array([model.predict(c) for c in counts])
-        sc = ax.scatter(x, measured, c=active, cmap="viridis", s=18, label="measured (colour: active experts)")
-        ax.scatter(x, predicted, marker="x", color="crimson", s=16, label="latency model")
-        bm = prof.kernel.block_m
-        for k in range(1, int(x.max() // bm) + 1):
-            if k & (k - 1) == 0:  # powers of two: the boundaries calibration samples
-                ax.axvline(k * bm, color="grey", lw=0.6, ls=":")
-        ax.set_xscale("log")
-        ax.set_xlabel(f"largest tokens per expert (dotted: BLOCK_M = {bm} steps)")
-        ax.set_ylabel("MoE layer time (us)")
-        ax.set_title(f"{Path(f).name}: {prof.gpu.name}\nfit RMS {model.fit_rel_rms:.1%}", fontsize=9)
-        fig.colorbar(sc, ax=ax, fraction=0.05)
-    axes[0].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    return _png(fig)
+    with plt.rc_context(FIG_STYLE):
+        fig, axes = _grid(len(shown), 3.4, 2.9, "GPU latency curves")
+        for ax, (f, prof) in zip(axes, shown):
+            model = models[f]
+            counts = [np.asarray(p.tokens_per_expert, dtype=np.float64) for p in prof.points]
+            x = np.maximum([c.max() for c in counts], 1.0)  # log axis: an idle point sits at 1
+            active = np.array([(c > 0).sum() for c in counts])
+            measured = np.array([p.median_us for p in prof.points])
+            predicted = np.array([model.predict(c) for c in counts])
+            sc = ax.scatter(x, measured, c=active, cmap="viridis", s=14, label="measured (colour: active experts)")
+            ax.scatter(x, predicted, marker="x", color="crimson", s=12, label="latency model")
+            bm = prof.kernel.block_m
+            for k in range(1, int(x.max() // bm) + 1):
+                if k & (k - 1) == 0:  # powers of two: the boundaries calibration samples
+                    ax.axvline(k * bm, color="grey", lw=0.6, ls=":")
+            ax.set_xscale("log")
+            ax.set_xlabel("largest tokens per expert")
+            ax.set_ylabel("MoE layer time (us)")
+            ax.set_title(_wrap(f"{Path(f).name}: {prof.gpu.name}", 40)
+                         + f"\nfit RMS {model.fit_rel_rms:.1%}; dotted: {bm}-token tiles")
+            fig.colorbar(sc, ax=ax, fraction=0.06).set_label("active experts")
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=2)
+    return _svg(fig)
 
 
 def routing_heatmaps(traces: list[tuple[str, RoutingTrace]]) -> str:
     """Mean tokens per step of each expert in each layer: one panel per trace."""
+    import matplotlib.pyplot as plt
     shown = traces[:MAX_PANELS]
-    fig, axes = _grid(len(shown), width=5.5, height=3.6, label="routing heat maps")
-    for ax, (f, tr) in zip(axes, shown):
-        loads = tr.loads
-        im = ax.imshow(loads.mean(0), aspect="auto", cmap="magma", interpolation="nearest")
-        ax.set_xlabel("logical expert")
-        ax.set_ylabel("MoE layer")
-        ax.set_title(f"{Path(f).name}: {tr.model}\n{loads.shape[0]} steps, mean tokens per step",
-                     fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.05)
-    fig.tight_layout()
-    return _png(fig)
+    with plt.rc_context(FIG_STYLE):
+        fig, axes = _grid(len(shown), 4.2, 3.0, "routing heat maps")
+        for ax, (f, tr) in zip(axes, shown):
+            loads = tr.loads
+            im = ax.imshow(loads.mean(0), aspect="auto", cmap="magma", interpolation="nearest")
+            ax.set_xlabel("logical expert")
+            ax.set_ylabel("MoE layer")
+            ax.set_title(_wrap(f"{Path(f).name}: {tr.model}", 50) + f"\n{loads.shape[0]} steps")
+            fig.colorbar(im, ax=ax, fraction=0.06).set_label("mean tokens per step")
+    return _svg(fig)
 
 
-def holder_map(phys_to_log: np.ndarray, num_logical: int, num_ranks: int) -> np.ndarray:
-    """Which rank holds each logical expert (its first copy, in slot order).
+@dataclass
+class Scored:
+    """One placement replayed on the report's trace with the group's models.
 
-    phys_to_log: [layers, num_physical] -> [layers, num_logical] rank
+    rank_us: [steps, layers, ranks] predicted time; rank_tokens: [steps, layers, ranks]
+    tokens each rank receives (an expert's tokens split evenly over its copies)
     """
-    layers, slots = phys_to_log.shape
-    rank_of_slot = np.arange(slots) // (slots // num_ranks)
-    out = np.full((layers, num_logical), -1, dtype=np.int64)
-    for s in range(slots - 1, -1, -1):  # backwards: the first copy writes last
-        out[np.arange(layers), phys_to_log[:, s]] = rank_of_slot[s]
-    return out
+
+    name: str
+    phys_to_log: np.ndarray  # [layers, num_physical]
+    rank_us: np.ndarray
+    rank_tokens: np.ndarray
+    layer_us: float  # mean over steps and layers of the slowest rank's time
+    gap_to_bound: float
+
+    @property
+    def rank_mean(self) -> np.ndarray:
+        """[ranks] each rank's mean time over steps and layers."""
+        return self.rank_us.mean(axis=(0, 1))
+
+    @property
+    def straggler(self) -> int:
+        return int(self.rank_mean.argmax())
+
+    @property
+    def slowest_share(self) -> np.ndarray:
+        """[ranks] share of (step, layer) barriers each rank is the last to reach."""
+        last = self.rank_us.argmax(-1)
+        return np.bincount(last.ravel(), minlength=self.rank_us.shape[2]) / last.size
 
 
-def placement_maps(placements: list[tuple[str, Placement]]) -> str:
-    """One panel per placement: the EP rank holding each expert in each layer."""
-    import matplotlib.pyplot as plt
-    shown = placements[:MAX_PANELS]
-    fig, axes = _grid(len(shown), width=5.5, height=3.6, label="placement maps")
-    for ax, (f, p) in zip(axes, shown):
-        held = holder_map(p.array, p.num_logical_experts, p.num_ranks)
-        cmap = plt.get_cmap("tab20" if p.num_ranks > 10 else "tab10", p.num_ranks)
-        im = ax.imshow(held, aspect="auto", cmap=cmap, vmin=-0.5, vmax=p.num_ranks - 0.5,
-                       interpolation="nearest")
-        replicas = p.array.shape[1] - p.num_logical_experts
-        ax.set_xlabel("logical expert")
-        ax.set_ylabel("MoE layer")
-        ax.set_title(f"{Path(f).name}: planner {p.planner}\n{p.num_ranks} ranks, "
-                     f"{replicas} redundant slots per layer (colour: rank of the first copy)", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.05, ticks=range(p.num_ranks))
-    fig.tight_layout()
-    return _png(fig)
-
-
-def predicted_rank_times(trace: tuple[str, RoutingTrace], profiles: list[tuple[str, GpuProfile]],
-                         placements: list[tuple[str, Placement]], models: dict[str, LatencyModel]
-                         ) -> tuple[str, list[dict[str, Any]]]:
-    """Each placement's predicted mean MoE layer time per rank on the trace, with vLLM's
-    linear start map and the lower bound: a bar chart and its rows."""
-    import matplotlib.pyplot as plt
-
-    from .bounds import lower_bounds
+def score_placements(trace: tuple[str, RoutingTrace], profiles: list[tuple[str, GpuProfile]],
+                     placements: list[tuple[str, Placement]], models: dict[str, LatencyModel]
+                     ) -> list[Scored]:
+    """vLLM's linear start map and every placement of the group's and the trace's shape (and
+    of the first such placement's slot count: one bound for all), replayed on the trace."""
+    from .bounds import lower_bounds, placement_bound
     from .planners.base import PlacementProblem
     from .planners.baselines import LinearPolicy
-    from .simulate import simulate
+    from .simulate import rank_times, slot_tokens
     loads = trace[1].loads
     group = GroupModel.of([models[f] for f, _ in profiles])
     usable = [(f, p) for f, p in placements if p.num_ranks == group.num_ranks
               and p.num_logical_experts == loads.shape[2] and p.array.shape[0] == loads.shape[1]]
     physical = usable[0][1].array.shape[1] if usable else loads.shape[2]
-    usable = [(f, p) for f, p in usable if p.array.shape[1] == physical]  # one bound for all
+    usable = [(f, p) for f, p in usable if p.array.shape[1] == physical]
     start = LinearPolicy().place(PlacementProblem(loads, group, physical))
-    cases = [("vLLM linear start map", start)] + [(Path(f).name, p.array) for f, p in usable]
-    bounds = lower_bounds(loads, group, physical)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * group.num_ranks * len(cases) / 3), 3.8))
-    fig.set_label("predicted per-rank layer time")
-    width = 0.8 / len(cases)
+    _, tight, static = lower_bounds(loads, group, physical)
+    bound = placement_bound(tight, static)
+    out = []
+    for name, p2l in [("vLLM linear start map", start)] + [(Path(f).name, p.array) for f, p in usable]:
+        t = rank_times(loads, p2l, group)
+        tok = slot_tokens(loads, p2l).reshape(*loads.shape[:2], group.num_ranks, -1).sum(-1)
+        layer = float(t.max(-1).mean())
+        out.append(Scored(name, p2l, t, tok, layer, layer / bound if bound > 0 else 1.0))
+    return out
+
+
+def straggler_figure(scored: list[Scored], profiles: list[tuple[str, GpuProfile]]) -> str:
+    """Left: each placement's per-rank mean time relative to its mean rank (the outlined cell:
+    the straggler). Right: each placement's layer time relative to vLLM's linear start map."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    ranks = len(profiles)
+    rel = np.array([100 * s.rank_mean / s.rank_mean.mean() for s in scored])  # [cases, ranks]
+    span = max(1.0, float(np.abs(rel - 100).max()))
+    with plt.rc_context(FIG_STYLE):
+        fig, (ax, bx) = _figure(max(7.0, 3.5 + 0.28 * ranks), 1.4 + 0.28 * len(scored),
+                                "predicted per-rank layer time", ncols=2, sharey=True,
+                                width_ratios=[max(2.0, 0.28 * ranks), 2.2])
+        im = ax.imshow(rel, aspect="auto", cmap="coolwarm", vmin=100 - span, vmax=100 + span,
+                       interpolation="nearest")
+        for row, s in enumerate(scored):
+            ax.add_patch(Rectangle((s.straggler - 0.5, row - 0.5), 1, 1, fill=False, lw=1.5, ec="black"))
+        ticks = _thin_ticks(ranks)
+        ax.set_xticks(ticks, [str(r) for r in ticks])
+        ax.set_yticks(range(len(scored)), [_wrap(s.name, 36) for s in scored])
+        ax.set_xlabel("EP rank (GPUs: table below); outlined: the straggler")
+        ax.set_title("each rank's mean time, % of the mean rank")
+        fig.colorbar(im, ax=ax, fraction=0.06, location="top").set_label("% of the mean rank")
+        base = scored[0].layer_us
+        ratio = np.array([s.layer_us / base for s in scored])
+        bx.barh(range(len(scored)), ratio, color=["grey"] + ["tab:blue"] * (len(scored) - 1), height=0.6)
+        bx.axvline(1.0, color="black", lw=0.8)
+        bx.set_xlim(min(0.95, ratio.min() - 0.02), max(1.05, ratio.max() + 0.02))
+        bx.set_xlabel("layer time / vLLM linear start map")
+        bx.set_title("slowest rank's time per layer")
+    return _svg(fig)
+
+
+def hot_expert_maps(scored: list[Scored]) -> str:
+    """One panel per placement: tokens each rank receives in each layer, % of the layer's mean
+    rank, on one colour scale (a hot expert left alone on a rank shows as a red cell)."""
+    import matplotlib.pyplot as plt
+    shown = scored[:MAX_PANELS]
+    rel = [100 * s.rank_tokens.mean(0) / np.maximum(s.rank_tokens.mean(0).mean(-1, keepdims=True), 1e-12)
+           for s in shown]  # [layers, ranks] each
+    vmax = max(150.0, max(float(r.max()) for r in rel))
+    with plt.rc_context(FIG_STYLE):
+        fig, axes = _grid(len(shown), 3.4, 2.8, "tokens per rank and layer")
+        for ax, s, r in zip(axes, shown, rel):
+            im = ax.imshow(r, aspect="auto", cmap="RdBu_r", vmin=0, vmax=vmax, interpolation="nearest")
+            ticks = _thin_ticks(r.shape[1])
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            layer, rank = np.unravel_index(r.argmax(), r.shape)
+            ax.set_title(_wrap(s.name, 40) + f"\nmost: {r.max():.0f}% (layer {layer}, rank {rank})")
+            ax.set_xlabel("EP rank")
+            ax.set_ylabel("MoE layer")
+        fig.colorbar(im, ax=list(axes[:len(shown)]), fraction=0.04).set_label(
+            "tokens per step, % of the layer's mean rank")
+    return _svg(fig)
+
+
+def hot_expert_rows(trace: RoutingTrace, scored: list[Scored], top: int = 10, columns: int = 6
+                    ) -> tuple[list[str], list[list[Any]]]:
+    """The `top` hottest (layer, expert) pairs of the trace and the ranks holding their copies
+    under each of the first `columns` placements: a table's head and rows."""
+    mean = trace.loads.mean(0)  # [layers, experts]
+    share = mean / np.maximum(mean.sum(-1, keepdims=True), 1e-12)
+    order = np.argsort(-mean, axis=None, kind="stable")[:top]
+    shown = scored[:columns]
+    head = ["layer", "expert", "tokens per step", "share of the layer"] + [s.name for s in shown]
     rows = []
-    for k, (name, p2l) in enumerate(cases):
-        sim = simulate(loads, p2l, group, bounds)
-        ax.bar(np.arange(group.num_ranks) + k * width, sim.rank_mean, width,
-               label=f"{name}: layer {sim.mean:.1f} us")
-        rows.append({"placement": name, "layer_us": sim.mean, "slowest_rank_us": max(sim.rank_mean),
-                     "per_rank_us": np.round(sim.rank_mean, 2).tolist(), "gap_to_bound": sim.gap})
-    bound = sim.bound
-    ax.axhline(bound, color="black", ls="--", lw=1, label=f"lower bound {bound:.1f} us")
-    ax.set_xticks(np.arange(group.num_ranks) + 0.4 - width / 2)
-    ax.set_xticklabels([f"rank {r}\n{p.gpu.name[:18]}" for r, (_, p) in enumerate(profiles)], fontsize=7)
-    ax.set_ylabel("mean time per MoE layer (us)")
-    ax.set_title(f"predicted on {Path(trace[0]).name} ({loads.shape[0]} steps): each rank's mean; "
-                 "a layer waits for the slowest rank each step", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    return _png(fig), rows
+    for layer, expert in zip(*np.unravel_index(order, mean.shape)):
+        holders = []
+        for s in shown:
+            slots = s.phys_to_log.shape[1] // s.rank_us.shape[2]
+            ranks = np.flatnonzero(s.phys_to_log[layer] == expert) // slots
+            holders.append(", ".join(f"r{r}" for r in ranks))
+        rows.append([int(layer), int(expert), float(mean[layer, expert]), f"{share[layer, expert]:.1%}", *holders])
+    return head, rows
 
 
-def decision_figures(events: list[tuple[str, PlacementEvent]]) -> str:
-    """Left: every decision's predicted gain, moved (filled) or refused (hollow). Right: the
-    newest decision's per-rank times before and after, with its bound."""
+def placement_rows(placements: list[tuple[str, Placement]]) -> list[list[Any]]:
+    """What each placement is, without a trace to replay it on."""
+    from .simulate import replica_counts
+    rows = []
+    for f, p in placements:
+        arr = p.array
+        copies = replica_counts(arr, p.num_logical_experts)
+        rows.append([Path(f).name, p.planner, p.num_ranks, arr.shape[0], arr.shape[1],
+                     arr.shape[1] - p.num_logical_experts, int(copies.max())])
+    return rows
+
+
+def decision_figure(events: list[tuple[str, PlacementEvent]]) -> str:
+    """Left: every decision's predicted layer time under what it had (grey) and what it
+    planned (filled: moved, hollow: refused). Right: the newest decision per rank."""
     import matplotlib.pyplot as plt
     evs = [e for _, e in events]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 3.8))
-    fig.set_label("placement decisions")
-    x = np.arange(len(evs))
-    gain = np.array([100 * e.predicted_gain for e in evs])
-    moved = np.array([e.applied for e in evs])
-    ax.plot(x, gain, color="grey", lw=0.8)
-    ax.scatter(x[moved], gain[moved], s=40, color="tab:green", label="moved", zorder=3)
-    ax.scatter(x[~moved], gain[~moved], s=40, facecolors="none", edgecolors="tab:red",
-               label="refused", zorder=3)
-    ax.set_xticks(x)
-    ax.set_xticklabels([f"{e.reason}\nstep {e.step}" for e in evs], fontsize=7, rotation=30)
-    ax.set_ylabel("predicted MoE layer-time gain (%)")
-    ax.set_title("decisions in order", fontsize=9)
-    ax.axhline(0, color="black", lw=0.6)
-    ax.legend(fontsize=7)
-    last = evs[-1]
-    r = np.arange(len(last.rank_us_before))
-    bx.bar(r - 0.2, last.rank_us_before, 0.4, label="before")
-    bx.bar(r + 0.2, last.rank_us_after, 0.4, label="planned" + (" (moved)" if last.applied else " (refused)"))
-    if last.predicted_bound_us is not None:
-        bx.axhline(last.predicted_bound_us, color="black", ls="--", lw=1, label="lower bound")
-    bx.set_xticks(r)
-    bx.set_xticklabels([f"rank {i}" for i in r], fontsize=7)
-    bx.set_ylabel("predicted mean MoE layer time (us)")
-    bx.set_title(f"newest decision: {last.reason} at step {last.step} ({last.time})", fontsize=9)
-    bx.legend(fontsize=7)
-    fig.tight_layout()
-    return _png(fig)
+    with plt.rc_context(FIG_STYLE):
+        fig, (ax, bx) = _figure(11, 3.6, "placement decisions", ncols=2)
+        x = np.arange(len(evs))
+        before = np.array([e.predicted_layer_us_before for e in evs])
+        after = np.array([e.predicted_layer_us_after for e in evs])
+        moved = np.array([e.applied for e in evs])
+        ax.vlines(x, np.minimum(before, after), np.maximum(before, after), color="grey", lw=1)
+        ax.scatter(x, before, s=22, color="grey", label="had (placement in use)", zorder=3)
+        ax.scatter(x[moved], after[moved], s=30, color="tab:green", label="planned, moved", zorder=3)
+        ax.scatter(x[~moved], after[~moved], s=30, facecolors="none", edgecolors="tab:red",
+                   label="planned, refused", zorder=3)
+        ticks = _thin_ticks(len(evs))
+        ax.set_xticks(ticks, [str(evs[i].step) for i in ticks])
+        ax.set_xlim(-0.5, len(evs) - 0.5)
+        ax.set_xlabel("decision, by engine step (table below)")
+        ax.set_ylabel("predicted MoE layer time (us)")
+        ax.set_title("each decision: what it had and what it planned")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=3)
+        last = evs[-1]
+        r = np.arange(len(last.rank_us_before))
+        bx.bar(r - 0.2, last.rank_us_before, 0.4, color="grey", label="had")
+        bx.bar(r + 0.2, last.rank_us_after, 0.4, color="tab:green" if last.applied else "tab:red",
+               label="planned (moved)" if last.applied else "planned (refused)")
+        if last.predicted_bound_us is not None:
+            bx.axhline(last.predicted_bound_us, color="black", ls="--", lw=1, label="lower bound")
+        ticks = _thin_ticks(len(r))
+        bx.set_xticks(ticks, [str(i) for i in ticks])
+        bx.set_xlabel("EP rank")
+        bx.set_ylabel("predicted mean MoE layer time (us)")
+        bx.set_title(_wrap(f"newest: {last.reason} at step {last.step}", 60))
+        bx.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=3)
+    return _svg(fig)
 
 
 # --------------------------------------------------------------------------- page
@@ -331,9 +447,9 @@ def _table(head: list[str], rows: list[list[Any]]) -> str:
 
 
 STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:1500px}
+svg.figure{max-width:100%;height:auto;display:block;margin:0.5em 0}
 table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}
 td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
-img{max-width:100%;display:block;margin:0.5em 0}
 .note{color:#555;font-size:0.9em}"""
 
 
@@ -345,7 +461,7 @@ def build_report(inp: Inputs, title: str = "vllm-gem report") -> tuple[str, dict
     def section(name: str, body: str) -> None:
         nonlocal images
         sections.append(name)
-        images += body.count("<img ")
+        images += body.count("<svg ")
         parts.append(f"<h2>{html.escape(name)}</h2>{body}")
 
     files = ([(f, "gpu_profile", f"{p.gpu.name}, {len(p.points)} points, {p.expert.dtype}")
@@ -358,6 +474,15 @@ def build_report(inp: Inputs, title: str = "vllm-gem report") -> tuple[str, dict
              + [(f, "placement_event", f"{n} decisions")
                 for f, n in Counter(f for f, _ in inp.events).items()]
              + [(f, "skipped", why) for f, why in inp.skipped])
+    scored, scored_on, not_scored = [], None, ""
+    if inp.traces and inp.profiles:
+        scored_on = _trace_for(inp)
+        try:
+            scored = score_placements(scored_on, _rank_profiles(inp), inp.placements, inp.models)
+        except GemInputError as e:
+            not_scored = f'<p class="note">not drawn: {html.escape(str(e))}</p>'
+    if scored:
+        section("Straggler", _glance(scored, _rank_profiles(inp), scored_on))
     section("Files", _table(["file", "kind", "what"], [list(r) for r in files]))
 
     if inp.profiles:
@@ -372,32 +497,61 @@ def build_report(inp: Inputs, title: str = "vllm-gem report") -> tuple[str, dict
     if inp.traces:
         section("Routing", routing_heatmaps(inp.traces))
     if inp.placements:
-        section("Placements", placement_maps(inp.placements))
-    if inp.traces and inp.profiles:
-        try:
-            img, rows = predicted_rank_times(_trace_for(inp), _rank_profiles(inp), inp.placements,
-                                             inp.models)
-            section("Predicted per-rank layer time", img + _table(
-                ["placement", "layer us", "slowest rank us", "over lower bound", "per rank us"],
-                [[r["placement"], r["layer_us"], r["slowest_rank_us"], r["gap_to_bound"],
-                  r["per_rank_us"]] for r in rows]))
-        except GemInputError as e:
-            section("Predicted per-rank layer time", f'<p class="note">not drawn: {html.escape(str(e))}</p>')
+        body = _table(["placement", "planner", "ranks", "layers", "slots per layer",
+                       "redundant slots per layer", "most copies of one expert"], placement_rows(inp.placements))
+        if len(scored) > 1:
+            head, rows = hot_expert_rows(scored_on[1], scored[1:])
+            body = (f'<p class="note">Where the hot experts went, on {html.escape(Path(scored_on[0]).name)}: '
+                    "each rank's tokens per layer against the layer's mean rank, and the ranks "
+                    "holding the hottest experts' copies.</p>" + hot_expert_maps(scored[1:])
+                    + _table(head, rows) + body)
+        else:
+            body = '<p class="note">A trace of the placements\' shape shows where the hot experts went.</p>' + body
+        section("Placements", body)
+    if scored or not_scored:
+        body = not_scored
+        if scored:
+            body = straggler_figure(scored, _rank_profiles(inp)) + _table(
+                ["placement", "layer us", "vs linear start map", "over lower bound", "per rank us"],
+                [[s.name, s.layer_us, f"{s.layer_us / scored[0].layer_us:.3f}x", s.gap_to_bound,
+                  np.round(s.rank_mean, 2).tolist()] for s in scored]) + _table(
+                ["rank", "GPU", "file"], [[r, p.gpu.name, Path(f).name]
+                                          for r, (f, p) in enumerate(_rank_profiles(inp))])
+        section("Predicted per-rank layer time", body)
     if inp.events:
         rows = [[e.time, e.step, e.reason, e.planner, "moved" if e.applied else "refused",
                  e.why or "-", e.predicted_layer_us_before, e.predicted_layer_us_after,
                  f"{e.predicted_gain:+.1%}",
                  "-" if e.predicted_bound_us is None else e.predicted_bound_us,
-                 e.planning_seconds, e.move_seconds, e.slots_changed] for _, e in inp.events]
-        section("Placement decisions", decision_figures(inp.events) + _table(
-            ["time (UTC)", "step", "reason", "planner", "outcome", "why", "layer us before",
-             "layer us after", "gain", "bound us", "planning s", "move s", "slots moved"], rows))
+                 e.planning_seconds, e.move_seconds, e.slots_changed,
+                 f"placement-gen{e.generation}.json" if e.applied and e.generation else "-"]
+                for _, e in inp.events]
+        section("Placement decisions", decision_figure(inp.events) + _table(
+            ["time (UTC)", "step", "reason", "planner", "outcome", "why", "layer us had",
+             "layer us planned", "gain", "bound us", "planning s", "move s", "slots moved",
+             "placement written"], rows))
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p class='note'>Predicted times come from each GPU's fitted latency model "
             f"(docs/design.md); measured serving times are in vLLM's own metrics.</p>"
             + "".join(parts) + "</body></html>")
     return page, {"sections": sections, "images": images, "files": len(files)}
+
+
+def _glance(scored: list[Scored], profiles: list[tuple[str, GpuProfile]],
+            trace: tuple[str, RoutingTrace]) -> str:
+    """Which rank each placement waits for and by how much: one row per placement."""
+    rows = []
+    for s in scored:
+        r = s.straggler
+        mean = s.rank_mean
+        rows.append([s.name, f"{s.layer_us:.1f}", f"{s.layer_us / scored[0].layer_us:.3f}x",
+                     f"rank {r}", profiles[r][1].gpu.name, f"{mean[r]:.1f}",
+                     f"{mean[r] / mean.mean() - 1:+.1%}", f"{s.slowest_share[r]:.0%}"])
+    return (f'<p class="note">Predicted on {html.escape(Path(trace[0]).name)} '
+            f"({trace[1].loads.shape[0]} steps) with the group's profiles.</p>"
+            + _table(["placement", "layer us", "vs linear start map", "straggler", "its GPU",
+                      "its mean us", "over the mean rank", "last at the barrier"], rows))
 
 
 def _rank_profiles(inp: Inputs) -> list[tuple[str, GpuProfile]]:
