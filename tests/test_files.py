@@ -1,6 +1,7 @@
 """No input lost, no write torn, no read that blocks: vllm_gem.files through the commands."""
 
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -379,3 +380,18 @@ def test_an_unreadable_file_is_one_line_not_a_traceback(tmp_path, capsys, monkey
     monkeypatch.setattr(files, "open", no_permission, raising=False)
     argv = [a.format(F=placement, O=tmp_path / "r.html") for a in command]
     _one_line_error(capsys, argv, "file: cannot be read (Permission denied)")
+
+
+def test_written_files_get_the_umask_mode_and_a_replaced_file_keeps_its_own(tmp_path):
+    """A plan or profile written for a server running as another user must be readable as a
+    plain open() would leave it; chmod 600 on a replaced file is kept."""
+    old = os.umask(0o022)
+    try:
+        fresh = write_atomic(tmp_path / "plan.json", b"{}")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
+        fresh.chmod(0o600)
+        write_atomic(fresh, b"{ }")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o600 and fresh.read_bytes() == b"{ }"
+    finally:
+        os.umask(old)
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]  # no temporary left behind

@@ -13,9 +13,10 @@ Every refusal is one GemInputError naming the file.
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
 import stat
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -67,13 +68,14 @@ def read_bytes(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
 
 
 def write_atomic(path: str | Path, data: bytes) -> Path:
-    """Replace `path` by `data` all at once (temporary file, fsync, rename)."""
+    """Replace `path` by `data` all at once (temporary file, fsync, rename). A new file gets the
+    permissions a plain open() would (0666 less the umask), a replaced one keeps its own."""
     path = Path(path)
     check_regular(path, must_exist=False)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = _temporary_beside(path)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -91,6 +93,28 @@ def write_atomic(path: str | Path, data: bytes) -> Path:
             except OSError:
                 pass
     return path
+
+
+def _temporary_beside(path: Path) -> tuple[int, str]:
+    """A new file next to `path`, opened for writing: (descriptor, name). Made with os.open and
+    0666 so the umask applies (tempfile.mkstemp makes every file 0600: unreadable to a server
+    running as another user), then given the replaced file's mode where there is one."""
+    for _ in range(100):
+        name = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            os.chmod(fd, stat.S_IMODE(path.stat().st_mode))
+        except FileNotFoundError:
+            pass
+        except OSError:
+            os.close(fd)
+            os.unlink(name)
+            raise
+        return fd, name
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
 def append_line(path: str | Path, line: bytes) -> Path:
