@@ -45,7 +45,7 @@ from vllm_gem.formats import ExpertShape
 from vllm_gem.latency import GroupModel, LatencyModel
 from vllm_gem.planners import PlacementProblem, make
 from vllm_gem.planners.gem import warm_up
-from vllm_gem.profiles import analytic_model, bundled_profiles, group_from_profiles
+from vllm_gem.profiles import analytic_model, bundled_profiles, fleet_group, group_from_profiles
 from vllm_gem.simulate import rank_times
 from vllm_gem.traces import SyntheticParams, synthetic_trace
 
@@ -132,16 +132,6 @@ def scale(out: dict, quick: bool) -> None:
                         "gem_seconds": m.plan_seconds, "vllm_seconds": v.plan_seconds,
                         "gem_over_vllm_layer_time": m.result.mean / v.result.mean})
     out["scale"] = res
-
-
-def fleet_group(gpus: int, seed: int, shape: ExpertShape = ExpertShape(2048, 768)) -> GroupModel:
-    """gpus analytic H100-like models, slowed like a measured fleet: one GPU 22% slower, the
-    others drawn so that the mean slowdown is 8%."""
-    rng = np.random.default_rng(seed)
-    others = rng.uniform(0.0, 0.22, gpus - 1)
-    others *= (0.08 * gpus - 0.22) / others.sum()
-    slow = 1.0 + np.concatenate([[0.22], np.clip(others, 0.0, 0.22)])
-    return GroupModel.of([LatencyModel(analytic_model(shape, slowdown=s), 64) for s in slow])
 
 
 def certified_cases(out: dict, seconds: float) -> None:

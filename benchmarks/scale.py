@@ -50,7 +50,9 @@ def num_slots(experts: int, gpus: int) -> int:
     return -(-want // gpus) * gpus
 
 
-def run_case(model: str, gpus: int, seed: int) -> dict:
+def run_case(model: str, gpus: int, seed: int, gem_params: dict | None = None) -> dict:
+    """One scale case: vLLM's policy and GEM (with `gem_params` over the defaults) planned on
+    the first half of the steps, replayed on the second."""
     layers, experts, top_k = MODELS[model]
     base = fit(bundled_profiles("h200x2")[0])
     slow = gpu_slowdowns(gpus, seed)
@@ -62,7 +64,7 @@ def run_case(model: str, gpus: int, seed: int) -> dict:
     row = {"model": model, "gpus": gpus, "slots": phys, "slowdown_mean": float(slow.mean()),
            "slowdown_max": float(slow.max())}
     results = {}
-    for name, params in (("vllm-default", {}), ("gem", {"time_budget": GEM_BUDGET_S})):
+    for name, params in (("vllm-default", {}), ("gem", {"time_budget": GEM_BUDGET_S, **(gem_params or {})})):
         t0 = time.perf_counter()
         p2l = make(name, **params).place(PlacementProblem(plan, group, phys))
         row[f"{name}_plan_s"] = time.perf_counter() - t0

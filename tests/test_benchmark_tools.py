@@ -227,32 +227,6 @@ def test_the_profiled_window_runs_at_the_saturating_rate_when_there_is_one():
     assert profile_rate(["8", "16"]) == "8"
 
 
-def test_fitted_ceiling_splits_the_start_maps_work_by_speed_and_reads_shares_against_eplb():
-    from fitted_ceiling import fitted_ceiling
-    # TPOT = 1 ms + 0.01 ms/us x predicted: the fit recovers the slope exactly
-    pred = {"initial": ([100.0, 300.0], 300.0), "vllm-default": ([120.0, 280.0], 280.0),
-            "gem": ([160.0, 170.0], 170.0)}
-    switches = [{"config": f"g/{n}", "report": {"predicted_layer_us_after": top, "rank_us_after": ranks}}
-                for n, (ranks, top) in pred.items()]
-    rows = [{"config": f"g/{n}", "rate": "inf", "shape": "512x128", "tpot_p50": 1 + 0.01 * top}
-            for n, (_, top) in pred.items()]
-    rows.append({"config": "g/gem", "rate": "16", "shape": "512x128", "tpot_p50": 99.0})  # other rate
-    c = fitted_ceiling(rows, switches, "inf", "512x128")
-    assert c["slope_ms_per_us"] == pytest.approx(0.01)
-    assert c["floor_us"] == pytest.approx(150.0)  # 2 / (1/100 + 1/300)
-    assert c["ceiling_ms"] == pytest.approx(0.01 * (280 - 150))
-    assert c["shares"]["gem"] == pytest.approx((280 - 170) / (280 - 150))
-    assert c["shares"]["vllm-default"] == 0.0
-    assert "shares_bound" not in c  # reports from before the LP bound
-    for sw in switches:
-        sw["report"]["predicted_bound_us"] = 160.0
-    c = fitted_ceiling(rows, switches, "inf", "512x128")
-    assert c["ceiling_ms_bound"] == pytest.approx(0.01 * (280 - 160))
-    assert c["shares_bound"]["gem"] == pytest.approx((280 - 170) / (280 - 160))
-    with pytest.raises(ValueError, match="need initial, vllm-default"):
-        fitted_ceiling(rows[1:], switches[1:], "inf", "512x128")
-
-
 def test_benchmark_servers_run_without_prefix_caching_unless_asked(monkeypatch):
     import serve_matrix
     monkeypatch.setattr(serve_matrix, "num_gpus", lambda: 2)
@@ -260,37 +234,6 @@ def test_benchmark_servers_run_without_prefix_caching_unless_asked(monkeypatch):
     assert "--no-enable-prefix-caching" in cmd and cmd[cmd.index("--tensor-parallel-size") + 1] == "2"
     assert cmd[-2:] == ["--max-num-seqs", "64"] and "--plugin" in cmd
     assert "--no-enable-prefix-caching" not in serve_matrix.serve_command("m", {"prefix_caching": True}, 8000)
-
-
-def test_recheck_plans_recomputes_what_the_server_logged(tmp_path):
-    """A run's saved history, placements and coefficients reproduce its logged predictions."""
-    import numpy as np
-    from recheck_plans import recheck
-
-    from vllm_gem.formats import NdArray, Placement, RoutingTrace, rank_of_slots, save
-    from vllm_gem.profiles import example_profile
-    from vllm_gem.vllm.planning import decide
-    rng = np.random.default_rng(0)
-    loads = rng.poisson(rng.gamma(0.5, 40, size=16), size=(20, 3, 16)).astype(np.int32)
-    profiles = [example_profile("fast", 1.0, num_experts=12), example_profile("slow", 1.25, num_experts=12)]
-    old = np.tile(np.arange(24) % 16, (3, 1))
-    d = decide(loads.astype(np.float64), profiles, old)
-    plan = tmp_path / "gem-planning"
-    plan.mkdir()
-    save(RoutingTrace(model="m", source="t", counts=NdArray.from_numpy(loads)),
-         plan / "planning-history-start.msgpack")
-    save(Placement(num_logical_experts=16, num_ranks=2, phys_to_log=d.phys_to_log.tolist(),
-                   rank_of_slot=rank_of_slots(24, 2), planner="gem",
-                   predicted={"layer_us": d.predicted_after_us}), plan / "placement-gen1.json")
-    report = {"plan_latency_coef": d.info["latency_coef"]}
-    (tmp_path / "summary.json").write_text(json.dumps({"switches": [{"report": report}]}))
-    [row] = recheck(tmp_path, profiles[0].kernel.block_m)
-    assert row["recomputed_us"] == pytest.approx(d.predicted_after_us, rel=1e-4)  # coefs kept to 5 decimals
-    assert row["bound_us"] == pytest.approx(d.predicted_bound_us, rel=1e-4)
-    other = {"plan_latency_coef": [[1.0, 0.0, 0.0, 0.01]] * 2}
-    (tmp_path / "summary.json").write_text(json.dumps({"switches": [{"report": report}, {"report": other}]}))
-    with pytest.raises(ValueError, match="expected one set of plan_latency_coef"):
-        recheck(tmp_path, profiles[0].kernel.block_m)
 
 
 def test_speed_drift_a_placement_for_the_old_speeds_loses_to_a_replan():

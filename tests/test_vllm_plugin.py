@@ -420,12 +420,12 @@ def test_a_move_that_destroys_the_only_copy_of_an_expert_says_so():
 def _step_until_the_plan_is_applied(w):
     """Engine steps after a background recalibration started: -> the report of the one
     recalibration finished, exactly at its due step."""
-    due, reports, serve = w.pending.due_step, [], w.serving_safely
-    w.serving_safely = lambda part: reports.append(serve(part)) or reports[-1]
-    while w.pending is not None:
+    due, reports, serve = w.placer.pending.due_step, [], w.recalibration.serving_safely
+    w.recalibration.serving_safely = lambda part: reports.append(serve(part)) or reports[-1]
+    while w.placer.pending is not None:
         w.after_step()
-    del w.serving_safely
-    assert w.steps == due and len(reports) == 1
+    del w.recalibration.serving_safely
+    assert w.progress.steps == due and len(reports) == 1
     return reports[0]
 
 
@@ -434,7 +434,7 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
     import torch
     import torch.distributed as dist
 
-    from vllm_gem.vllm import runtime
+    from vllm_gem.vllm import entry, runtime
     from vllm_gem.vllm.config import parse
 
     # a collective that only some ranks join fails in 60 s instead of hanging CI for 30 min
@@ -445,29 +445,29 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
     ms = _fake_model_state(rank, world, layers=3, num_physical=24)
     ep = types.SimpleNamespace(rank_in_group=rank, world_size=world, ranks=list(range(world)),
                                cpu_group=dist.group.WORLD, device_group=dist.group.WORLD)
-    w = runtime.GemWorker.from_parts(parse(cfg), ms, ep, dp_size=dp, model_name="fake-moe")
+    w = runtime.GemWorker.build(parse(cfg), ms, ep, dp_size=dp, model_name="fake-moe")
     if rank == missing_on_rank:  # the profile files are not on this rank's node
         cfg = {**cfg, "profiles": [f + ".not-here" for f in cfg["profiles"]]}
-        w.cfg = parse(cfg)
+        w.ctx.cfg = parse(cfg)
     if gpu_uuids:  # the GPU each rank runs on, as NVML names it
-        w.local_gpu_uuid = lambda: gpu_uuids[rank]
+        w.gpus.local_gpu_uuid = lambda: gpu_uuids[rank]
     histories = []  # what each rank read as the routing history
-    read_history = w.routing_history
-    w.routing_history = lambda *a, **k: histories.append(read_history(*a, **k)) or histories[-1]
+    read_history = w.placer.routing_history
+    w.placer.routing_history = lambda *a, **k: histories.append(read_history(*a, **k)) or histories[-1]
     if fail_rank is not None:  # calibrate instead of reading files; one rank's GPU fails
         def local_profile(quick=False):
             if rank == fail_rank:
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
             return example_profile(f"gpu{rank}", 1.0 + 0.3 * rank, num_experts=12)
-        w.local_profile = local_profile
+        w.gpus.local_profile = local_profile
     profiled = []
     if precision:  # the served experts' precision, as experts.served_precision reads it
-        w.precision = precision
+        w.ctx.precision = precision
     if speeds or precision or any(s.startswith("recalibrate") for s in switches):  # stand-ins, counted
         def local_profile(quick=False):
             profiled.append(quick)
             return example_profile(f"gpu{rank}", 1.0 + 0.3 * rank, num_experts=12)
-        w.local_profile = local_profile
+        w.gpus.local_profile = local_profile
     if speeds:  # speed checks (start-up's first), each GPU time / its profile's at 8 points:
         left = list(speeds)  # rank 1's (rank 0: 1.0), or (rank 0's, rank 1's), or an error
 
@@ -479,14 +479,14 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
             clock = GpuState(sm_clock_mhz=1500.0 + rank, mem_clock_mhz=3201.0, power_w=300.0,
                              temperature_c=40.0)  # as NVML reads it: travels in the gather
             return SpeedCheck(r, 8, 0.1, (r,) * 8, clock, clock)
-        w.local_speed_check = local_speed_check
-    runtime._WORKER = w
+        w.gpus.local_speed_check = local_speed_check
+    entry._WORKER = w
     if rank == inactive_rank:  # GEM could not attach on this rank
         from vllm.distributed import parallel_state
         parallel_state.get_ep_group = lambda: ep
-        runtime._WORKER = None
+        entry._WORKER = None
     try:
-        report = runtime.place_at_start(None)
+        report = entry.place_at_start(None)
     except Exception as e:
         report = {"raised": f"{type(e).__name__}: {e}"}
     start_map = ms.physical_to_logical_map.clone()
@@ -506,14 +506,14 @@ def _place_worker(rank, world, init, cfg, fail_rank, out, inactive_rank=None, lo
                 else:
                     w.recorder.record(phys.to(torch.int32) * (rank + 1 if dp > 1 else 1),
                                       ms.physical_to_logical_map)
-            rep = w.recalibrate(8)
+            rep = w.recalibration.recalibrate(8)
             if planner == "recalibrate+switch":  # an A/B switch lands while the plan is made
-                assert runtime.switch_placement(None, "initial")["applied"]
-            if w.pending is not None:  # planning in the background: serve on until it is due
+                assert entry.switch_placement(None, "initial")["applied"]
+            if w.placer.pending is not None:  # planning in the background: serve on until it is due
                 assert rep is None
                 rep = _step_until_the_plan_is_applied(w)
         else:
-            rep = runtime.switch_placement(None, planner)
+            rep = entry.switch_placement(None, planner)
         after.append({"report": rep, "holds": _holds_its_experts(ms, rank, world),
                       "map": ms.physical_to_logical_map.clone()})
     torch.save({"report": report, "holds": _holds_its_experts(ms, rank, world),
@@ -936,15 +936,15 @@ def test_trace_replay_rejects_a_trace_of_another_width(tmp_path):
 
 
 def test_recorder_switch_reads_text_from_http_and_booleans(monkeypatch):
-    from vllm_gem.vllm import runtime
+    from vllm_gem.vllm import entry
     from vllm_gem.vllm.config import parse
-    w = types.SimpleNamespace(cfg=parse({}))
-    monkeypatch.setattr(runtime, "_WORKER", w)
-    assert runtime.set_recording(None, "False") == {"recording": False} and not w.cfg.record
-    assert runtime.set_recording(None, " On ") == {"recording": True} and w.cfg.record
-    assert runtime.set_recording(None, False) == {"recording": False}
-    monkeypatch.setattr(runtime, "_WORKER", None)
-    assert runtime.set_recording(None, "true")["recording"] is False  # GEM not active here
+    cfg = parse({})
+    monkeypatch.setattr(entry, "_WORKER", types.SimpleNamespace(ctx=types.SimpleNamespace(cfg=cfg)))
+    assert entry.set_recording(None, "False") == {"recording": False} and not cfg.record
+    assert entry.set_recording(None, " On ") == {"recording": True} and cfg.record
+    assert entry.set_recording(None, False) == {"recording": False}
+    monkeypatch.setattr(entry, "_WORKER", None)
+    assert entry.set_recording(None, "true")["recording"] is False  # GEM not active here
 
 
 def test_routing_drift_relabels_the_replayed_experts_in_place_at_step_multiples(tmp_path, monkeypatch):
@@ -979,20 +979,20 @@ def test_re_profiles_time_the_served_layers_own_experts(monkeypatch):
     (fp8 layouts: tests/test_fp8.py)."""
     import torch
 
-    from vllm_gem.vllm import runtime
+    from vllm_gem.vllm import gpu_profiles
     from vllm_gem.vllm.config import GemConfig
     seen = []
-    monkeypatch.setattr(runtime, "calibrate_device", lambda dev, spec, weights=None: seen.append(weights))
+    monkeypatch.setattr(gpu_profiles, "calibrate_device", lambda dev, spec, weights=None: seen.append(weights))
     w13, w2 = torch.zeros(4, 2 * 8, 16, dtype=torch.bfloat16), torch.zeros(4, 16, 8, dtype=torch.bfloat16)
     moe = types.SimpleNamespace(w13_weight=w13, w2_weight=w2)
     model = types.SimpleNamespace(modules=lambda: [moe])
-    worker = runtime.GemWorker.__new__(runtime.GemWorker)
-    vars(worker).update(cfg=GemConfig(), rank=0, hidden=16, intermediate=8, local_experts=4,
-                        device=torch.device("cpu"), model=model, precision="bf16")
-    worker.local_profile(quick=True)
+    ctx = types.SimpleNamespace(cfg=GemConfig(), rank=0, hidden=16, intermediate=8, local_experts=4,
+                                device=torch.device("cpu"), model=model, precision="bf16")
+    gpus = gpu_profiles.GpuProfiles(ctx)  # a part alone, with only the context it reads
+    gpus.local_profile(quick=True)
     assert seen[-1][0] is w13 and seen[-1][1] is w2
     moe.w13_weight, moe.w2_weight = w13.float(), w2.float()  # e.g. not bf16: random weights instead
-    worker.local_profile(quick=True)
+    gpus.local_profile(quick=True)
     assert seen[-1] is None
 
 
@@ -1054,3 +1054,42 @@ def test_promtool_accepts_every_dashboard_query_and_the_exported_metrics(tmp_pat
     # (docs/plugin.md); nothing about types, units or suffixes
     assert lines and all(line.endswith("metric names should not contain ':'") for line in lines), lines
     assert {line.split()[0] for line in lines} == {exposed_name(n, k) for _, n, k, _ in METRICS}
+
+
+def test_attach_builds_the_worker_from_its_parts_and_hooks_the_eplb_step(monkeypatch):
+    """entry.attach on a loaded vLLM worker (a stand-in with vLLM's attribute names): one
+    GemWorker whose parts share one context and progress, the EPLB step recording and
+    counting steps; a model runner without EPLB state leaves GEM off with the reason."""
+    import torch
+    from vllm.distributed import parallel_state
+
+    from vllm_gem.vllm import entry
+    ms = types.SimpleNamespace(model=types.SimpleNamespace(num_moe_layers=2, num_logical_experts=4,
+                                                           modules=lambda: []),
+                               physical_to_logical_map=torch.arange(4).repeat(2, 1),
+                               expert_load_pass=torch.ones(2, 4, dtype=torch.int64))
+    ep = types.SimpleNamespace(rank_in_group=0, world_size=1, ranks=[0], cpu_group=None)
+    monkeypatch.setattr(parallel_state, "get_ep_group", lambda: ep)
+    monkeypatch.setattr("vllm_gem.vllm.context.expert_shape", lambda model: (16, 8, 4))
+    monkeypatch.setattr("vllm_gem.vllm.context.served_precision", lambda model: "bf16")
+    stepped = []
+    eplb = types.SimpleNamespace(model_states={"m": ms}, step=lambda **kw: stepped.append(kw))
+    vcfg = types.SimpleNamespace(additional_config={"gem": {"place": False}},
+                                 parallel_config=types.SimpleNamespace(data_parallel_size=1),
+                                 model_config=types.SimpleNamespace(model="fake-moe"))
+    worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(eplb_state=eplb), vllm_config=vcfg)
+    monkeypatch.setattr(entry, "_WORKER", None)
+    monkeypatch.setattr(entry, "gather_objects", lambda obj, group: [obj])  # one rank: no process group
+    entry.attach(worker)
+    w = entry.current()
+    assert w is not None and w.ctx.rank == 0 and w.ctx.model_name == "fake-moe"
+    assert w.placer.ctx is w.ctx is w.gpus.ctx is w.recalibration.ctx
+    assert w.placer.progress is w.progress is w.recalibration.progress and w.placer.gpus is w.gpus
+    eplb.step()
+    eplb.step(is_dummy=True)
+    assert len(stepped) == 2 and w.progress.steps == 2 and w.recorder.steps == 2
+    assert entry.place_at_start(None) == {"applied": False, "why": "place=false: recording only"}
+    assert w.progress.started
+    worker.model_runner.eplb_state = None
+    entry.attach(worker)  # not strict: one warning, GEM off on this worker
+    assert entry.current() is None

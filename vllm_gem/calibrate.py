@@ -189,9 +189,9 @@ def expert_kernel(precision: str) -> ExpertKernel:
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}, expected one of {', '.join(PRECISIONS)}")
     if precision == "bf16":
-        from .kernels.moe_gemm import CALIBRATION_TILE, moe_ffn
+        from .kernels.moe_gemm import CALIBRATION_TILE, moe_ffn  # imports triton: GPU work only
         return ExpertKernel("vllm_gem.kernels.moe_gemm", CALIBRATION_TILE, moe_ffn)
-    from .kernels.moe_gemm_fp8 import FP8_CALIBRATION_TILES, moe_ffn_fp8
+    from .kernels.moe_gemm_fp8 import FP8_CALIBRATION_TILES, moe_ffn_fp8  # imports triton
     tile = FP8_CALIBRATION_TILES[PRECISIONS[precision].scale_layout]
     return ExpertKernel("vllm_gem.kernels.moe_gemm_fp8", tile, moe_ffn_fp8)
 
@@ -206,7 +206,7 @@ def calibration_weights(spec: CalibrationSpec, device: int, gen: Any) -> tuple[A
     layout = PRECISIONS[spec.precision].scale_layout
     if layout == "none":
         return w13, w2
-    from .kernels.moe_gemm_fp8 import quantize_weights
+    from .kernels.moe_gemm_fp8 import quantize_weights  # imports triton: GPU work only
     return quantize_weights(w13, layout), quantize_weights(w2, layout)
 
 
@@ -314,7 +314,7 @@ def _measure(device: int, spec: CalibrationSpec, weights: tuple[Any, Any] | None
     """Time `patterns` [points][experts] on `device` -> (points, GPU state before, after)."""
     import torch
 
-    from .kernels.moe_gemm import align, compile_ahead
+    from .kernels.moe_gemm import align, compile_ahead  # imports triton: GPU work only
 
     torch.cuda.set_device(device)
     kernel = kernel or expert_kernel(spec.precision)

@@ -33,7 +33,10 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix, vstack
 
+from .bounds import lower_bounds
+from .formats import ranks_to_phys_to_log
 from .latency import GroupModel
+from .simulate import rank_times
 
 
 @dataclass
@@ -124,8 +127,7 @@ def solve_layer(loads: np.ndarray, group: GroupModel, num_physical: int, time_li
 
 def copies_to_phys_to_log(copies: np.ndarray, slots: int) -> np.ndarray:
     """copies: [experts, ranks] -> phys_to_log row [ranks * slots], rank-major, ids ascending
-    (planners.base.ranks_to_phys_to_log, which also checks the equal slots)."""
-    from .planners.base import ranks_to_phys_to_log
+    (formats.ranks_to_phys_to_log, which also checks the equal slots)."""
     experts, ranks = copies.shape
     per_item = copies.T.ravel()  # rank-major (rank, expert) pairs
     log = np.repeat(np.tile(np.arange(experts), ranks), per_item)
@@ -171,8 +173,6 @@ def certify(loads: np.ndarray, phys_to_log: np.ndarray, group: GroupModel, secon
             ) -> Certificate:
     """Certify `phys_to_log` [layers, num_physical] on loads [steps, layers, experts]: solve
     every layer's MILP with the placement as cutoff, `seconds` in all (split over layers)."""
-    from .bounds import lower_bounds
-    from .simulate import rank_times
     t0 = time.perf_counter()
     steps, layers, _ = loads.shape
     num_physical = phys_to_log.shape[1]

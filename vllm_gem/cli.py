@@ -24,7 +24,17 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from .calibrate import main as calibrate_main
+from .certify import certify
 from .errors import GemInputError
+from .evaluate import bundled_trace, compare, format_table, split_steps
+from .export import (
+    dense_layers,
+    is_engine_file,
+    load_any_placement,
+    read_engine_placement,
+    to_engine,
+)
 from .files import refuse_same_file, write_atomic
 from .formats import (
     GpuProfile,
@@ -38,17 +48,38 @@ from .formats import (
 )
 from .latency import TERMS, GroupModel, fit, held_out_error
 from .planners import NAMES, PlacementProblem, PlannerUnavailable, make
+from .planners.constraints import spread_copies
 from .precision import PRECISIONS
+from .profiles import bundled_profiles, bundled_set_names, group_from_profiles
+from .replay import (
+    Fleet,
+    PlacementReplay,
+    ReplaySpec,
+    calibrate_partitions,
+    format_report,
+    measure,
+    replay_steps,
+)
+from .replay import compare as compare_replays
+from .report import write_report
+from .simulate import misspecified, rank_times, simulate
+from .traces import (
+    SyntheticParams,
+    decode_params,
+    import_harmoeny,
+    import_vllm_eplb,
+    synthetic_trace,
+)
 from .validation import (
     CLI,
     Device,
+    Draws,
     LocalExperts,
     MigrationWeight,
     Parser,
     Seconds,
-    Slots,
-    Draws,
     Seed,
+    Slots,
     Speed,
     SpeedError,
     Steps,
@@ -65,14 +96,12 @@ DEMO_PLANNERS = ["linear", "round_robin", "vllm-default", "greedy-speed", "gem"]
 # --------------------------------------------------------------------------- inputs
 def _trace(spec: str) -> RoutingTrace:
     if spec.startswith("bundled:"):
-        from .evaluate import bundled_trace
         return bundled_trace(spec.split(":", 1)[1])
     return load(spec, RoutingTrace)
 
 
 def _profiles(specs: list[str]) -> list[tuple[str, GpuProfile]]:
     """(source, profile) in rank order; a bundled set expands to `bundled:SET[i]` sources."""
-    from .profiles import bundled_profiles, bundled_set_names
     out: list[tuple[str, GpuProfile]] = []
     for spec in specs:
         if spec.startswith("bundled:"):
@@ -114,8 +143,6 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .evaluate import bundled_trace, compare, format_table
-    from .profiles import bundled_profiles, group_from_profiles
 
     # measured H200 profiles (one GPU emulated slower in a green context) and examples
     cases = [("qwen", "h200x2-sm66"), ("synthetic", "h200x2"), ("qwen", "one-slow4"),
@@ -175,8 +202,6 @@ def _demo_misspecified(loads: np.ndarray, rows: list, group: GroupModel, args: a
                        ) -> dict[str, Any]:
     """GEM's plan scored on the held-out steps under --draws true-speed draws, against vLLM's
     policy's plan under the same draws (simulate.misspecified)."""
-    from .evaluate import split_steps
-    from .simulate import misspecified
     plans = {r.planner: r.phys_to_log for r in rows if r.phys_to_log is not None}
     if "gem" not in plans:
         return {"note": "GEM did not run"}
@@ -251,7 +276,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     old = None
     params: dict[str, Any] = {}
     if args.current:
-        from .export import load_any_placement
         cur = load_any_placement(args.current, group.num_ranks, tr.shape[2])
         validate_placement(cur, args.current, num_layers=tr.shape[1],
                            num_logical_experts=tr.shape[2], num_ranks=group.num_ranks, model=tr.model)
@@ -272,7 +296,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
                             f"another planner ({', '.join(NAMES)})") from None
     if args.one_copy_per_rank:  # what vllm-ascend's expert map can hold
         p2l = _one_copy_per_rank(args.planner, p2l, loads, group, num_physical)
-    from .simulate import simulate
     sim = simulate(loads, p2l, group)
     cert = _certify(args, loads, p2l, group)
     placement = Placement(
@@ -298,8 +321,6 @@ def _one_copy_per_rank(planner: str, p2l: np.ndarray, loads: np.ndarray, group: 
     """The plan with at most one copy of an expert per rank (planners.constraints). For GEM
     the constrained vLLM plan is a candidate too, and the one with the shorter predicted
     layer time on the planning steps is kept, so the constraint never leaves GEM behind it."""
-    from .planners.constraints import spread_copies
-    from .simulate import simulate
     plans = [spread_copies(p2l, group.num_ranks, loads, f"--planner {planner}")]
     if planner in ("gem", "gem-migrate", "greedy-speed"):
         try:
@@ -311,13 +332,11 @@ def _one_copy_per_rank(planner: str, p2l: np.ndarray, loads: np.ndarray, group: 
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import to_engine
     refuse_same_file(args.output, "-o/--output", [("the placement", args.placement)])
     placement = load(args.placement, Placement)
     engine = "vllm-ascend" if args.to == "vllm-expert-map" else args.to
     dense = 0
     if args.model_config:
-        from .export import dense_layers
         dense = dense_layers(args.model_config, len(placement.phys_to_log))
     obj = to_engine(placement, engine, args.placement, dense)
     out = write_atomic(args.output, msgspec.json.format(msgspec.json.encode(obj), indent=1))
@@ -341,7 +360,6 @@ def _certify(args: argparse.Namespace, loads: np.ndarray, p2l: np.ndarray, group
     these loads, and how far p2l is from it (vllm_gem.certify); else {}."""
     if not getattr(args, "certify", None):
         return {}
-    from .certify import certify
     return certify(loads, p2l, group, args.certify).as_dict()
 
 
@@ -356,10 +374,8 @@ def _certificate_text(cert: dict[str, float]) -> str:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from .simulate import simulate
     tr = _trace(args.trace)
     group = _group(args)
-    from .export import load_any_placement  # ours, or an SGLang or vllm-ascend file
     pl = load_any_placement(args.placement, group.num_ranks, tr.shape[2])
     validate_placement(pl, args.placement, num_layers=tr.shape[1], num_logical_experts=tr.shape[2],
                        num_ranks=group.num_ranks, model=tr.model)
@@ -392,7 +408,6 @@ def _misspecified(loads: np.ndarray, p2l: np.ndarray, group: GroupModel, truths:
                   num_physical: int) -> dict[str, Any]:
     """Mean and worst-draw layer time under the truths, and the ratio to vLLM's policy (planned
     on the same loads with the believed speeds) under the same truths."""
-    from .simulate import misspecified
     try:
         base = make("vllm-default").place(PlacementProblem(loads, group, num_physical))
     except PlannerUnavailable as e:
@@ -401,7 +416,6 @@ def _misspecified(loads: np.ndarray, p2l: np.ndarray, group: GroupModel, truths:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
     refuse_same_file(args.output, "-o/--output", [("an input", p) for p in _report_files(args.paths)])
     summary = write_report(args.paths, args.output)
     _emit(args, summary, f"wrote {summary['file']}: {summary['images']} figures, sections "
@@ -431,7 +445,6 @@ def _import_sources(source: str | None) -> list[tuple[str, Path]]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .export import is_engine_file, read_engine_placement
     path = Path(args.file)
     if is_engine_file(path):  # a file `vllm-gem export` wrote, or one an engine wrote
         p2l, ranks, fmt = read_engine_placement(path)
@@ -471,7 +484,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_import_trace(args: argparse.Namespace) -> int:
     refuse_same_file(args.output, "-o/--output", _import_sources(args.source))
-    from .traces import SyntheticParams, decode_params, import_harmoeny, import_vllm_eplb, synthetic_trace
     if args.format == "harmoeny":
         tr = import_harmoeny(args.source)
     elif args.format == "vllm-eplb":
@@ -490,9 +502,6 @@ def cmd_import_trace(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """`vllm-gem replay`: predicted (and with --measure, measured) per-rank times of placements."""
-    from .replay import (Fleet, PlacementReplay, ReplaySpec, calibrate_partitions, compare,
-                         format_report, measure, replay_steps)
-    from .simulate import rank_times
 
     tr = _trace(args.trace)
     loads = np.rint(tr.loads)
@@ -557,14 +566,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
                                rank_times(test, p2l, group), kernel)
                for n, p2l in placements.items()]
     report = {"trace": args.trace, "steps": idx.tolist(), "top_k": top_k, "kernel": kernel,
-              **compare(replays, baseline)}
+              **compare_replays(replays, baseline)}
     _emit(args, report, f"{len(idx)} {args.steps} steps x {tr.shape[1]} layers, {num_ranks} ranks, "
           f"kernel: {kernel}\n{format_report(report)}")
     return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import main as calibrate_main
     return calibrate_main(args)
 
 

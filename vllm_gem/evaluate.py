@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .bounds import lower_bounds
+from .certify import certify
 from .errors import GemInputError
 from .formats import RoutingTrace, load
 from .latency import GroupModel
@@ -89,7 +90,6 @@ def compare(loads: np.ndarray, group: GroupModel, num_physical: int, planners: l
         dt = time.perf_counter() - t0
         report = dict(getattr(policy, "report", {}))
         if certify_seconds and name == "gem":
-            from .certify import certify
             report["certificate"] = certify(test, p2l, group, certify_seconds).as_dict()
         rows.append(Row(name, simulate(test, p2l, group, bounds), dt, report=report, phys_to_log=p2l))
     return rows

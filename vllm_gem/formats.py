@@ -268,6 +268,22 @@ def rank_of_slots(num_physical: int, num_ranks: int) -> list[int]:
     return (np.arange(num_physical) // (num_physical // num_ranks)).tolist()
 
 
+def ranks_to_phys_to_log(log_of_item: np.ndarray, rank_of_item: np.ndarray, num_ranks: int
+                         ) -> np.ndarray:
+    """Lay items out rank-major, as vLLM wants.
+
+    log_of_item, rank_of_item: [layers, num_physical] -> phys_to_log [layers, num_physical];
+    within a rank, slots are ordered by logical id (deterministic).
+    """
+    layers, p = log_of_item.shape
+    key = rank_of_item * (log_of_item.max() + 1) + log_of_item
+    order = np.argsort(key, axis=1, kind="stable")
+    counts = np.stack([(rank_of_item == r).sum(1) for r in range(num_ranks)], axis=1)
+    if (counts != p // num_ranks).any():
+        raise AssertionError("planner produced unequal slots per rank")
+    return np.take_along_axis(log_of_item, order, axis=1)
+
+
 def save(obj: AnyFile, path: str | Path) -> Path:
     """Write `obj` as JSON (.json) or msgpack (other suffixes), after validating it."""
     path = Path(path)

@@ -5,5 +5,5 @@ from __future__ import annotations
 
 def register() -> None:
     """Called by vLLM in every process; imports vLLM only here, so vllm_gem works without it."""
-    from .vllm.plugin import register as _register
+    from .vllm.plugin import register as _register  # vllm_gem.vllm needs vLLM: loaded by vLLM only
     _register()

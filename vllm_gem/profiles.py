@@ -116,6 +116,17 @@ def bundled_profiles(set_name: str) -> list[GpuProfile]:
     return out
 
 
+def fleet_group(gpus: int, seed: int, shape: ExpertShape = ExpertShape(2048, 768)) -> GroupModel:
+    """`gpus` analytic H100-like models (analytic_model), slowed like a measured fleet: one GPU
+    22% slower, the others drawn (seeded) so that the mean slowdown is 8%. The planner
+    benchmark's and studies' example fleet."""
+    rng = np.random.default_rng(seed)
+    others = rng.uniform(0.0, 0.22, gpus - 1)
+    others *= (0.08 * gpus - 0.22) / others.sum()
+    slow = 1.0 + np.concatenate([[0.22], np.clip(others, 0.0, 0.22)])
+    return GroupModel.of([LatencyModel(analytic_model(shape, slowdown=s), 64) for s in slow])
+
+
 def group_from_profiles(profiles: list[GpuProfile]) -> GroupModel:
     """Fit every profile and stack them into the group's model, in rank order."""
     return GroupModel.of([fit(p) for p in profiles])

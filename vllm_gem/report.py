@@ -36,7 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from .bounds import lower_bounds, placement_bound
 from .errors import GemInputError
+from .evaluate import BUNDLED_TRACES, bundled_trace
 from .export import engine_placement, is_engine_file
 from .files import write_atomic
 from .formats import (
@@ -49,6 +51,10 @@ from .formats import (
     load_events,
 )
 from .latency import GroupModel, LatencyModel, fit
+from .planners.base import PlacementProblem
+from .planners.baselines import LinearPolicy
+from .profiles import bundled_profiles, bundled_set_names
+from .simulate import rank_times, replica_counts, slot_tokens
 
 SUFFIXES = (".json", ".msgpack", ".jsonl")
 MAX_PANELS = 16  # GPUs, traces or placements drawn (the rest are listed in the tables)
@@ -129,8 +135,6 @@ def _profile_order(item: tuple[str, GpuProfile]) -> tuple[int, list[Any]]:
 def _add_bundled(got: Inputs, spec: str) -> None:
     """`bundled:qwen` (a trace) or `bundled:one-slow4` (a profile set), as the other commands
     take them."""
-    from .evaluate import BUNDLED_TRACES, bundled_trace
-    from .profiles import bundled_profiles, bundled_set_names
     name = spec.split(":", 1)[1]
     if name in BUNDLED_TRACES:
         got.traces.append((spec, bundled_trace(name)))
@@ -287,10 +291,6 @@ def score_placements(trace: tuple[str, RoutingTrace], profiles: list[tuple[str, 
                      ) -> list[Scored]:
     """vLLM's linear start map and every placement of the group's and the trace's shape (and
     of the first such placement's slot count: one bound for all), replayed on the trace."""
-    from .bounds import lower_bounds, placement_bound
-    from .planners.base import PlacementProblem
-    from .planners.baselines import LinearPolicy
-    from .simulate import rank_times, slot_tokens
     loads = trace[1].loads
     group = GroupModel.of([models[f] for f, _ in profiles])
     usable = [(f, p) for f, p in placements if p.num_ranks == group.num_ranks
@@ -386,7 +386,6 @@ def hot_expert_rows(trace: RoutingTrace, scored: list[Scored], top: int = 10, co
 
 def placement_rows(placements: list[tuple[str, Placement]]) -> list[list[Any]]:
     """What each placement is, without a trace to replay it on."""
-    from .simulate import replica_counts
     rows = []
     for f, p in placements:
         arr = p.array

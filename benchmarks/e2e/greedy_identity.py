@@ -61,14 +61,14 @@ def run(model: str, mode: str, slowdown: float, max_tokens: int, out: str, plann
 def _worker_state(worker) -> dict:
     import torch
 
-    from vllm_gem.vllm.runtime import current
+    from vllm_gem.vllm.entry import current
     w = current()
     if w is None:
         return {"active": False}
-    p2l = w.ms.physical_to_logical_map.cpu()
-    local = p2l.shape[1] // w.size
-    linear = torch.arange(p2l.shape[1]) % w.model.num_logical_experts
-    return {"active": True, "rank": w.rank, "generation": w.generation,
+    p2l = w.ctx.model_state.physical_to_logical_map.cpu()
+    local = p2l.shape[1] // w.ctx.size
+    linear = torch.arange(p2l.shape[1]) % w.ctx.model.num_logical_experts
+    return {"active": True, "rank": w.ctx.rank, "generation": w.progress.generation,
             "recorded_steps": w.recorder.steps,
             "slots_moved_vs_linear": int((p2l != linear).sum()),
             "experts_on_rank0_layer0": sorted(p2l[0, :local].tolist())}

@@ -10,7 +10,7 @@ Measured: 2026-11-23, CPU. Command: `python benchmarks/studies/planning_overlap.
 What a recalibration's planning costs serving inside the step, and in a background thread.
 
 Inside the step (plan_delay_steps 0) serving waits for the whole `planning.decide`. In a
-thread (`runtime.PendingPlan`) it competes with the serving thread for the GIL only. This
+thread (`background.PendingPlan`) it competes with the serving thread for the GIL only. This
 replays a saved start-up routing history (2xH200, 2026-11-23) (model-q3: 12 MoE layers, 128 experts)
 tiled to 500 steps, as a recalibration every 500 steps plans from, on two ranks (the second
 1.2x slower), and runs the planning next to a stand-in serving loop: per step `--python-ms`

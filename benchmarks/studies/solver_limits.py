@@ -9,7 +9,7 @@ Measured: 2026-12-06, 2-core CPU. Command: `python benchmarks/studies/solver_lim
 docs/results/2026-12-06-certified-gap/solver-limits.json`.
 
 One layer, 16 synthetic steps of 512 tokens, top-8 (top-4 at 8 experts), one redundant slot
-per GPU, GPUs slowed like a fleet (benchmarks/planner.py's fleet_group).
+per GPU, GPUs slowed like a fleet (vllm_gem.profiles.fleet_group, as benchmarks/planner.py's).
 """
 
 from __future__ import annotations
@@ -18,16 +18,10 @@ import argparse
 import json
 from pathlib import Path
 
-from bench_modules import bench
-
 from vllm_gem.certify import certify
 from vllm_gem.planners import PlacementProblem, make
+from vllm_gem.profiles import fleet_group
 from vllm_gem.traces import SyntheticParams, synthetic_trace
-
-
-def fleet_group(gpus: int, seed: int):
-    """benchmarks/planner.py's fleet_group."""
-    return bench("planner").fleet_group(gpus, seed)
 
 
 def main() -> None:

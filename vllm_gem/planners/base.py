@@ -95,19 +95,3 @@ class PlanReport:
     """What a planner says about its own run (for logs and --json)."""
 
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def ranks_to_phys_to_log(log_of_item: np.ndarray, rank_of_item: np.ndarray, num_ranks: int
-                         ) -> np.ndarray:
-    """Lay items out rank-major, as vLLM wants.
-
-    log_of_item, rank_of_item: [layers, num_physical] -> phys_to_log [layers, num_physical];
-    within a rank, slots are ordered by logical id (deterministic).
-    """
-    layers, p = log_of_item.shape
-    key = rank_of_item * (log_of_item.max() + 1) + log_of_item
-    order = np.argsort(key, axis=1, kind="stable")
-    counts = np.stack([(rank_of_item == r).sum(1) for r in range(num_ranks)], axis=1)
-    if (counts != p // num_ranks).any():
-        raise AssertionError("planner produced unequal slots per rank")
-    return np.take_along_axis(log_of_item, order, axis=1)

@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from ..formats import ranks_to_phys_to_log
 from ..latency import GroupModel
-from .base import PlacementPolicy, PlacementProblem, ranks_to_phys_to_log
+from .base import PlacementPolicy, PlacementProblem
 from .swap_scores import best_swaps
 
 
@@ -293,7 +294,7 @@ class GemPolicy(PlacementPolicy):
             choice, before = np.zeros(layers, dtype=np.int64), times[0]
             for o in range(1, k):
                 # layers where this option constructs faster (by option_margin: the latency
-                # model's set, first, keeps ties and near-ties; benchmarks/studies/replica_sets.py)
+                # model's set, first, keeps ties and near-ties; benchmarks/replica_sets.py)
                 take = times[o] < before * (1.0 - p["option_margin"])
                 choice, before = np.where(take, o, choice), np.minimum(times[o], before)
             pick = choice * layers + np.arange(layers)

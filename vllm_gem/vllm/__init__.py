@@ -6,8 +6,10 @@ shape, precision and weights), planning.py (the decision, pure numpy), backgroun
 (recalibration's planning off the serving thread), apply.py (weight move + integrity check),
 engine.py (warm-up and start-up placement in the engine core), metrics.py (/metrics),
 routing.py (trace replay for vLLM's routing simulator), emulate.py (slower-GPU emulation for
-experiments). One worker (EP rank): runtime.py (what a worker holds: GemWorker, its step
-hook, its own GPU's profiling; attach and detach), gpu_profiles.py (where its profiles come
-from), placing.py (how a placement is planned and applied), recalibration.py (what runs on
-a recalibration), startup.py (what runs at start and on request).
+experiments). One worker (EP rank), each importing only those after it: entry.py (the
+process's GemWorker; attach, detach and the collective_rpc targets), runtime.py (GemWorker:
+its parts composed, its step hook), recalibration.py (what runs on a recalibration),
+placing.py (Placer: how a placement is planned and applied), gpu_profiles.py (where the
+profiles come from, this GPU's calibration), context.py (what the rank is, how far it has
+served).
 """

@@ -1,7 +1,7 @@
 """A recalibration's planning off the serving thread.
 
 Rank 0 plans in a background thread while every rank keeps serving; all ranks agree on the
-plan and move at a given later engine step (GemWorker.finish_pending, recalibration.py). Why a thread:
+plan and move at a given later engine step (Recalibration.finish_pending, recalibration.py). Why a thread:
 planning is numpy (mostly GIL-free) and a little Python. Beside a stand-in serving loop it cost
 serving 0.012-0.035 s, against 0.30 s held for it inside the step (2 CPU cores,
 benchmarks/studies/planning_overlap.py).

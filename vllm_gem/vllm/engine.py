@@ -83,7 +83,7 @@ def place_before_serving(engine_core: Any) -> None:
     cfg = from_additional(engine_core.vllm_config.additional_config)
     if cfg is None:
         return
-    from .runtime import place_at_start
+    from .entry import place_at_start  # loads the planners: only where GEM places
     t0 = time.perf_counter()
     try:
         warm = 0

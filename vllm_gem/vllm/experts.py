@@ -77,7 +77,7 @@ def served_weights(model: Any, precision: str, device: torch.device) -> tuple[An
     layout = PRECISIONS[precision].scale_layout
     if layout == "none":
         return (w13, w2) if w13.dtype == w2.dtype == torch.bfloat16 else None
-    from ..kernels.moe_gemm_fp8 import GROUP, Fp8Weights
+    from ..kernels.moe_gemm_fp8 import GROUP, Fp8Weights  # imports triton: fp8 experts only
     name = "weight_scale_inv" if layout == "block" else "weight_scale"
     out = []
     for w, s in ((w13, getattr(m, f"w13_{name}", None)), (w2, getattr(m, f"w2_{name}", None))):

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import GemInputError
 from .config import from_additional, wants_strict
+from .metrics import register_collector
 
 logger = logging.getLogger("vllm.gem")
 
@@ -104,5 +105,4 @@ def prepare_engine_args(engine_args: Any) -> None:
         gem["state_dir"] = os.path.join(tempfile.gettempdir(), f"vllm-gem-{os.getpid()}")
     engine_args.additional_config = {**engine_args.additional_config, "gem": gem}
     if gem.get("enabled", True):
-        from .metrics import register_collector
         register_collector(gem["state_dir"])

@@ -14,6 +14,10 @@ import importlib.util
 import logging
 import sys
 
+from .engine import place_before_serving
+from .flags import add_flags, merge_flags, prepare_engine_args
+from .routing import install as install_routing
+
 logger = logging.getLogger("vllm.gem")  # under vLLM's logger: its handler and level apply
 _done = False
 
@@ -26,14 +30,12 @@ def register() -> None:
     _patch_engine_args()
     _patch_worker()
     _patch_engine_core()
-    from .routing import install
-    install()
+    install_routing()
 
 
 def _patch_engine_args() -> None:
+    # vLLM's modules are imported when patched, from inside register(), never before
     from vllm.engine.arg_utils import EngineArgs
-
-    from .flags import add_flags, merge_flags, prepare_engine_args
 
     add_cli_args = EngineArgs.add_cli_args  # a staticmethod: a plain function here
 
@@ -94,7 +96,7 @@ def _patch_worker() -> None:
 
 
 def _patch_worker_class(module) -> None:
-    from . import runtime
+    from . import entry  # the planners (scipy, numba) load only in worker processes
     Worker = module.Worker
 
     load_model = Worker.load_model
@@ -102,7 +104,7 @@ def _patch_worker_class(module) -> None:
     @functools.wraps(load_model)
     def load_model_with_gem(self, *args, **kwargs):
         out = load_model(self, *args, **kwargs)
-        runtime.attach(self)
+        entry.attach(self)
         return out
 
     Worker.load_model = load_model_with_gem
@@ -111,20 +113,18 @@ def _patch_worker_class(module) -> None:
 
     @functools.wraps(shutdown)
     def shutdown_with_gem(self, *args, **kwargs):
-        runtime.detach(self)
+        entry.detach(self)
         return shutdown(self, *args, **kwargs)
 
     Worker.shutdown = shutdown_with_gem
 
     # reachable by name through collective_rpc (and vLLM's dev-mode POST /collective_rpc)
-    Worker.gem_place = lambda self, planner: runtime.switch_placement(self, planner)
-    Worker.gem_record = lambda self, on: runtime.set_recording(self, on)
+    Worker.gem_place = lambda self, planner: entry.switch_placement(self, planner)
+    Worker.gem_record = lambda self, on: entry.set_recording(self, on)
 
 
 def _patch_engine_core() -> None:
     from vllm.v1.engine.core import DPEngineCoreProc, EngineCore, EngineCoreProc
-
-    from .engine import place_before_serving
 
     # Serving: the engine core lives in its own process and register() runs inside
     # EngineCore.__init__, too late to wrap it; the busy loop starts after it.

@@ -9,7 +9,7 @@ with 72 slots, and on planner.py's fleet cases (the 6-GPU one has an expert 3.7x
 than the rest); margins of 2-5% fall in between. The default stays 0 (the fastest
 construction). Choosing after the local search would need three searches.
 
-Measured: 2026-12-06, 2-core CPU. Command: `python benchmarks/studies/replica_sets.py`
+Measured: 2026-12-06, 2-core CPU. Command: `python benchmarks/replica_sets.py`
 (output: docs/results/2026-12-06-replica-sets/replica-sets.txt).
 Columns: GEM / vLLM's policy (simulated, held-out half) for the scale and demo cases, and
 GEM's mean layer time (us) on its planning steps for benchmarks/planner.py's fleet cases.
@@ -19,27 +19,24 @@ from __future__ import annotations
 
 import argparse
 
-from bench_modules import bench
+from scale import run_case  # benchmarks/scale.py, beside this script
 
 from vllm_gem.evaluate import bundled_trace, compare, split_steps
 from vllm_gem.planners import PlacementProblem, make
-from vllm_gem.profiles import bundled_profiles, group_from_profiles
+from vllm_gem.profiles import bundled_profiles, fleet_group, group_from_profiles
 from vllm_gem.simulate import simulate
 from vllm_gem.traces import SyntheticParams, synthetic_trace
 
 
 def row(margin: float) -> list[str]:
-    scale, planner = bench("scale"), bench("planner")
-    make_orig = scale.make
-    scale.make = lambda name, **p: make_orig(name, **({**p, "option_margin": margin} if name == "gem" else p))
     out = []
     for model, gpus in (("deepseek-v3", 64), ("qwen3-235b", 32), ("deepseek-v3", 128), ("deepseek-v3", 8)):
-        r = scale.run_case(model, gpus, 0)
+        r = run_case(model, gpus, 0, gem_params={"option_margin": margin})
         out.append(f"{model[:4]} x{gpus} {r['gem_us'] / r['vllm_us']:.3f}")
     for seed, gpus, experts in ((101, 8, 64), (103, 6, 60)):
         tr = synthetic_trace(SyntheticParams(steps=64, layers=1, experts=experts, top_k=8,
                                              tokens_per_step=1024, seed=seed))
-        group = planner.fleet_group(gpus, seed)
+        group = fleet_group(gpus, seed)
         plan = split_steps(tr.loads)[0][:32]
         phys = experts + gpus
         p2l = make("gem", min_steps=0, option_margin=margin).place(PlacementProblem(plan, group, phys))
