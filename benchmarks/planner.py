@@ -42,10 +42,10 @@ import numpy as np
 from vllm_gem.bounds import lower_bounds
 from vllm_gem.evaluate import bundled_trace, compare, split_steps
 from vllm_gem.formats import ExpertShape
-from vllm_gem.latency import GroupModel, LatencyModel
+from vllm_gem.latency import GroupModel
 from vllm_gem.planners import PlacementProblem, make
 from vllm_gem.planners.gem import warm_up
-from vllm_gem.profiles import analytic_model, bundled_profiles, fleet_group, group_from_profiles
+from vllm_gem.profiles import analytic_group, bundled_profiles, fleet_group, group_from_profiles
 from vllm_gem.simulate import rank_times
 from vllm_gem.traces import SyntheticParams, synthetic_trace
 
@@ -118,8 +118,7 @@ def scale(out: dict, quick: bool) -> None:
     shape = ExpertShape(7168, 2048)
     sizes = [(2, 58, 256), (8, 58, 256), (64, 58, 256)] if not quick else [(8, 16, 64)]
     for gpus, layers, experts in sizes:
-        slow = np.linspace(1.0, 1.2, gpus)
-        g = GroupModel.of([LatencyModel(analytic_model(shape, slowdown=s), 64) for s in slow])
+        g = analytic_group(np.linspace(1.0, 1.2, gpus), shape)
         tr = synthetic_trace(SyntheticParams(steps=256, layers=layers, experts=experts, top_k=8,
                                              tokens_per_step=4096, seed=3))
         for redundant in (0, gpus if gpus > 2 else 32):

@@ -116,15 +116,21 @@ def bundled_profiles(set_name: str) -> list[GpuProfile]:
     return out
 
 
+def analytic_group(slowdowns: np.ndarray, shape: ExpertShape, block_m: int = 64) -> GroupModel:
+    """slowdowns: [ranks] -> the group of analytic H100-like models (analytic_model), rank r
+    slowdowns[r] times slower on every load-dependent term."""
+    return GroupModel.of([LatencyModel(analytic_model(shape, block_m, slowdown=float(s)), block_m)
+                          for s in slowdowns])
+
+
 def fleet_group(gpus: int, seed: int, shape: ExpertShape = ExpertShape(2048, 768)) -> GroupModel:
-    """`gpus` analytic H100-like models (analytic_model), slowed like a measured fleet: one GPU
-    22% slower, the others drawn (seeded) so that the mean slowdown is 8%. The planner
-    benchmark's and studies' example fleet."""
+    """`gpus` analytic H100-like models slowed like a measured fleet: one GPU 22% slower, the
+    others drawn (seeded) so that the mean slowdown is 8%. The planner benchmark's and
+    studies' example fleet."""
     rng = np.random.default_rng(seed)
     others = rng.uniform(0.0, 0.22, gpus - 1)
     others *= (0.08 * gpus - 0.22) / others.sum()
-    slow = 1.0 + np.concatenate([[0.22], np.clip(others, 0.0, 0.22)])
-    return GroupModel.of([LatencyModel(analytic_model(shape, slowdown=s), 64) for s in slow])
+    return analytic_group(1.0 + np.concatenate([[0.22], np.clip(others, 0.0, 0.22)]), shape)
 
 
 def group_from_profiles(profiles: list[GpuProfile]) -> GroupModel:
