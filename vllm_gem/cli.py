@@ -446,7 +446,13 @@ def _import_sources(source: str | None) -> list[tuple[str, Path]]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.file)
-    if is_engine_file(path):  # a file `vllm-gem export` wrote, or one an engine wrote
+    try:
+        obj = load_any(path)
+    except GemInputError:
+        if not is_engine_file(path):  # only a file that is none of ours is read again
+            raise
+        obj = None
+    if obj is None:  # a file `vllm-gem export` wrote, or one an engine wrote
         p2l, ranks, fmt = read_engine_placement(path)
         experts = int(p2l.max()) + 1
         info = {"file": str(path), "kind": f"placement ({fmt}'s format)", "layers": p2l.shape[0],
@@ -455,7 +461,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 "replicated_experts_per_layer": float(p2l.shape[1] - experts)}
         _emit(args, info, "\n".join(f"{k:20s} {v}" for k, v in info.items()))
         return 0
-    obj = load_any(path)
     kind = obj.kind
     info: dict[str, Any] = {"file": str(path), "kind": kind}
     if isinstance(obj, GpuProfile):
