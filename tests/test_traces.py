@@ -65,6 +65,17 @@ def test_vllm_eplb_import_folds_replicas(tmp_path):
     np.savez(tmp_path / "bad.npz", expert_load_window=win)
     with pytest.raises(GemInputError, match="physical_to_logical_map: is missing"):
         import_vllm_eplb(tmp_path / "bad.npz")
+    # an F-ordered window reads the same; a member cut short is one error naming it
+    np.savez(tmp_path / "f.npz", expert_load_window=np.asfortranarray(win), physical_to_logical_map=p2l)
+    assert np.array_equal(import_vllm_eplb(tmp_path / "f.npz").loads, tr.loads)
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "eplb.npz") as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    with zipfile.ZipFile(tmp_path / "cut.npz", "w") as zf:
+        for n, data in members.items():
+            zf.writestr(n, data[:-8] if n.startswith("expert_load_window") else data)
+    with pytest.raises(GemInputError, match=r"expert_load_window: does not hold the 240 bytes its shape \(5, 2, 6\)"):
+        import_vllm_eplb(tmp_path / "cut.npz")
 
 
 def test_synthetic_records_params_and_has_bursts():

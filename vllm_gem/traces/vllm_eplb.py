@@ -32,14 +32,18 @@ def _npz_member(zf: zipfile.ZipFile, name: str, src: str) -> np.ndarray:
             raise GemInputError(src, name[:-4], f"is .npy format {version}", "format 1.0 or 2.0 (numpy.savez)")
         read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                        else np.lib.format.read_array_header_2_0)
-        shape, _, dtype = read_header(f)
+        shape, fortran, dtype = read_header(f)
         if dtype.hasobject:
             raise GemInputError(src, name[:-4], "holds Python objects", "a numeric array")
         if math.prod(shape) > MAX_ELEMENTS:
             raise GemInputError(src, name[:-4], f"declares shape {shape}",
                                 f"at most {MAX_ELEMENTS} elements (the limit on routing traces)")
-    with zf.open(name) as f:
-        return np.lib.format.read_array(f, allow_pickle=False)
+        out = np.empty(shape, dtype=dtype, order="F" if fortran else "C")  # read on from the header
+        raw = out.reshape(-1, order="A").view(np.uint8)
+        if f.readinto(raw) != raw.size or f.read(1):
+            raise GemInputError(src, name[:-4], f"does not hold the {raw.size} bytes its shape {shape} declares",
+                                "an array saved whole (numpy.savez)")
+        return out
 
 
 def fold_to_logical(window: np.ndarray, phys_to_log: np.ndarray, num_logical: int | None = None
