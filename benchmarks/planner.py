@@ -178,10 +178,11 @@ def misspecified_fleets() -> dict[str, np.ndarray]:
     return fleets
 
 
-def misspecified(out: dict, draws: int = 50) -> None:
+def misspecified(out: dict, draws: int = 50, tolerance: float | None = None) -> None:
     """Section 5: plans made with believed speeds, replayed with true speeds = believed x
     (1 + N(0, sigma)) per GPU; GEM as it plans now (robust to sigma) and as it planned with
-    exact speeds (speed_error 0), both against vLLM's policy under the same draws."""
+    exact speeds (speed_error 0), both against vLLM's policy under the same draws. `tolerance`:
+    the robust planner's robust_tolerance (its default unless given)."""
     from vllm_gem.simulate import scenario_times
     print(f"\n## 5. Misspecified speeds: true = believed x (1 + N(0, sigma)), {draws} draws on the held-out steps")
     print(f"{'trace':14s} {'fleet':11s} {'slots':>5s} {'sigma':>5s} {'exact gem':>9s} {'exact rob':>9s} "
@@ -202,7 +203,8 @@ def misspecified(out: dict, draws: int = 50) -> None:
                 today = make("gem", speed_error=0.0).place(PlacementProblem(plan, exact, slots))
                 t_exact = scenario_times(test, v, [exact])[0]
                 for sigma in (0.03, 0.06):
-                    pol = make("gem", speed_error=sigma)
+                    pol = make("gem", speed_error=sigma,
+                               **({} if tolerance is None else {"robust_tolerance": tolerance}))
                     t0 = time.perf_counter()
                     rob = pol.place(PlacementProblem(plan, exact, slots))
                     rob_s = time.perf_counter() - t0
@@ -238,6 +240,8 @@ def main() -> None:
     ap.add_argument("--only-certify", action="store_true", help="section 4 alone")
     ap.add_argument("--only-scale", action="store_true", help="section 3 alone (planning time)")
     ap.add_argument("--only-misspecified", action="store_true", help="section 5 alone (speed errors)")
+    ap.add_argument("--robust-tolerance", type=float, metavar="FRACTION",
+                    help="section 5: the robust planner's robust_tolerance (default: the planner's own)")
     a = ap.parse_args()
     make("vllm-default")  # fail early if vllm is missing
     out: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}",
@@ -249,12 +253,12 @@ def main() -> None:
     if a.only_scale:
         scale(out, a.quick)
     elif a.only_misspecified:
-        misspecified(out)
+        misspecified(out, tolerance=a.robust_tolerance)
     elif not a.only_certify:
         reference_case(out)
         synthetic_cases(out)
         scale(out, a.quick)
-        misspecified(out)
+        misspecified(out, tolerance=a.robust_tolerance)
     if a.certify or a.only_certify:
         certified_cases(out, a.certify or 60.0)
     if a.json:
