@@ -183,9 +183,10 @@ def _svg(fig) -> str:
 
 
 def _figure(width: float, height: float, label: str, **kw):
+    """A constrained-layout figure; called, and drawn on, inside plt.rc_context(FIG_STYLE)
+    (text sizes are read when each label is made)."""
     import matplotlib.pyplot as plt
-    with plt.rc_context(FIG_STYLE):
-        fig, axes = plt.subplots(figsize=(width, height), layout="constrained", **kw)
+    fig, axes = plt.subplots(figsize=(width, height), layout="constrained", **kw)
     fig.set_label(label)
     return fig, axes
 
@@ -309,12 +310,12 @@ def score_placements(trace: tuple[str, RoutingTrace], profiles: list[tuple[str, 
     return out
 
 
-def straggler_figure(scored: list[Scored], profiles: list[tuple[str, GpuProfile]]) -> str:
+def straggler_figure(scored: list[Scored]) -> str:
     """Left: each placement's per-rank mean time relative to its mean rank (the outlined cell:
     the straggler). Right: each placement's layer time relative to vLLM's linear start map."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-    ranks = len(profiles)
+    ranks = scored[0].rank_us.shape[2]
     rel = np.array([100 * s.rank_mean / s.rank_mean.mean() for s in scored])  # [cases, ranks]
     span = max(1.0, float(np.abs(rel - 100).max()))
     with plt.rc_context(FIG_STYLE):
@@ -474,14 +475,15 @@ def build_report(inp: Inputs, title: str = "vllm-gem report") -> tuple[str, dict
                 for f, n in Counter(f for f, _ in inp.events).items()]
              + [(f, "skipped", why) for f, why in inp.skipped])
     scored, scored_on, not_scored = [], None, ""
+    group = _rank_profiles(inp)
     if inp.traces and inp.profiles:
         scored_on = _trace_for(inp)
         try:
-            scored = score_placements(scored_on, _rank_profiles(inp), inp.placements, inp.models)
+            scored = score_placements(scored_on, group, inp.placements, inp.models)
         except GemInputError as e:
             not_scored = f'<p class="note">not drawn: {html.escape(str(e))}</p>'
     if scored:
-        section("Straggler", _glance(scored, _rank_profiles(inp), scored_on))
+        section("Straggler", _glance(scored, group, scored_on))
     section("Files", _table(["file", "kind", "what"], [list(r) for r in files]))
 
     if inp.profiles:
@@ -510,12 +512,12 @@ def build_report(inp: Inputs, title: str = "vllm-gem report") -> tuple[str, dict
     if scored or not_scored:
         body = not_scored
         if scored:
-            body = straggler_figure(scored, _rank_profiles(inp)) + _table(
+            body = straggler_figure(scored) + _table(
                 ["placement", "layer us", "vs linear start map", "over lower bound", "per rank us"],
                 [[s.name, s.layer_us, f"{s.layer_us / scored[0].layer_us:.3f}x", s.gap_to_bound,
                   np.round(s.rank_mean, 2).tolist()] for s in scored]) + _table(
                 ["rank", "GPU", "file"], [[r, p.gpu.name, Path(f).name]
-                                          for r, (f, p) in enumerate(_rank_profiles(inp))])
+                                          for r, (f, p) in enumerate(group)])
         section("Predicted per-rank layer time", body)
     if inp.events:
         rows = [[e.time, e.step, e.reason, e.planner, "moved" if e.applied else "refused",

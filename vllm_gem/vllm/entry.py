@@ -70,9 +70,7 @@ def _inactive_ranks() -> str:
     if w is not None:
         group = w.ctx.ep.cpu_group
     else:
-        from vllm.distributed.parallel_state import (
-            get_ep_group,  # vLLM only where GEM runs in it
-        )
+        from vllm.distributed.parallel_state import get_ep_group  # vLLM only where GEM runs in it
         group = get_ep_group().cpu_group
     why = "" if w is not None else "GEM is not active on this worker"
     states = gather_objects(why, group)

@@ -54,9 +54,7 @@ class GemWorker:
     @classmethod
     def of_vllm_worker(cls, worker: Any, cfg: GemConfig) -> GemWorker:
         """The GemWorker of a loaded vLLM worker, hooked into its EPLB step."""
-        from vllm.distributed.parallel_state import (
-            get_ep_group,  # vLLM only where GEM runs in it
-        )
+        from vllm.distributed.parallel_state import get_ep_group  # vLLM only where GEM runs in it
         eplb = getattr(worker.model_runner, "eplb_state", None)
         if eplb is None or not eplb.model_states:
             raise GemInputError("--plugin gem", "enable_eplb", "left no EPLB state in the model runner",
@@ -118,9 +116,7 @@ class GemWorker:
 
 def _node_count() -> int:
     try:
-        from vllm.distributed.parallel_state import (
-            get_node_count,  # vLLM only where GEM runs in it
-        )
+        from vllm.distributed.parallel_state import get_node_count  # vLLM only where GEM runs in it
         return int(get_node_count())
     except Exception:  # an older or stripped vLLM: plan as one node
         return 1
