@@ -89,3 +89,48 @@ def test_compare_certifies_gems_plan_for_the_demo():
     line = _demo_summary({"trace": "t", "profiles": "p", "num_physical": 10,
                           "rows": [r.as_dict() for r in rows]})
     assert "the certified bound (1/1 layers proven)" in line or "the certified bound (0/1 layers proven)" in line
+
+
+@pytest.mark.parametrize("seed, ranks, experts, num_physical", [
+    (0, 2, 4, 4), (1, 2, 4, 6), (2, 2, 4, 8), (3, 3, 4, 6), (4, 3, 5, 6), (5, 2, 5, 6)])
+def test_split_relaxation_bounds_brute_force_and_is_exact_without_replicas(seed, ranks, experts, num_physical):
+    """The relaxation certify uses: its proven bound never above the true optimum (replicas
+    split unevenly and tiles relaxed only lower it), equal to it with no redundant slot, and
+    its copies a real placement; the time floors it is given are valid cuts."""
+    from vllm_gem.bounds import lower_bounds
+    from vllm_gem.certify import split_relaxation
+    rng = np.random.default_rng(seed)
+    loads = rng.poisson(rng.gamma(1.0, 40.0, size=(1, 1, experts)).repeat(4, 0)
+                        * rng.uniform(0.3, 1.7, size=(4, 1, experts))).astype(float)
+    coef = np.array([[5.0, 2.0, 3.0, 0.1], [6.0, 2.4, 3.3, 0.13], [4.0, 1.5, 4.0, 0.08]])[:ranks]
+    group = GroupModel(coef, block_m=16)
+    truth = brute_force(loads, group, num_physical)
+    _, tight, static = lower_bounds(loads, group, num_physical)
+    for floors in ({}, {"step_floor": tight[:, 0], "mean_floor": float(max(tight.mean(), static[0]))}):
+        sol = split_relaxation(loads[:, 0, :], group, num_physical, time_limit=30.0, **floors)
+        assert sol.proven
+        assert sol.bound <= truth * (1 + 1e-6)
+        if num_physical == experts:  # every expert single: solve_layer's MILP exactly
+            assert sol.bound == pytest.approx(truth, rel=1e-4)
+        slots = num_physical // ranks
+        row = copies_to_phys_to_log(sol.copies, slots)  # raises unless slots are equal
+        assert set(row.tolist()) == set(range(experts))
+
+
+def test_certify_bound_holds_below_every_planner_and_best_plan_is_real():
+    """On a 4-GPU case with replicas the certificate's bound is below every planner's plan
+    (the bound is for all placements), its best plan is the time it reports, and time goes
+    where the gap is (the whole budget is used only while some layer stays open)."""
+    from vllm_gem.profiles import fleet_group
+    from vllm_gem.traces import SyntheticParams, synthetic_trace
+    tr = synthetic_trace(SyntheticParams(steps=8, layers=2, experts=16, top_k=4, tokens_per_step=256, seed=7))
+    g = fleet_group(4, 7)
+    gem = make("gem", min_steps=0).place(PlacementProblem(tr.loads, g, 20))
+    cert = certify(tr.loads, gem, g, seconds=6.0)
+    for name in ("linear", "vllm-default", "greedy-speed", "gem"):
+        p2l = make(name).place(PlacementProblem(tr.loads, g, 20))
+        assert cert.bound_us <= rank_times(tr.loads, p2l, g).max(-1).mean() * (1 + 1e-9), name
+    best = rank_times(tr.loads, cert.best_phys_to_log, g).max(-1).mean()
+    assert best == pytest.approx(cert.best_us, rel=1e-9) and cert.best_us <= cert.plan_us * (1 + 1e-12)
+    assert cert.existing_bound_us <= cert.bound_us <= cert.best_us * (1 + 1e-9)
+    assert cert.best_gap <= cert.gap

@@ -38,6 +38,9 @@ from .formats import ranks_to_phys_to_log
 from .latency import GroupModel
 from .simulate import rank_times
 
+CLOSE_ENOUGH = 1e-3  # a layer whose best plan is this close to its bound gets no more time
+MIN_SOLVE_SECONDS = 0.2  # HiGHS needs about this long to set up a layer of 8 GPUs x 128 experts
+
 
 @dataclass
 class LayerSolution:
@@ -62,9 +65,11 @@ def copy_costs(loads: np.ndarray, group: GroupModel, max_copies: int) -> np.ndar
 
 
 def solve_layer(loads: np.ndarray, group: GroupModel, num_physical: int, time_limit: float,
-                cutoff: float | None = None) -> LayerSolution:
+                cutoff: float | None = None, step_floor: np.ndarray | None = None,
+                mean_floor: float | None = None) -> LayerSolution:
     """The MILP above for one layer. loads: [steps, experts]; cutoff: the mean slowest-rank
-    time of a known placement (searched below it; the bound then counts it, see the module)."""
+    time of a known placement (searched below it; the bound then counts it, see the module);
+    step_floor [steps], mean_floor: lower bounds already proven for every placement, as cuts."""
     t0 = time.perf_counter()
     steps, experts = loads.shape
     ranks = group.num_ranks
@@ -106,10 +111,15 @@ def solve_layer(loads: np.ndarray, group: GroupModel, num_physical: int, time_li
             LinearConstraint(time_rows.tocsr(), -np.inf, np.tile(-group.fixed, steps))]
     if cutoff is not None:  # search below the known placement (a tiny slack for rounding)
         cons.append(LinearConstraint(cost[None, :], -np.inf, cutoff * (1 + 1e-9) + 1e-9))
+    if mean_floor is not None:
+        cons.append(LinearConstraint(cost[None, :], mean_floor, np.inf))
     integrality = np.concatenate([np.ones(nx + nu), np.zeros(steps)])
     ub = np.concatenate([np.repeat(np.arange(1.0, max_copies + 1), ranks)[None].repeat(experts, 0).ravel(),
                          np.ones(nu), np.full(steps, np.inf)])
-    res = milp(cost, constraints=cons, integrality=integrality, bounds=Bounds(np.zeros(nvar), ub),
+    lb = np.zeros(nvar)
+    if step_floor is not None:
+        lb[nx + nu:] = step_floor
+    res = milp(cost, constraints=cons, integrality=integrality, bounds=Bounds(lb, ub),
                options={"time_limit": max(time_limit, 0.05)})
     dual = getattr(res, "mip_dual_bound", None)
     dual = float(dual) if dual is not None and np.isfinite(dual) else -np.inf
@@ -134,6 +144,118 @@ def copies_to_phys_to_log(copies: np.ndarray, slots: int) -> np.ndarray:
     rank = np.repeat(np.repeat(np.arange(ranks), experts), per_item)
     assert len(log) == ranks * slots, f"{len(log)} copies for {ranks} ranks x {slots} slots"
     return ranks_to_phys_to_log(log[None], rank[None], ranks)[0]
+
+
+def split_relaxation(loads: np.ndarray, group: GroupModel, num_physical: int, time_limit: float, *,
+                     step_floor: np.ndarray | None = None, mean_floor: float | None = None,
+                     cutoff: float | None = None) -> LayerSolution:
+    """A relaxation of solve_layer's MILP that HiGHS solves far faster past 4 GPUs, for the
+    certificate. loads: [steps, experts] one layer; step_floor: [steps] and mean_floor: lower
+    bounds already proven for every placement (per step, and on the mean), added as valid cuts.
+
+    An expert is either *single* (one copy: binary s[e, g], its cost exactly the simulator's)
+    or *split*: integer copies y[e, g] with sum_g y >= 2 and token shares x[e, g] <= y,
+    sum_g x = 1 (shares need not be even: the relaxation). A split copy is charged its weight
+    read per copy, its tokens at the share and its tiles at max(x L / BLOCK_M, y) (a copy of
+    L / k tokens has at least L / (k BLOCK_M) tiles and at least one), each a lower bound on
+    the even split the simulator charges, so every placement's relaxed time is at most its
+    real time and the bound below holds for all placements. With no redundant slots every
+    expert is single and this is solve_layer's MILP exactly.
+
+    Returns copies [experts, ranks] = s + y of the best relaxed solution found (a real
+    placement: integer copies, every expert once at least, equal slots; its real time is for
+    the caller to score), objective: its *relaxed* time, bound: certified as in the module
+    doc (min(dual, cutoff) with a cutoff), proven: the relaxation solved.
+    """
+    t0 = time.perf_counter()
+    steps, experts = loads.shape
+    ranks = group.num_ranks
+    slots, bm = num_physical // ranks, group.block_m
+    spare = num_physical - experts  # 0: no expert can be split
+    per_expert, per_tile, per_token = group.slot_coef.T  # [ranks] each
+    eg = experts * ranks
+    big = (loads > bm) if spare else np.zeros_like(loads, dtype=bool)  # split tiles need a tau
+    tau_of = np.cumsum(big.ravel()).reshape(big.shape) - 1  # [steps, experts] tau block index
+    n_tau = int(big.sum()) * ranks
+    o_s, o_y, o_x, o_tau = 0, eg, 2 * eg, 3 * eg
+    o_z = o_tau + n_tau
+    nvar = o_z + steps
+    idx = np.arange(eg)
+    e_of, g_of = np.divmod(idx, ranks)
+    ones = np.ones(eg)
+    rows, cols, vals, lo, hi = [], [], [], [], []
+    n_rows = 0
+
+    def block(r, c, v, low, high):  # one block of rows: r local row ids, low/high per row
+        nonlocal n_rows
+        rows.append(n_rows + np.asarray(r)); cols.append(np.asarray(c)); vals.append(np.asarray(v, float))
+        lo.append(np.asarray(low, float)); hi.append(np.asarray(high, float))
+        n_rows += len(low)
+
+    # sum_g s + sum_g x = 1; x <= y; sum_g y + 2 sum_g s >= 2; sum_e s + y = slots
+    block(np.r_[e_of, e_of], np.r_[o_s + idx, o_x + idx], np.r_[ones, ones], np.ones(experts), np.ones(experts))
+    block(np.r_[idx, idx], np.r_[o_x + idx, o_y + idx], np.r_[ones, -ones], np.full(eg, -np.inf), np.zeros(eg))
+    block(np.r_[e_of, e_of], np.r_[o_y + idx, o_s + idx], np.r_[ones, 2 * ones], np.full(experts, 2.0),
+          np.full(experts, np.inf))
+    block(np.r_[g_of, g_of], np.r_[o_s + idx, o_y + idx], np.r_[ones, ones], np.full(ranks, float(slots)),
+          np.full(ranks, float(slots)))
+    # time rows, row s * ranks + g: fixed_g + single costs + split costs - z_s <= 0
+    single = np.einsum("sef,gf->seg", group.item_features(loads), group.slot_coef)  # [S, E, G]
+    act = (loads > 0).astype(np.float64)
+    s_rows = np.repeat(np.arange(steps), eg) * ranks + np.tile(g_of, steps)  # [S * E * G]
+    r_t, c_t, v_t = [s_rows], [np.tile(o_s + idx, steps)], [single.ravel()]
+    if spare:
+        r_t += [s_rows, s_rows]
+        c_t += [np.tile(o_x + idx, steps), np.tile(o_y + idx, steps)]
+        v_t += [(loads[..., None] * per_token).ravel(),
+                (act[..., None] * per_expert + (act * ~big)[..., None] * per_tile).ravel()]
+        s_big, e_big = np.nonzero(big)
+        tau_cols = o_tau + (tau_of[s_big, e_big][:, None] * ranks + np.arange(ranks)).ravel()
+        r_t.append(np.repeat(s_big * ranks, ranks) + np.tile(np.arange(ranks), len(s_big)))
+        c_t.append(tau_cols)
+        v_t.append(np.tile(per_tile, len(s_big)))
+    z_rows = np.arange(steps * ranks)
+    block(np.concatenate(r_t + [z_rows]), np.concatenate(c_t + [o_z + z_rows // ranks]),
+          np.concatenate(v_t + [-np.ones(steps * ranks)]), np.full(steps * ranks, -np.inf),
+          np.tile(-group.fixed, steps))
+    if spare and n_tau:  # tau >= x L / BLOCK_M and tau >= y, per (step, split expert, rank)
+        xe = (e_big[:, None] * ranks + np.arange(ranks)).ravel()
+        lr = np.repeat(loads[s_big, e_big] / bm, ranks)
+        t_local = np.arange(n_tau)
+        for cx, cy in ((lr, np.zeros(n_tau)), (np.zeros(n_tau), np.ones(n_tau))):
+            block(np.r_[t_local, t_local, t_local], np.r_[o_x + xe, o_y + xe, tau_cols],
+                  np.r_[cx, cy, -np.ones(n_tau)], np.full(n_tau, -np.inf), np.zeros(n_tau))
+    cost = np.zeros(nvar)
+    cost[o_z:] = 1.0 / steps
+    if mean_floor is not None:
+        block(np.zeros(steps, dtype=np.int64), o_z + np.arange(steps), cost[o_z:], [mean_floor], [np.inf])
+    a = coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_rows, nvar))
+    cons = [LinearConstraint(a.tocsr(), np.concatenate(lo), np.concatenate(hi))]
+    if cutoff is not None:
+        cons.append(LinearConstraint(cost[None, :], -np.inf, cutoff * (1 + 1e-9) + 1e-9))
+    lb, ub = np.zeros(nvar), np.full(nvar, np.inf)
+    ub[o_s:o_y] = 1.0
+    ub[o_y:o_x] = float(spare + 1) if spare else 0.0
+    ub[o_x:o_tau] = 1.0 if spare else 0.0
+    if step_floor is not None:
+        lb[o_z:] = step_floor
+    integrality = np.zeros(nvar)
+    integrality[:o_x] = 1
+    res = milp(cost, constraints=cons, integrality=integrality, bounds=Bounds(lb, ub),
+               options={"time_limit": max(time_limit, 0.05)})
+    dual = getattr(res, "mip_dual_bound", None)
+    dual = float(dual) if dual is not None and np.isfinite(dual) else -np.inf
+    copies, objective = None, np.inf
+    if res.x is not None:
+        copies = np.rint(res.x[o_s:o_y] + res.x[o_y:o_x]).reshape(experts, ranks).astype(np.int64)
+        objective = float(res.fun)
+        if res.status == 0:
+            dual = max(dual, objective) if np.isfinite(dual) else objective
+    if res.status == 2 and cutoff is not None:  # nothing below the cutoff
+        dual = cutoff
+    bound = min(dual, cutoff) if cutoff is not None else dual
+    proven = res.status == 0 or (res.status == 2 and cutoff is not None)
+    return LayerSolution(copies, objective, bound, proven, time.perf_counter() - t0)
 
 
 @dataclass
@@ -161,8 +283,15 @@ class Certificate:
             return self.plan_us / self.bound_us - 1.0
         return 0.0 if self.plan_us <= 0 else float("inf")  # no load: every plan is optimal
 
+    @property
+    def best_gap(self) -> float:
+        """best / certified bound - 1: how far the best plan found is from optimal at most."""
+        if self.bound_us > 0:
+            return self.best_us / self.bound_us - 1.0
+        return 0.0 if self.best_us <= 0 else float("inf")
+
     def as_dict(self) -> dict[str, float]:
-        return {"plan_us": self.plan_us, "certified_bound_us": self.bound_us,
+        return {"plan_us": self.plan_us, "certified_bound_us": self.bound_us, "best_certified_gap": self.best_gap,
                 "milp_bound_us": self.milp_bound_us, "existing_bound_us": self.existing_bound_us,
                 "exact_best_us": self.best_us, "certified_gap": self.gap,
                 "proven_layers": self.proven_layers, "layers": self.layers,
@@ -171,29 +300,69 @@ class Certificate:
 
 def certify(loads: np.ndarray, phys_to_log: np.ndarray, group: GroupModel, seconds: float
             ) -> Certificate:
-    """Certify `phys_to_log` [layers, num_physical] on loads [steps, layers, experts]: solve
-    every layer's MILP with the placement as cutoff, `seconds` in all (split over layers)."""
+    """Certify `phys_to_log` [layers, num_physical] on loads [steps, layers, experts] within
+    `seconds` in all: per layer the larger of the earlier bounds and split_relaxation's
+    proven bound (the earlier bounds enter it as cuts). Time goes where the gap is: a first
+    pass gives half of it evenly to the layers not already within CLOSE_ENOUGH, then the
+    layer with the largest open gap (us) is solved again with twice its last time, until the
+    time is spent; a layer whose relaxation is solved but whose best plan is not proven goes
+    on in solve_layer's exact MILP, below its best plan. Each solution's copies are a real
+    placement; where one is faster on these loads it becomes the layer's best plan
+    (best_phys_to_log)."""
     t0 = time.perf_counter()
     steps, layers, _ = loads.shape
     num_physical = phys_to_log.shape[1]
     slots = num_physical // group.num_ranks
+    loads = loads.astype(np.float64)
     per_layer = rank_times(loads, phys_to_log, group).max(-1).mean(0)  # [layers]
     _, tight, static = lower_bounds(loads, group, num_physical)
     existing = np.maximum(tight.mean(0), static)  # [layers], valid for any placement
     best = phys_to_log.copy()
-    bounds, best_us, proven = [], [], 0
-    for layer in range(layers):
-        left = seconds - (time.perf_counter() - t0)
-        sol = solve_layer(loads[:, layer, :], group, num_physical, left / (layers - layer),
-                          cutoff=float(per_layer[layer]))
-        bounds.append(max(sol.bound, 0.0))  # no dual bound yet (time ran out first): 0
-        proven += sol.proven
-        if sol.copies is not None and sol.objective < per_layer[layer]:
-            best[layer] = copies_to_phys_to_log(sol.copies, slots)
-            best_us.append(sol.objective)
+    best_us = per_layer.copy()
+    bound = existing.copy()
+    relaxed = np.full(layers, -np.inf)  # the relaxation's own bound, where it found one
+    solved = np.zeros(layers, dtype=bool)  # no more time helps: proven optimal
+    relaxation_done = np.zeros(layers, dtype=bool)  # split_relaxation solved to optimality
+    last = np.zeros(layers)  # seconds given to each layer's last solve
+
+    def solve(layer: int, limit: float) -> None:
+        floors = {"step_floor": tight[:, layer], "mean_floor": float(bound[layer])}
+        if relaxation_done[layer]:  # the relaxation is solved but its plan is not: the exact MILP
+            sol = solve_layer(loads[:, layer, :], group, num_physical, limit, cutoff=float(best_us[layer]),
+                              **floors)
+            solved[layer] |= sol.proven
         else:
-            best_us.append(float(per_layer[layer]))
-    milp_bound = np.array(bounds)
-    return Certificate(float(per_layer.mean()), float(np.maximum(milp_bound, existing).mean()),
-                       float(milp_bound.mean()), float(existing.mean()), float(np.mean(best_us)),
-                       proven, layers, time.perf_counter() - t0, best)
+            sol = split_relaxation(loads[:, layer, :], group, num_physical, limit, **floors)
+            relaxation_done[layer] |= sol.proven
+            solved[layer] |= sol.proven and num_physical == loads.shape[2]  # then it is exact
+        last[layer] = limit
+        relaxed[layer] = max(relaxed[layer], sol.bound)
+        bound[layer] = max(bound[layer], sol.bound)
+        if sol.copies is not None:
+            row = copies_to_phys_to_log(sol.copies, slots)
+            us = float(rank_times(loads[:, layer:layer + 1], row[None], group).max(-1).mean())
+            if us < best_us[layer]:
+                best[layer], best_us[layer] = row, us
+
+    def open_gap() -> np.ndarray:  # us between each layer's best plan and its bound
+        gap = best_us - bound
+        gap[solved | (best_us <= bound * (1 + CLOSE_ENOUGH))] = -np.inf
+        return gap
+
+    todo = np.nonzero(np.isfinite(open_gap()))[0]
+    for i, layer in enumerate(todo):
+        left = 0.5 * seconds - (time.perf_counter() - t0)
+        if left <= 0:
+            break
+        solve(int(layer), max(left / (len(todo) - i), MIN_SOLVE_SECONDS))
+    while (left := seconds - (time.perf_counter() - t0)) > MIN_SOLVE_SECONDS:
+        gap = open_gap()
+        layer = int(np.argmax(gap))
+        if not np.isfinite(gap[layer]):
+            break
+        solve(layer, min(left, 2 * max(last[layer], MIN_SOLVE_SECONDS)))
+    proven = int(np.sum(best_us <= bound * (1 + 1e-4)))
+    milp = np.where(np.isfinite(relaxed), relaxed, 0.0)
+    return Certificate(float(per_layer.mean()), float(bound.mean()), float(milp.mean()),
+                       float(existing.mean()), float(best_us.mean()), proven, layers,
+                       time.perf_counter() - t0, best)
