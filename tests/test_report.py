@@ -112,6 +112,23 @@ def test_the_straggler_table_names_the_slowest_rank_and_by_how_much(run_dir):
         assert cells[5] == f"{mean[r] / mean.mean() - 1:+.1%}" and cells[6] == f"{last:.0%}", cells
 
 
+def test_report_certifies_every_placement_against_one_bound(run_dir, tmp_path, capsys):
+    """`report --certify`: one certified bound for the run's slots, every placement's gap its
+    layer time over it, the bound below every placement's time, the fastest one certified."""
+    import json
+    out = tmp_path / "r.html"
+    assert main(["report", str(run_dir), "-o", str(out), "--certify", "3", "--json"]) == 0
+    cert = json.loads(capsys.readouterr().out)["certificate"]
+    glance = out.read_text().split("<h2>Straggler</h2>")[1].split("<h2>")[0]
+    assert "Certified lower bound" in glance and "certified gap" in glance
+    rows = re.findall(r"<tr><td>([^<]*)</td><td>([0-9.]+)</td>.*?<td>([0-9.]+)%</td></tr>", glance)
+    assert len(rows) == 3, rows  # linear start map, vLLM's policy, GEM
+    for name, layer_us, gap in rows:
+        assert float(layer_us) >= cert["certified_bound_us"] * (1 - 1e-3), name
+        assert float(gap) / 100 == pytest.approx(float(layer_us) / cert["certified_bound_us"] - 1, abs=1e-3)
+    assert cert["plan_us"] == pytest.approx(min(float(u) for _, u, _ in rows), abs=0.06)
+
+
 def test_files_sort_with_numbers_by_value(tmp_path):
     from vllm_gem import report
     from vllm_gem.formats import Placement, load

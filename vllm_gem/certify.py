@@ -147,25 +147,26 @@ def copies_to_phys_to_log(copies: np.ndarray, slots: int) -> np.ndarray:
 
 
 def split_relaxation(loads: np.ndarray, group: GroupModel, num_physical: int, time_limit: float, *,
-                     step_floor: np.ndarray | None = None, mean_floor: float | None = None,
-                     cutoff: float | None = None) -> LayerSolution:
+                     step_floor: np.ndarray | None = None, mean_floor: float | None = None
+                     ) -> LayerSolution:
     """A relaxation of solve_layer's MILP that HiGHS solves far faster past 4 GPUs, for the
     certificate. loads: [steps, experts] one layer; step_floor: [steps] and mean_floor: lower
     bounds already proven for every placement (per step, and on the mean), added as valid cuts.
 
     An expert is either *single* (one copy: binary s[e, g], its cost exactly the simulator's)
     or *split*: integer copies y[e, g] with sum_g y >= 2 and token shares x[e, g] <= y,
-    sum_g x = 1 (shares need not be even: the relaxation). A split copy is charged its weight
-    read per copy, its tokens at the share and its tiles at max(x L / BLOCK_M, y) (a copy of
-    L / k tokens has at least L / (k BLOCK_M) tiles and at least one), each a lower bound on
-    the even split the simulator charges, so every placement's relaxed time is at most its
-    real time and the bound below holds for all placements. With no redundant slots every
-    expert is single and this is solve_layer's MILP exactly.
+    sum_g x = 1 (shares need not be even: the relaxation). A split copy pays its weight read
+    (per_expert y), its tokens (per_token L x) and its tiles: one per copy below 2 BLOCK_M
+    tokens (k >= 2 copies of L < 2 BLOCK_M tokens each fit one tile: exact), else
+    L x / BLOCK_M (a copy of L / k tokens has at least L / (k BLOCK_M) tiles). Each is at
+    most what the even split costs, so every placement's relaxed time is at most its real
+    time and the dual bound holds for all placements. With no redundant slots every expert is
+    single and this is solve_layer's MILP exactly.
 
     Returns copies [experts, ranks] = s + y of the best relaxed solution found (a real
     placement: integer copies, every expert once at least, equal slots; its real time is for
-    the caller to score), objective: its *relaxed* time, bound: certified as in the module
-    doc (min(dual, cutoff) with a cutoff), proven: the relaxation solved.
+    the caller to score), objective: its *relaxed* time, bound: the proven dual bound,
+    proven: the relaxation solved.
     """
     t0 = time.perf_counter()
     steps, experts = loads.shape
@@ -174,69 +175,45 @@ def split_relaxation(loads: np.ndarray, group: GroupModel, num_physical: int, ti
     spare = num_physical - experts  # 0: no expert can be split
     per_expert, per_tile, per_token = group.slot_coef.T  # [ranks] each
     eg = experts * ranks
-    big = (loads > bm) if spare else np.zeros_like(loads, dtype=bool)  # split tiles need a tau
-    tau_of = np.cumsum(big.ravel()).reshape(big.shape) - 1  # [steps, experts] tau block index
-    n_tau = int(big.sum()) * ranks
-    o_s, o_y, o_x, o_tau = 0, eg, 2 * eg, 3 * eg
-    o_z = o_tau + n_tau
+    o_s, o_y, o_x, o_z = 0, eg, 2 * eg, 3 * eg  # s[e, g], y[e, g], x[e, g] at e * ranks + g, z[s]
     nvar = o_z + steps
     idx = np.arange(eg)
     e_of, g_of = np.divmod(idx, ranks)
     ones = np.ones(eg)
-    rows, cols, vals, lo, hi = [], [], [], [], []
-    n_rows = 0
-
-    def block(r, c, v, low, high):  # one block of rows: r local row ids, low/high per row
-        nonlocal n_rows
-        rows.append(n_rows + np.asarray(r)); cols.append(np.asarray(c)); vals.append(np.asarray(v, float))
-        lo.append(np.asarray(low, float)); hi.append(np.asarray(high, float))
-        n_rows += len(low)
-
-    # sum_g s + sum_g x = 1; x <= y; sum_g y + 2 sum_g s >= 2; sum_e s + y = slots
-    block(np.r_[e_of, e_of], np.r_[o_s + idx, o_x + idx], np.r_[ones, ones], np.ones(experts), np.ones(experts))
-    block(np.r_[idx, idx], np.r_[o_x + idx, o_y + idx], np.r_[ones, -ones], np.full(eg, -np.inf), np.zeros(eg))
-    block(np.r_[e_of, e_of], np.r_[o_y + idx, o_s + idx], np.r_[ones, 2 * ones], np.full(experts, 2.0),
-          np.full(experts, np.inf))
-    block(np.r_[g_of, g_of], np.r_[o_s + idx, o_y + idx], np.r_[ones, ones], np.full(ranks, float(slots)),
-          np.full(ranks, float(slots)))
-    # time rows, row s * ranks + g: fixed_g + single costs + split costs - z_s <= 0
+    # sum_g s + sum_g x = 1;  x <= y;  sum_g y + 2 sum_g s >= 2;  sum_e s + y = slots
+    blocks = [(np.r_[e_of, e_of], np.r_[o_s + idx, o_x + idx], np.r_[ones, ones], np.ones(experts),
+               np.ones(experts)),
+              (np.r_[idx, idx], np.r_[o_x + idx, o_y + idx], np.r_[ones, -ones], np.full(eg, -np.inf),
+               np.zeros(eg)),
+              (np.r_[e_of, e_of], np.r_[o_y + idx, o_s + idx], np.r_[ones, 2 * ones], np.full(experts, 2.0),
+               np.full(experts, np.inf)),
+              (np.r_[g_of, g_of], np.r_[o_s + idx, o_y + idx], np.r_[ones, ones], np.full(ranks, float(slots)),
+               np.full(ranks, float(slots)))]
+    # time rows, row s * ranks + g: single and split costs - z_s <= -fixed_g
     single = np.einsum("sef,gf->seg", group.item_features(loads), group.slot_coef)  # [S, E, G]
-    act = (loads > 0).astype(np.float64)
+    one_tile = ((loads > 0) & (loads < 2 * bm)).astype(np.float64)[..., None]  # [S, E, 1]
+    on_x = loads[..., None] * (per_token + (1 - one_tile) * per_tile / bm)  # [S, E, G]
+    on_y = (loads > 0)[..., None] * per_expert + one_tile * per_tile
     s_rows = np.repeat(np.arange(steps), eg) * ranks + np.tile(g_of, steps)  # [S * E * G]
-    r_t, c_t, v_t = [s_rows], [np.tile(o_s + idx, steps)], [single.ravel()]
-    if spare:
-        r_t += [s_rows, s_rows]
-        c_t += [np.tile(o_x + idx, steps), np.tile(o_y + idx, steps)]
-        v_t += [(loads[..., None] * per_token).ravel(),
-                (act[..., None] * per_expert + (act * ~big)[..., None] * per_tile).ravel()]
-        s_big, e_big = np.nonzero(big)
-        tau_cols = o_tau + (tau_of[s_big, e_big][:, None] * ranks + np.arange(ranks)).ravel()
-        r_t.append(np.repeat(s_big * ranks, ranks) + np.tile(np.arange(ranks), len(s_big)))
-        c_t.append(tau_cols)
-        v_t.append(np.tile(per_tile, len(s_big)))
     z_rows = np.arange(steps * ranks)
-    block(np.concatenate(r_t + [z_rows]), np.concatenate(c_t + [o_z + z_rows // ranks]),
-          np.concatenate(v_t + [-np.ones(steps * ranks)]), np.full(steps * ranks, -np.inf),
-          np.tile(-group.fixed, steps))
-    if spare and n_tau:  # tau >= x L / BLOCK_M and tau >= y, per (step, split expert, rank)
-        xe = (e_big[:, None] * ranks + np.arange(ranks)).ravel()
-        lr = np.repeat(loads[s_big, e_big] / bm, ranks)
-        t_local = np.arange(n_tau)
-        for cx, cy in ((lr, np.zeros(n_tau)), (np.zeros(n_tau), np.ones(n_tau))):
-            block(np.r_[t_local, t_local, t_local], np.r_[o_x + xe, o_y + xe, tau_cols],
-                  np.r_[cx, cy, -np.ones(n_tau)], np.full(n_tau, -np.inf), np.zeros(n_tau))
+    use = [(o_s, single)] + ([(o_x, on_x), (o_y, on_y)] if spare else [])
+    blocks.append((np.concatenate([s_rows] * len(use) + [z_rows]),
+                   np.concatenate([np.tile(o + idx, steps) for o, _ in use] + [o_z + z_rows // ranks]),
+                   np.concatenate([v.ravel() for _, v in use] + [-np.ones(steps * ranks)]),
+                   np.full(steps * ranks, -np.inf), np.tile(-group.fixed, steps)))
     cost = np.zeros(nvar)
     cost[o_z:] = 1.0 / steps
     if mean_floor is not None:
-        block(np.zeros(steps, dtype=np.int64), o_z + np.arange(steps), cost[o_z:], [mean_floor], [np.inf])
-    a = coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_rows, nvar))
-    cons = [LinearConstraint(a.tocsr(), np.concatenate(lo), np.concatenate(hi))]
-    if cutoff is not None:
-        cons.append(LinearConstraint(cost[None, :], -np.inf, cutoff * (1 + 1e-9) + 1e-9))
+        blocks.append((np.zeros(steps, dtype=np.int64), o_z + np.arange(steps), cost[o_z:], [mean_floor], [np.inf]))
+    offsets = np.cumsum([0] + [len(b[3]) for b in blocks])
+    a = coo_matrix((np.concatenate([b[2] for b in blocks]),
+                    (np.concatenate([b[0] + off for b, off in zip(blocks, offsets)]),
+                     np.concatenate([b[1] for b in blocks]))), shape=(offsets[-1], nvar))
+    cons = [LinearConstraint(a.tocsr(), np.concatenate([b[3] for b in blocks]),
+                             np.concatenate([b[4] for b in blocks]))]
     lb, ub = np.zeros(nvar), np.full(nvar, np.inf)
     ub[o_s:o_y] = 1.0
-    ub[o_y:o_x] = float(spare + 1) if spare else 0.0
-    ub[o_x:o_tau] = 1.0 if spare else 0.0
+    ub[o_y:o_z] = 0.0 if not spare else np.r_[np.full(eg, float(spare + 1)), np.ones(eg)]
     if step_floor is not None:
         lb[o_z:] = step_floor
     integrality = np.zeros(nvar)
@@ -249,13 +226,9 @@ def split_relaxation(loads: np.ndarray, group: GroupModel, num_physical: int, ti
     if res.x is not None:
         copies = np.rint(res.x[o_s:o_y] + res.x[o_y:o_x]).reshape(experts, ranks).astype(np.int64)
         objective = float(res.fun)
-        if res.status == 0:
-            dual = max(dual, objective) if np.isfinite(dual) else objective
-    if res.status == 2 and cutoff is not None:  # nothing below the cutoff
-        dual = cutoff
-    bound = min(dual, cutoff) if cutoff is not None else dual
-    proven = res.status == 0 or (res.status == 2 and cutoff is not None)
-    return LayerSolution(copies, objective, bound, proven, time.perf_counter() - t0)
+        if res.status == 0:  # solved: its optimum is the bound
+            dual = max(dual, objective)
+    return LayerSolution(copies, objective, dual, res.status == 0, time.perf_counter() - t0)
 
 
 @dataclass

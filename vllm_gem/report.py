@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from .bounds import lower_bounds, placement_bound
+from .certify import Certificate, certify
 from .errors import GemInputError
 from .evaluate import BUNDLED_TRACES, bundled_trace
 from .export import engine_placement, is_engine_file
@@ -453,8 +454,20 @@ td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
 .note{color:#555;font-size:0.9em}"""
 
 
-def build_report(inp: Inputs, title: str = "vllm-gem report") -> tuple[str, dict[str, Any]]:
-    """The HTML page and a summary: {"sections": [...], "images": n, "files": n}."""
+def certify_scored(trace: tuple[str, RoutingTrace], profiles: list[tuple[str, GpuProfile]],
+                   scored: list[Scored], models: dict[str, LatencyModel], seconds: float) -> Certificate:
+    """The certificate (vllm_gem.certify) of the fastest scored placement on the trace: its
+    bound holds for every placement of these slots, so every row's certified gap is its
+    layer time over it."""
+    group = GroupModel.of([models[f] for f, _ in profiles])
+    fastest = min(scored, key=lambda s: s.layer_us)
+    return certify(trace[1].loads, fastest.phys_to_log, group, seconds)
+
+
+def build_report(inp: Inputs, title: str = "vllm-gem report", certify_seconds: float | None = None
+                 ) -> tuple[str, dict[str, Any]]:
+    """The HTML page and a summary: {"sections": [...], "images": n, "files": n} (and
+    "certificate" with certify_seconds: certify_scored's, as Certificate.as_dict)."""
     parts, sections = [], []
     images = 0
 
@@ -482,8 +495,11 @@ def build_report(inp: Inputs, title: str = "vllm-gem report") -> tuple[str, dict
             scored = score_placements(scored_on, group, inp.placements, inp.models)
         except GemInputError as e:
             not_scored = f'<p class="note">not drawn: {html.escape(str(e))}</p>'
+    cert = None
+    if scored and certify_seconds:
+        cert = certify_scored(scored_on, group, scored, inp.models, certify_seconds)
     if scored:
-        section("Straggler", _glance(scored, group, scored_on))
+        section("Straggler", _glance(scored, group, scored_on, cert))
     section("Files", _table(["file", "kind", "what"], [list(r) for r in files]))
 
     if inp.profiles:
@@ -536,23 +552,35 @@ def build_report(inp: Inputs, title: str = "vllm-gem report") -> tuple[str, dict
             f"<p class='note'>Predicted times come from each GPU's fitted latency model "
             f"(docs/design.md); measured serving times are in vLLM's own metrics.</p>"
             + "".join(parts) + "</body></html>")
-    return page, {"sections": sections, "images": images, "files": len(files)}
+    summary = {"sections": sections, "images": images, "files": len(files)}
+    if cert is not None:
+        summary["certificate"] = cert.as_dict()
+    return page, summary
 
 
 def _glance(scored: list[Scored], profiles: list[tuple[str, GpuProfile]],
-            trace: tuple[str, RoutingTrace]) -> str:
-    """Which rank each placement waits for and by how much: one row per placement."""
+            trace: tuple[str, RoutingTrace], cert: Certificate | None = None) -> str:
+    """Which rank each placement waits for and by how much: one row per placement (and, with
+    a certificate, how far each is from the best any placement could do at most)."""
     rows = []
     for s in scored:
         r = s.straggler
         mean = s.rank_mean
         rows.append([s.name, f"{s.layer_us:.1f}", f"{s.layer_us / scored[0].layer_us:.3f}x",
                      f"rank {r}", profiles[r][1].gpu.name, f"{mean[r]:.1f}",
-                     f"{mean[r] / mean.mean() - 1:+.1%}", f"{s.slowest_share[r]:.0%}"])
+                     f"{mean[r] / mean.mean() - 1:+.1%}", f"{s.slowest_share[r]:.0%}"]
+                    + ([f"{s.layer_us / cert.bound_us - 1:.1%}"] if cert is not None else []))
+    note = ""
+    if cert is not None:
+        note = (f'<p class="note">Certified lower bound {cert.bound_us:.1f} us for any placement of '
+                f"these slots ({cert.seconds:.0f} s, {cert.proven_layers} of {cert.layers} layers proven "
+                f"optimal): a placement's certified gap is at most how far it is from the optimum; "
+                f"the best plan the search found is {cert.best_us:.1f} us.</p>")
     return (f'<p class="note">Predicted on {html.escape(Path(trace[0]).name)} '
-            f"({trace[1].loads.shape[0]} steps) with the group's profiles.</p>"
+            f"({trace[1].loads.shape[0]} steps) with the group's profiles.</p>" + note
             + _table(["placement", "layer us", "vs linear start map", "straggler", "its GPU",
-                      "its mean us", "over the mean rank", "last at the barrier"], rows))
+                      "its mean us", "over the mean rank", "last at the barrier"]
+                     + (["certified gap"] if cert is not None else []), rows))
 
 
 def _rank_profiles(inp: Inputs) -> list[tuple[str, GpuProfile]]:
@@ -570,14 +598,15 @@ def _trace_for(inp: Inputs) -> tuple[str, RoutingTrace]:
     return (fits or inp.traces)[-1]
 
 
-def write_report(paths: list[str], out: str | Path) -> dict[str, Any]:
-    """Read `paths`, write the page to `out`; returns the summary with the output file."""
+def write_report(paths: list[str], out: str | Path, certify_seconds: float | None = None) -> dict[str, Any]:
+    """Read `paths`, write the page to `out`; returns the summary with the output file
+    (certify_seconds: also certify the placements, build_report)."""
     try:
         import matplotlib
     except ImportError:
         raise GemInputError("report", "matplotlib", "is not installed",
                             'pip install "vllm-gem[plot]"') from None
     matplotlib.use("Agg")
-    page, summary = build_report(read_inputs(paths))
+    page, summary = build_report(read_inputs(paths), certify_seconds=certify_seconds)
     out = write_atomic(out, page.encode("utf-8"))
     return {"file": str(out), **summary}
