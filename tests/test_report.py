@@ -129,6 +129,14 @@ def test_report_certifies_every_placement_against_one_bound(run_dir, tmp_path, c
     assert cert["plan_us"] == pytest.approx(min(float(u) for _, u, _ in rows), abs=0.06)
 
 
+def test_the_same_folder_gives_the_same_page(run_dir):
+    """No timestamp in the figures: two reports of one folder are byte for byte the same."""
+    from vllm_gem import report
+    first, _ = report.build_report(report.read_inputs([str(run_dir)]))
+    second, _ = report.build_report(report.read_inputs([str(run_dir)]))
+    assert first == second
+
+
 def test_files_sort_with_numbers_by_value(tmp_path):
     from vllm_gem import report
     from vllm_gem.formats import Placement, load

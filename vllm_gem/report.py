@@ -175,7 +175,7 @@ def _svg(fig) -> str:
     import matplotlib.pyplot as plt
     buf = io.StringIO()
     with plt.rc_context({**FIG_STYLE, "svg.hashsalt": fig.get_label() or "figure"}):
-        fig.savefig(buf, format="svg")
+        fig.savefig(buf, format="svg", metadata={"Date": None})  # no timestamp: same inputs, same page
     plt.close(fig)
     text = buf.getvalue()
     svg = text[text.index("<svg"):]
