@@ -135,6 +135,15 @@ def solve_layer(loads: np.ndarray, group: GroupModel, num_physical: int, time_li
     return LayerSolution(n, objective, bound, proven, time.perf_counter() - t0)
 
 
+def copies_of(phys_to_log: np.ndarray, ranks: int, experts: int) -> np.ndarray:
+    """phys_to_log row [ranks * slots] (rank-major) -> copies [experts, ranks] of each expert
+    on each rank (copies_to_phys_to_log's inverse, but for the order of slots in a rank)."""
+    rank = np.arange(len(phys_to_log)) // (len(phys_to_log) // ranks)
+    out = np.zeros((experts, ranks), dtype=np.int64)
+    np.add.at(out, (phys_to_log, rank), 1)
+    return out
+
+
 def copies_to_phys_to_log(copies: np.ndarray, slots: int) -> np.ndarray:
     """copies: [experts, ranks] -> phys_to_log row [ranks * slots], rank-major, ids ascending
     (formats.ranks_to_phys_to_log, which also checks the equal slots)."""
@@ -147,8 +156,8 @@ def copies_to_phys_to_log(copies: np.ndarray, slots: int) -> np.ndarray:
 
 
 def split_relaxation(loads: np.ndarray, group: GroupModel, num_physical: int, time_limit: float, *,
-                     step_floor: np.ndarray | None = None, mean_floor: float | None = None
-                     ) -> LayerSolution:
+                     step_floor: np.ndarray | None = None, mean_floor: float | None = None,
+                     start: np.ndarray | None = None) -> LayerSolution:
     """A relaxation of solve_layer's MILP that HiGHS solves far faster past 4 GPUs, for the
     certificate. loads: [steps, experts] one layer; step_floor: [steps] and mean_floor: lower
     bounds already proven for every placement (per step, and on the mean), added as valid cuts.
@@ -162,6 +171,11 @@ def split_relaxation(loads: np.ndarray, group: GroupModel, num_physical: int, ti
     most what the even split costs, so every placement's relaxed time is at most its real
     time and the dual bound holds for all placements. With no redundant slots every expert is
     single and this is solve_layer's MILP exactly.
+
+    start: copies [experts, ranks] of a known placement, handed to HiGHS as its first
+    incumbent (it prunes with it from the start, and has a solution, hence a dual bound, at
+    once). Solved with highspy, which takes the incumbent and reports the dual bound of a
+    search stopped before its own first solution; scipy's milp does neither.
 
     Returns copies [experts, ranks] = s + y of the best relaxed solution found (a real
     placement: integer copies, every expert once at least, equal slots; its real time is for
@@ -218,17 +232,67 @@ def split_relaxation(loads: np.ndarray, group: GroupModel, num_physical: int, ti
         lb[o_z:] = step_floor
     integrality = np.zeros(nvar)
     integrality[:o_x] = 1
-    res = milp(cost, constraints=cons, integrality=integrality, bounds=Bounds(lb, ub),
-               options={"time_limit": max(time_limit, 0.05)})
-    dual = getattr(res, "mip_dual_bound", None)
-    dual = float(dual) if dual is not None and np.isfinite(dual) else -np.inf
-    copies, objective = None, np.inf
-    if res.x is not None:
-        copies = np.rint(res.x[o_s:o_y] + res.x[o_y:o_x]).reshape(experts, ranks).astype(np.int64)
-        objective = float(res.fun)
-        if res.status == 0:  # solved: its optimum is the bound
-            dual = max(dual, objective)
-    return LayerSolution(copies, objective, dual, res.status == 0, time.perf_counter() - t0)
+    first = None
+    if start is not None:  # the known placement as relaxed variables: its relaxed time per step
+        k = start.sum(1, keepdims=True)  # [E, 1] copies of each expert
+        is_single = (k == 1).astype(np.float64)
+        sv, yv, xv = start * is_single, start * (1 - is_single), start / k * (1 - is_single)
+        rank_us = group.fixed + np.einsum("seg,eg->sg", single, sv) + (
+            np.einsum("seg,eg->sg", on_x, xv) + np.einsum("seg,eg->sg", on_y, yv) if spare else 0.0)
+        z = np.maximum(rank_us.max(1), lb[o_z:])
+        if mean_floor is not None:
+            z += max(0.0, mean_floor - z.mean())
+        first = np.r_[sv.ravel(), yv.ravel(), xv.ravel(), z]
+    x, objective, dual, optimal = _highs(cost, a.tocsr(), np.concatenate([b[3] for b in blocks]),
+                                         np.concatenate([b[4] for b in blocks]), lb, ub, integrality,
+                                         time_limit, first)
+    copies = None
+    if x is not None:
+        copies = np.rint(x[o_s:o_y] + x[o_y:o_x]).reshape(experts, ranks).astype(np.int64)
+    return LayerSolution(copies, objective, dual, optimal, time.perf_counter() - t0)
+
+
+def _highs(cost: np.ndarray, a, row_lo: np.ndarray, row_hi: np.ndarray, lb: np.ndarray, ub: np.ndarray,
+           integrality: np.ndarray, time_limit: float, start: np.ndarray | None
+           ) -> tuple[np.ndarray | None, float, float, bool]:
+    """min cost.x s.t. row_lo <= a x <= row_hi, lb <= x <= ub, integrality (1: integer), by
+    HiGHS through highspy, `start` (a feasible x) its first incumbent. Returns (the best x
+    found or None, its objective or inf, the proven dual bound or -inf, solved to optimality)."""
+    import highspy  # certificates only: the planner and the plugin never load it
+
+    inf = highspy.kHighsInf
+    csc = a.tocsc()
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = len(cost), csc.shape[0]
+    lp.col_cost_, lp.col_lower_ = cost, lb
+    lp.col_upper_ = np.where(np.isinf(ub), inf, ub)
+    lp.row_lower_ = np.where(np.isinf(row_lo), -inf, row_lo)
+    lp.row_upper_ = np.where(np.isinf(row_hi), inf, row_hi)
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = csc.indptr, csc.indices, csc.data
+    lp.integrality_ = [highspy.HighsVarType.kInteger if v else highspy.HighsVarType.kContinuous
+                       for v in integrality]
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("time_limit", float(max(time_limit, 0.05)))
+    h.setOptionValue("threads", 1)  # the certificate's time is one core's
+    h.passModel(lp)
+    if start is not None:
+        sol = highspy.HighsSolution()
+        sol.col_value = start.tolist()
+        sol.value_valid = True
+        h.setSolution(sol)
+    h.run()
+    info = h.getInfo()
+    optimal = h.getModelStatus() == highspy.HighsModelStatus.kOptimal
+    found = info.primal_solution_status == 2  # kSolutionStatusFeasible
+    x = np.array(h.getSolution().col_value) if found else None
+    objective = float(info.objective_function_value) if found else np.inf
+    dual = float(info.mip_dual_bound)
+    dual = dual if np.isfinite(dual) and abs(dual) < inf else -np.inf
+    if optimal and found:
+        dual = max(dual, objective) if np.isfinite(dual) else objective
+    return x, objective, dual, optimal
 
 
 @dataclass
@@ -305,7 +369,8 @@ def certify(loads: np.ndarray, phys_to_log: np.ndarray, group: GroupModel, secon
                               **floors)
             solved[layer] |= sol.proven
         else:
-            sol = split_relaxation(loads[:, layer, :], group, num_physical, limit, **floors)
+            sol = split_relaxation(loads[:, layer, :], group, num_physical, limit, **floors,
+                                   start=copies_of(best[layer], group.num_ranks, loads.shape[2]))
             relaxation_done[layer] |= sol.proven
             solved[layer] |= sol.proven and num_physical == loads.shape[2]  # then it is exact
         last[layer] = limit
