@@ -53,7 +53,7 @@ def test_exact_planner_with_replicas_is_no_worse_than_gem_and_reports_its_bound(
     exact = make("exact", time_limit=10, max_steps=8)
     p2l = exact.place(prob)
     assert p2l.shape == (2, 15) and set(np.unique(p2l)) == set(range(12))
-    assert (np.bincount((np.arange(15) // 5)) == 5).all()
+    assert (np.bincount(np.arange(15) // 5) == 5).all()
     t_exact = rank_times(loads, p2l, g).max(-1).mean()
     rep = exact.report
     assert t_exact == pytest.approx(rep["planning_us"], rel=1e-6)  # all 8 steps were planned on
@@ -134,3 +134,20 @@ def test_certify_bound_holds_below_every_planner_and_best_plan_is_real():
     assert best == pytest.approx(cert.best_us, rel=1e-9) and cert.best_us <= cert.plan_us * (1 + 1e-12)
     assert cert.existing_bound_us <= cert.bound_us <= cert.best_us * (1 + 1e-9)
     assert cert.best_gap <= cert.gap
+
+
+def test_a_layer_solved_to_optimality_is_not_certified_above_its_plan():
+    """One layer of 6 GPUs without redundant slots, which the relaxation solves: GEM's plan is
+    optimal there, and the bound must not land above it (HiGHS's "optimal" is within a
+    relative gap, so the bound is its dual bound, not its solution's value)."""
+    from vllm_gem.profiles import fleet_group
+    from vllm_gem.traces import SyntheticParams, synthetic_trace
+    tr = synthetic_trace(SyntheticParams(steps=64, layers=1, experts=60, top_k=8, tokens_per_step=1024,
+                                         seed=103))
+    plan = tr.loads[:32]
+    g = fleet_group(6, 103)
+    gem = make("gem", min_steps=0).place(PlacementProblem(plan, g, 60))
+    cert = certify(plan, gem, g, seconds=30.0)
+    assert cert.proven_layers == 1
+    assert cert.bound_us <= cert.best_us <= cert.plan_us
+    assert cert.gap >= 0.0 and cert.best_gap >= 0.0
