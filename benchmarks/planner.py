@@ -38,15 +38,20 @@ import platform
 import time
 
 import numpy as np
-
 import scale as scale_bench  # benchmarks/scale.py, beside this script
+
 from vllm_gem.bounds import lower_bounds
 from vllm_gem.evaluate import bundled_trace, compare, split_steps
 from vllm_gem.formats import ExpertShape
 from vllm_gem.latency import GroupModel, fit
 from vllm_gem.planners import PlacementProblem, make
 from vllm_gem.planners.gem import warm_up
-from vllm_gem.profiles import analytic_group, bundled_profiles, fleet_group, group_from_profiles
+from vllm_gem.profiles import (
+    analytic_group,
+    bundled_profiles,
+    fleet_group,
+    group_from_profiles,
+)
 from vllm_gem.simulate import rank_times
 from vllm_gem.traces import SyntheticParams, synthetic_trace
 
